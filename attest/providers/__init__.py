@@ -1,0 +1,100 @@
+"""Evidence providers, one per TEE, and the explicit, ordered selection among them.
+
+Detection order (primary): TDX, then SNP. The sample TEE is never detected: it must be asked
+for by name *and* allowed with an insecure flag. Devices are detected separately (NVIDIA GPUs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from attest.errors import BackendUnavailable, ConfigError
+from attest.providers.base import Attester, DeviceAttester
+
+__all__ = ["Attester", "DeviceAttester", "PRIMARY_TEES", "detect_devices", "select_attester"]
+
+logger = logging.getLogger(__name__)
+
+#: Primary attesters by name, in detection order (module path, class name).
+PRIMARY_TEES: dict[str, tuple[str, str]] = {
+    "tdx": ("attest.providers.tdx", "TdxAttester"),
+    "snp": ("attest.providers.snp", "SnpAttester"),
+    "sample": ("attest.providers.sample", "UnsafeSampleAttester"),
+}
+
+_DETECTABLE = ("tdx", "snp")
+
+
+def _load(name: str) -> type[Attester]:
+    module, cls = PRIMARY_TEES[name]
+    try:
+        found: type[Attester] = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise BackendUnavailable(f"the {name} provider is not available in this build") from exc
+    return found
+
+
+def select_attester(name: str, *, allow_insecure: bool = False) -> Attester:
+    """Return the primary attester called ``name``, or detect one for ``"auto"``.
+
+    Raises:
+        ConfigError: unknown name, or ``sample`` without ``allow_insecure``.
+        BackendUnavailable: the named TEE is not present, or ``auto`` found none.
+    """
+    if name == "auto":
+        for candidate in _DETECTABLE:
+            cls = _load(candidate)
+            if cls.detect():
+                logger.info("detected TEE: %s", candidate)
+                return cls()
+        raise BackendUnavailable(
+            "no TEE found (no TDX or SEV-SNP configfs-tsm provider). On a development machine "
+            "use --tee sample --allow-insecure-sample-tee."
+        )
+    if name not in PRIMARY_TEES:
+        raise ConfigError(f"unknown TEE {name!r}; choose one of auto, {', '.join(PRIMARY_TEES)}")
+    cls = _load(name)
+    if cls.insecure:
+        if not allow_insecure:
+            raise ConfigError(
+                f"the {name} TEE is insecure and proves nothing; it needs an explicit "
+                "--allow-insecure-sample-tee flag (development only)"
+            )
+        return cls(allow_insecure=True)  # type: ignore[call-arg]
+    if not cls.detect():
+        raise BackendUnavailable(f"{name} was requested but this machine does not provide it")
+    return cls()
+
+
+def detect_devices(*, gpus: str = "auto", allow_insecure: bool = False) -> list[DeviceAttester]:
+    """Return device attesters for the GPUs present.
+
+    ``gpus`` is ``auto`` (NVIDIA when NVML sees GPUs), ``none``, ``nvidia`` (required), or
+    ``sample`` (insecure sample device, development only).
+
+    Raises:
+        ConfigError: unknown value, or ``sample`` without ``allow_insecure``.
+        BackendUnavailable: ``nvidia`` was required but no GPU is visible.
+    """
+    if gpus == "none":
+        return []
+    if gpus == "sample":
+        if not allow_insecure:
+            raise ConfigError("the sample device is insecure; it needs --allow-insecure-sample-tee")
+        from attest.providers.sample import UnsafeSampleDeviceAttester
+
+        return [UnsafeSampleDeviceAttester(allow_insecure=True)]
+    if gpus not in ("auto", "nvidia"):
+        raise ConfigError(f"unknown GPU setting {gpus!r}; choose auto, none, nvidia or sample")
+    try:
+        from attest.providers.nvidia import NvidiaAttester
+    except ImportError as exc:
+        if gpus == "nvidia":
+            raise BackendUnavailable("the NVIDIA provider needs nvidia-ml-py") from exc
+        return []
+    if NvidiaAttester.detect():
+        return [NvidiaAttester()]
+    if gpus == "nvidia":
+        raise BackendUnavailable("--gpus nvidia was given but NVML reports no NVIDIA GPU")
+    return []

@@ -1,0 +1,73 @@
+"""The sample TEE: Trustee-compatible evidence with no hardware behind it (development only)."""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar
+
+from attest.evidence import SampleDeviceEvidence, SampleEvidence, TeeKind
+from attest.providers.base import Attester, DeviceAttester
+
+__all__ = ["UnsafeSampleAttester", "UnsafeSampleDeviceAttester"]
+
+logger = logging.getLogger(__name__)
+
+_WARNING = (
+    "INSECURE: using the sample TEE. Its evidence is not signed by any hardware and proves "
+    "nothing; never use it outside development."
+)
+
+
+class UnsafeSampleAttester(Attester):
+    """Produce Trustee *sample* evidence ``{"svn": "1", "report_data": b64(report_data)}``.
+
+    .. warning::
+       **Fundamentally insecure.** Anyone can produce this evidence for any report data. It
+       exists so the whole chain can run on a machine without a TEE. It is never chosen by
+       detection; constructing it requires ``allow_insecure=True`` and logs a warning on every
+       use, and documents built from it are marked insecure.
+    """
+
+    tee: ClassVar[TeeKind] = TeeKind.SAMPLE
+    insecure: ClassVar[bool] = True
+
+    def __init__(self, *, allow_insecure: bool = False, svn: str = "1") -> None:
+        if not allow_insecure:
+            raise ValueError("the sample TEE is insecure; pass allow_insecure=True to use it")
+        self._svn = svn
+        logger.warning(_WARNING)
+
+    @classmethod
+    def detect(cls) -> bool:
+        # Never auto-detected: the sample TEE must be asked for explicitly.
+        return False
+
+    def collect(self, report_data: bytes) -> SampleEvidence:
+        if len(report_data) > 64:
+            raise ValueError("report data is longer than 64 bytes")
+        logger.warning(_WARNING)
+        # Trustee's sample attester encodes the report data as given (unpadded).
+        return SampleEvidence(svn=self._svn, report_data=bytes(report_data))
+
+
+class UnsafeSampleDeviceAttester(DeviceAttester):
+    """Produce Trustee *sampledevice* evidence, to exercise the GPU path without a GPU.
+
+    .. warning::
+       Insecure, like :class:`UnsafeSampleAttester`.
+    """
+
+    tee: ClassVar[TeeKind] = TeeKind.SAMPLE_DEVICE
+    insecure: ClassVar[bool] = True
+
+    def __init__(self, *, allow_insecure: bool = False) -> None:
+        if not allow_insecure:
+            raise ValueError("the sample device is insecure; pass allow_insecure=True to use it")
+        logger.warning(_WARNING)
+
+    @classmethod
+    def detect(cls) -> bool:
+        return False
+
+    def collect(self, runtime_data: bytes) -> SampleDeviceEvidence:
+        return SampleDeviceEvidence(report_data=bytes(runtime_data))
