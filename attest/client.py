@@ -1,0 +1,78 @@
+"""An OpenAI client that refuses to talk to an unattested server.
+
+:func:`attested_openai` first runs :func:`attest.remote.verify_server`; only if every check
+passes does it return an ``openai.OpenAI`` (or ``AsyncOpenAI``) whose HTTP client trusts
+exactly the certificate whose public key the enclave attested, and nothing else. A prompt can
+therefore only ever reach the TLS endpoint inside the verified enclave: a different server
+(or an interceptor) fails the TLS handshake before any request byte is sent.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+
+from attest.errors import PolicyViolation
+from attest.remote import VerifiedServer, verify_server
+
+__all__ = ["attested_openai", "pinned_ssl_context"]
+
+
+def pinned_ssl_context(verified: VerifiedServer) -> ssl.SSLContext:
+    """Return an SSL context that trusts only the attested server certificate.
+
+    Raises:
+        PolicyViolation: the server was verified without TLS, so there is nothing to pin.
+    """
+    if verified.tls_certificate_pem is None:
+        raise PolicyViolation("the server does not use TLS; an attested client needs a TLS key to pin")
+    ctx = ssl.create_default_context(cadata=verified.tls_certificate_pem.decode())
+    # The attested key is the identity; the certificate's names are whatever the enclave chose.
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def attested_openai(
+    base_url: str,
+    *,
+    expected_model_digest: str | None = None,
+    allow_insecure: bool = False,
+    policy: Any = None,
+    api_key: str = "EMPTY",
+    asynchronous: bool = False,
+    timeout: float = 600.0,
+    **openai_kwargs: Any,
+) -> Any:
+    """Verify the server at ``base_url`` (no ``/v1``), then return a pinned OpenAI client.
+
+    The returned client has a ``verified`` attribute holding the :class:`VerifiedServer`.
+
+    Raises:
+        VerificationError, PolicyViolation, MalformedEvidence: the server is not trustworthy.
+    """
+    import openai
+
+    verified = verify_server(
+        base_url,
+        expected_model_digest=expected_model_digest,
+        allow_insecure=allow_insecure,
+        policy=policy,
+    )
+    ctx = pinned_ssl_context(verified)
+    api_base = base_url.rstrip("/") + "/v1"
+    client: Any
+    if asynchronous:
+        client = openai.AsyncOpenAI(
+            base_url=api_base, api_key=api_key, http_client=httpx.AsyncClient(verify=ctx, timeout=timeout),
+            **openai_kwargs,
+        )
+    else:
+        client = openai.OpenAI(
+            base_url=api_base, api_key=api_key, http_client=httpx.Client(verify=ctx, timeout=timeout),
+            **openai_kwargs,
+        )
+    client.verified = verified
+    return client

@@ -1,0 +1,139 @@
+"""vLLM integration: the ``enclave-encrypted`` model loader (thin; the work is in the pipeline).
+
+Registered through the ``vllm.general_plugins`` entry point, which vLLM runs in every process
+(API server, engine core, workers), so ``--load-format enclave-encrypted`` resolves wherever
+weights are loaded. Each worker:
+
+1. reads the manifest from the model directory and checks it is the model the runtime attested
+   (``manifest_digest`` in ``--model-loader-extra-config``);
+2. fetches the key from the runtime over the private handoff socket (``key_socket``): the key
+   never appears in env, argv, the extra config or a log line (vLLM logs the extra config);
+3. authenticates the manifest, then streams decrypted tensors into ``model.load_weights``;
+4. checks every parameter was loaded, and reports success or the (secret-free) error back to
+   the runtime on the handoff connection. On failure every parameter is zeroed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from attest.errors import ConfigError, Error, ModelFormatError
+from loader import LOAD_FORMAT
+from loader.keyhandoff import request_key
+from loader.manifest import Manifest
+from loader.pipeline import decrypted_tensors
+
+__all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "register"]
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EncryptedLoaderConfig:
+    """The loader's ``--model-loader-extra-config``: a socket path and a digest, never a key."""
+
+    key_socket: str
+    manifest_digest: str
+    threads: int | None = None
+
+    @classmethod
+    def from_extra(cls, extra: Mapping[str, Any] | None) -> EncryptedLoaderConfig:
+        """Parse and check the extra config; raises :class:`ConfigError`."""
+        extra = dict(extra or {})
+        unknown = set(extra) - {"key_socket", "manifest_digest", "threads"}
+        if unknown:
+            raise ConfigError(f"unknown {LOAD_FORMAT} loader options: {', '.join(sorted(unknown))}")
+        socket_path, digest = extra.get("key_socket"), extra.get("manifest_digest")
+        if not isinstance(socket_path, str) or not socket_path:
+            raise ConfigError(f"the {LOAD_FORMAT} loader needs 'key_socket' (set by enclave-serve run)")
+        if not isinstance(digest, str) or not digest.startswith("sha256:"):
+            raise ConfigError(f"the {LOAD_FORMAT} loader needs 'manifest_digest' (set by enclave-serve run)")
+        threads = extra.get("threads")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise ConfigError("'threads' must be a positive integer")
+        return cls(key_socket=socket_path, manifest_digest=digest, threads=threads)
+
+
+def _tp_rank_and_size() -> tuple[int, int]:
+    try:
+        from vllm.distributed.parallel_state import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+    except (AssertionError, ImportError, RuntimeError):
+        return 0, 1
+
+
+class EncryptedModelLoader(BaseModelLoader):
+    """Load an enclave-serve encrypted model, decrypting in this worker process."""
+
+    def __init__(self, load_config: LoadConfig) -> None:
+        super().__init__(load_config)
+        self.options = EncryptedLoaderConfig.from_extra(load_config.model_loader_extra_config)
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        Manifest.load(Path(model_config.model))  # nothing to download; check the directory
+
+    def _weights(self, model_dir: Path, manifest: Manifest, key: Any, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+        return decrypted_tensors(model_dir, manifest, key, device=device, threads=self.options.threads)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        model_dir = Path(model_config.model)
+        rank, world = _tp_rank_and_size()
+        manifest = Manifest.load(model_dir)
+        if manifest.digest != self.options.manifest_digest:
+            raise ModelFormatError(
+                f"the model directory holds {manifest.digest}, not the attested {self.options.manifest_digest}"
+            )
+        key, channel = request_key(self.options.key_socket, manifest_digest=manifest.digest, rank=rank)
+        started = time.perf_counter()
+        try:
+            manifest.authenticate(key)
+            device = next(model.parameters()).device
+            loaded = model.load_weights(self._weights(model_dir, manifest, key, device))
+            if model_config.quantization is None and loaded is not None:
+                missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
+                if missing:
+                    raise ModelFormatError(
+                        f"the checkpoint lacks {len(missing)} weight(s), e.g. {', '.join(missing[:3])}"
+                    )
+        except BaseException as exc:
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.zero_()
+            message = f"{type(exc).__name__}: {exc}" if isinstance(exc, Error) else f"{type(exc).__name__}"
+            channel.report(ok=False, error=message)
+            raise
+        finally:
+            key.wipe()
+        seconds = time.perf_counter() - started
+        nbytes = manifest.plaintext_bytes
+        gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+        logger.info(
+            "decrypted %s (%.1f MiB) in %.2f s (%.2f GB/s) on rank %d/%d",
+            manifest.digest, nbytes / 2**20, seconds, gbps, rank, world,
+        )  # fmt: skip
+        channel.report(ok=True, stats={"bytes": nbytes, "seconds": round(seconds, 4), "gbps": round(gbps, 3)})
+
+
+def register() -> None:
+    """Register the loader with vLLM (entry point; idempotent, as vLLM requires)."""
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+
+    if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not EncryptedModelLoader:
+        register_model_loader(LOAD_FORMAT)(EncryptedModelLoader)

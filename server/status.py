@@ -1,0 +1,128 @@
+"""Boot stages, their timings, and the one reason the runtime is not ready.
+
+The runtime boots as explicit stages. :class:`BootStatus` records when each started and ended
+and, on failure, the stage and the reason; the readiness probe and the boot-stage endpoint
+render it as JSON. Reasons are operator-facing messages from :class:`attest.errors.Error`,
+which never contain secrets.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+__all__ = ["BootStatus", "Stage", "StageRecord"]
+
+
+class Stage(str, Enum):
+    """The boot stages, in order."""
+
+    CONFIG = "config"  # parse configuration and the model manifest; check plaintext model files
+    TLS = "tls"  # generate the in-enclave TLS key
+    ATTEST = "attest"  # find the TEE and the GPUs
+    KEY = "key"  # attest to the key broker, receive the model key, authenticate the manifest
+    LOAD = "load"  # start vLLM; its workers decrypt the model into device memory
+    SERVE = "serve"  # the OpenAI API and attestation endpoints are live
+
+
+@dataclass(slots=True)
+class StageRecord:
+    stage: Stage
+    started: float
+    ended: float | None = None
+    ok: bool | None = None
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage.value,
+            "ok": self.ok,
+            "seconds": None if self.ended is None else round(self.ended - self.started, 3),
+            "detail": self.detail,
+        }
+
+
+class BootStatus:
+    """Thread-safe record of the boot sequence."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._records: list[StageRecord] = []
+        self._failure: tuple[Stage, str] | None = None
+        self._ready = False
+        self._started = clock()
+        self.insecure_modes: list[str] = []
+
+    def begin(self, stage: Stage) -> None:
+        with self._lock:
+            self._records.append(StageRecord(stage=stage, started=self._clock()))
+
+    def end(self, stage: Stage, detail: str = "") -> None:
+        with self._lock:
+            record = self._find(stage)
+            record.ended = self._clock()
+            record.ok = True
+            record.detail = detail
+
+    def fail(self, stage: Stage, reason: str) -> None:
+        with self._lock:
+            try:
+                record = self._find(stage)
+            except LookupError:
+                record = StageRecord(stage=stage, started=self._clock())
+                self._records.append(record)
+            record.ended = self._clock()
+            record.ok = False
+            record.detail = reason
+            self._failure = (stage, reason)
+            self._ready = False
+
+    def set_ready(self) -> None:
+        with self._lock:
+            self._ready = True
+
+    def _find(self, stage: Stage) -> StageRecord:
+        for record in reversed(self._records):
+            if record.stage is stage:
+                return record
+        raise LookupError(stage)
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return self._ready
+
+    @property
+    def failed(self) -> bool:
+        with self._lock:
+            return self._failure is not None
+
+    @property
+    def current(self) -> Stage | None:
+        with self._lock:
+            return self._records[-1].stage if self._records else None
+
+    def readiness(self) -> dict[str, Any]:
+        """Return the readiness body: ``{"ready", "stage", "reason"}``."""
+        with self._lock:
+            if self._failure is not None:
+                stage, reason = self._failure
+                return {"ready": False, "status": "failed", "stage": stage.value, "reason": reason}
+            if self._ready:
+                return {"ready": True, "status": "ready", "stage": Stage.SERVE.value, "reason": ""}
+            stage_name = self._records[-1].stage.value if self._records else "starting"
+            return {"ready": False, "status": "booting", "stage": stage_name, "reason": f"booting: {stage_name}"}
+
+    def to_json(self) -> dict[str, Any]:
+        """Return every stage with its timing, for ``/.well-known/enclave-serve/boot``."""
+        body = self.readiness()
+        with self._lock:
+            body["stages"] = [r.to_json() for r in self._records]
+            body["uptime_seconds"] = round(self._clock() - self._started, 3)
+            body["insecure_modes"] = list(self.insecure_modes)
+        return body

@@ -1,0 +1,210 @@
+"""Session fixtures for the end-to-end tests: real processes over real HTTP.
+
+One encrypted tiny model, one development KBS and one enclave runtime (real vLLM on the CPU)
+are started per test session and shared; a plaintext vLLM server on the same model is started
+beside them as the reference for greedy-decoding equality. Failure-path tests start their own
+short-lived runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+ES = str(BIN / "enclave-serve")
+KEY_ID = "kbs:///enclave-serve/model-key/tiny"
+VLLM_ARGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "4", "--dtype", "bfloat16",
+             "--served-model-name", "tiny"]
+BOOT_TIMEOUT = 420.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+@dataclass
+class Proc:
+    """A child process with its log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+        # Reap any engine processes left behind.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start(name: str, argv: list[str], logdir: Path) -> Proc:
+    log = logdir / f"{name}.log"
+    fh = log.open("wb")
+    popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), cwd=logdir,
+                             start_new_session=True)
+    return Proc(name=name, popen=popen, log=log)
+
+
+def wait_ready(url: str, proc: Proc, *, timeout: float = BOOT_TIMEOUT, want_failure: bool = False) -> dict:
+    """Poll ``/readyz`` until ready (or failed, if ``want_failure``); return the last body."""
+    deadline = time.monotonic() + timeout
+    body: dict = {}
+    with httpx.Client(verify=False, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.text()[-4000:]}")
+            try:
+                r = client.get(url + "/readyz")
+                body = r.json()
+                if body.get("ready") or (want_failure and body.get("status") == "failed"):
+                    return body
+                if body.get("status") == "failed":
+                    raise AssertionError(f"{proc.name} failed to boot: {body}\n{proc.text()[-4000:]}")
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+    raise AssertionError(f"{proc.name} not ready after {timeout}s: {body}\n{proc.text()[-4000:]}")
+
+
+@dataclass
+class Workspace:
+    root: Path
+    plain: Path
+    encrypted: Path
+    key_file: Path
+    admin_token: Path
+    manifest_digest: str
+    procs: list[Proc] = field(default_factory=list)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    root = tmp_path_factory.mktemp("e2e")
+    plain, encrypted, key_file = root / "tiny", root / "tiny-encrypted", root / "model.key"
+    subprocess.run([ES, "demo-model", str(plain)], check=True, env=child_env(), capture_output=True)
+    subprocess.run([ES, "pack", str(plain), str(encrypted), "--key-id", KEY_ID, "--generate-key", str(key_file)],
+                   check=True, env=child_env(), capture_output=True)
+    admin_token = root / "admin.token"
+    admin_token.write_text(secrets.token_urlsafe(24))
+    from loader.manifest import Manifest
+
+    return Workspace(root=root, plain=plain, encrypted=encrypted, key_file=key_file, admin_token=admin_token,
+                     manifest_digest=Manifest.load(encrypted).digest)
+
+
+def start_kbs(ws: Workspace, name: str, key_file: Path) -> tuple[str, Proc]:
+    port = free_port()
+    proc = start(name, [ES, "kbs-dev", "--host", "127.0.0.1", "--port", str(port),
+                        "--admin-token-file", str(ws.admin_token), "--allow-insecure-sample-evidence",
+                        "--resource", f"enclave-serve/model-key/tiny={key_file}"], ws.root)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return url, proc
+        except OSError:
+            if proc.popen.poll() is not None:
+                raise AssertionError(f"kbs-dev exited: {proc.text()}") from None
+            time.sleep(0.2)
+    raise AssertionError("kbs-dev did not start")
+
+
+def start_runtime(ws: Workspace, name: str, model_dir: Path, kbs_url: str, *extra: str) -> tuple[str, Proc]:
+    port = free_port()
+    argv = [ES, "run", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--tee", "sample",
+            "--gpus", "none", "--allow-insecure-sample-tee", "--kbs-url", kbs_url, *extra, "--", *VLLM_ARGS]
+    return f"https://127.0.0.1:{port}", start(name, argv, ws.root)
+
+
+@dataclass
+class Enclave:
+    url: str
+    proc: Proc
+    kbs_url: str
+    kbs: Proc
+    ws: Workspace
+
+
+@pytest.fixture(scope="session")
+def plaintext_vllm(workspace: Workspace) -> Iterator[tuple[str, Proc]]:
+    """A stock vLLM OpenAI server on the *plaintext* model (the reference for equality)."""
+    port = free_port()
+    proc = start("vllm-plain", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                str(workspace.plain), "--host", "127.0.0.1", "--port", str(port),
+                                "--load-format", "safetensors", *VLLM_ARGS], workspace.root)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield url, proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def enclave(workspace: Workspace, plaintext_vllm: tuple[str, Proc]) -> Iterator[Enclave]:
+    kbs_url, kbs = start_kbs(workspace, "kbs", workspace.key_file)
+    url, proc = start_runtime(workspace, "runtime", workspace.encrypted, kbs_url)
+    try:
+        wait_ready(url, proc)
+        yield Enclave(url=url, proc=proc, kbs_url=kbs_url, kbs=kbs, ws=workspace)
+    finally:
+        proc.stop()
+        kbs.stop()
+
+
+@pytest.fixture(scope="session")
+def plaintext_url(plaintext_vllm: tuple[str, Proc]) -> str:
+    url, proc = plaintext_vllm
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"plaintext vLLM exited:\n{proc.text()[-4000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("plaintext vLLM did not start")
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+_ = json

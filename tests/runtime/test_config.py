@@ -1,0 +1,50 @@
+"""Configuration is checked before anything boots; insecure modes need explicit flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from attest.errors import ConfigError
+from runtime.config import RunConfig
+
+
+def cfg(tmp_path: Path, **kw: object) -> RunConfig:
+    base: dict[str, object] = {"model_dir": tmp_path, "kbs_url": "https://kbs.example"}
+    base.update(kw)
+    return RunConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"tee": "sample"}, "allow-insecure-sample-tee"),
+        ({"gpus": "sample"}, "allow-insecure-sample-tee"),
+        ({"key_source": "file", "key_file": Path("/k")}, "allow-insecure-key-file"),
+        ({"key_source": "file"}, "--key-file is required"),
+        ({"key_source": "kbs", "kbs_url": None}, "--kbs-url is required"),
+        ({"key_source": "vault"}, "unknown key source"),
+        ({"vllm_args": ("--load-format", "safetensors")}, "--load-format is set by enclave-serve"),
+        ({"vllm_args": ("--model-loader-extra-config={}",)}, "--model-loader-extra-config"),
+        ({"vllm_args": ("--ssl-keyfile", "/tmp/k")}, "--ssl-keyfile"),
+    ],
+)
+def test_unsafe_or_inconsistent_configs_are_refused(tmp_path: Path, kw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        cfg(tmp_path, **kw).validate()
+
+
+def test_missing_model_dir(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        cfg(tmp_path / "nope").validate()
+
+
+def test_insecure_modes_are_listed(tmp_path: Path) -> None:
+    config = cfg(
+        tmp_path, tee="sample", allow_insecure_sample_tee=True, tls=False, kbs_url="http://127.0.0.1:8080"
+    )
+    config.validate()
+    modes = " ".join(config.insecure_modes)
+    assert "sample TEE" in modes and "plain HTTP" in modes and "plain-HTTP key broker" in modes
+    assert cfg(tmp_path).insecure_modes == []

@@ -1,0 +1,112 @@
+"""The attestation document: what the report data commits to, and the binding checks."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+
+import pytest
+
+from attest.binding import document_device_nonce
+from attest.document import AttestationDocument
+from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
+from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from server.attestation import AttestationService
+
+NONCE = bytes(range(32))
+DIGEST = "sha256:" + "aa" * 32
+SPKI = "bb" * 32
+
+
+def service(**kw: object) -> AttestationService:
+    base: dict[str, object] = {
+        "attester": UnsafeSampleAttester(allow_insecure=True),
+        "devices": [UnsafeSampleDeviceAttester(allow_insecure=True)],
+        "model_digest": DIGEST,
+        "tls_spki_sha256": SPKI,
+        "key_release": {"source": "kbs", "resource": "kbs:///r/t/x"},
+        "runtime": {"name": "enclave-serve", "version": "test"},
+    }
+    base.update(kw)
+    return AttestationService(**base)  # type: ignore[arg-type]
+
+
+def roundtrip(doc: AttestationDocument) -> AttestationDocument:
+    import json
+
+    return AttestationDocument.from_json(json.loads(doc.to_bytes()))
+
+
+def test_report_data_commits_to_claims_and_devices_to_derived_nonce() -> None:
+    doc = roundtrip(service().document(NONCE))
+    primary_rd = doc.primary.to_json()["report_data"]
+    assert base64.b64decode(primary_rd) == doc.claims.report_data()
+    assert len(doc.claims.report_data()) == 48
+    (device,) = doc.devices
+    assert base64.b64decode(device.to_json()["report_data"]) == document_device_nonce(NONCE)
+    checks = doc.check_binding(
+        nonce=NONCE, observed_tls_spki_sha256=SPKI, expected_model_digest=DIGEST, allow_insecure=True
+    )
+    assert [c.name for c in checks] == ["nonce", "devices", "tls", "model", "tee"]
+
+
+def test_every_claim_changes_the_report_data() -> None:
+    base = service().document(NONCE).claims
+    variants = [
+        dataclasses.replace(base, nonce=bytes(32)),
+        dataclasses.replace(base, model_digest="sha256:" + "cc" * 32),
+        dataclasses.replace(base, tls_spki_sha256=None),
+        dataclasses.replace(base, devices=()),
+        dataclasses.replace(base, key_release=None),
+        dataclasses.replace(base, insecure=False),
+        dataclasses.replace(base, runtime={"name": "other"}),
+    ]
+    digests = {v.report_data() for v in variants} | {base.report_data()}
+    assert len(digests) == len(variants) + 1
+
+
+@pytest.mark.parametrize(
+    ("kw", "error", "message"),
+    [
+        ({"nonce": bytes(32)}, VerificationError, "different nonce"),
+        ({"observed_tls_spki_sha256": "cc" * 32}, VerificationError, "possible interception"),
+        ({"observed_tls_spki_sha256": None}, PolicyViolation, "not bound to a TLS key"),
+        ({"expected_model_digest": "sha256:" + "dd" * 32}, PolicyViolation, "not the expected"),
+        ({"allow_insecure": False}, PolicyViolation, "INSECURE sample TEE"),
+    ],
+)
+def test_binding_failures_name_the_step(kw: dict[str, object], error: type[Exception], message: str) -> None:
+    doc = service().document(NONCE)
+    args: dict[str, object] = {
+        "nonce": NONCE, "observed_tls_spki_sha256": SPKI, "expected_model_digest": DIGEST, "allow_insecure": True,
+    }  # fmt: skip
+    args.update(kw)
+    with pytest.raises(error, match=message):
+        doc.check_binding(**args)  # type: ignore[arg-type]
+
+
+def test_swapped_device_evidence_is_detected() -> None:
+    doc = service().document(NONCE)
+    other = service().document(bytes(reversed(NONCE)))
+    forged = dataclasses.replace(doc, devices=other.devices)
+    with pytest.raises(VerificationError, match="devices"):
+        forged.check_binding(nonce=NONCE, observed_tls_spki_sha256=SPKI, expected_model_digest=None,
+                             allow_insecure=True)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d.update(format="enclave-serve/attestation/v0"),
+        lambda d: d["claims"].update(purpose="something-else"),
+        lambda d: d["claims"].pop("model"),
+        lambda d: d["evidence"].update(tee="tdx"),
+        lambda d: d["evidence"].update(primary="not an object"),
+        lambda d: d["evidence"]["devices"].append({"tee": "bogus", "evidence": {}}),
+    ],
+)
+def test_malformed_documents_are_rejected(mutate) -> None:  # type: ignore[no-untyped-def]
+    body = service().document(NONCE).to_json()
+    mutate(body)
+    with pytest.raises(MalformedEvidence):
+        AttestationDocument.from_json(body)
