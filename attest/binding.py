@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import rfc8785
@@ -45,8 +45,8 @@ import rfc8785
 __all__ = [
     "DOCUMENT_DEVICE_PURPOSE",
     "DOCUMENT_PURPOSE",
-    "HashAlgorithm",
     "REPORT_DATA_SIZE",
+    "HashAlgorithm",
     "canonical_json",
     "document_device_nonce",
     "document_report_data",
@@ -64,7 +64,7 @@ DOCUMENT_PURPOSE = "enclave-serve/attestation-document/v1"
 DOCUMENT_DEVICE_PURPOSE = "enclave-serve/attestation-document/device-nonce/v1"
 
 
-class HashAlgorithm(str, Enum):
+class HashAlgorithm(StrEnum):
     """Hash algorithms a KBS may select (``supported-hash-algorithms``, minus sm3)."""
 
     SHA256 = "sha256"

@@ -66,12 +66,16 @@ def attested_openai(
     client: Any
     if asynchronous:
         client = openai.AsyncOpenAI(
-            base_url=api_base, api_key=api_key, http_client=httpx.AsyncClient(verify=ctx, timeout=timeout),
+            base_url=api_base,
+            api_key=api_key,
+            http_client=httpx.AsyncClient(verify=ctx, timeout=timeout),
             **openai_kwargs,
         )
     else:
         client = openai.OpenAI(
-            base_url=api_base, api_key=api_key, http_client=httpx.Client(verify=ctx, timeout=timeout),
+            base_url=api_base,
+            api_key=api_key,
+            http_client=httpx.Client(verify=ctx, timeout=timeout),
             **openai_kwargs,
         )
     client.verified = verified

@@ -228,10 +228,14 @@ class AttestationDocument:
             raise VerificationError("nonce: the document answers a different nonce (replayed or stale)")
         checks.append(DocumentCheck(name="nonce", ok=True, detail="matches the nonce sent"))
         # (2) Device evidence digests.
-        actual = [DeviceClaim(tee=d.tee.value, evidence_sha384=device_evidence_digest(d)) for d in self.devices]
+        actual = [
+            DeviceClaim(tee=d.tee.value, evidence_sha384=device_evidence_digest(d)) for d in self.devices
+        ]
         if tuple(actual) != claims.devices:
             raise VerificationError("devices: the device evidence does not match the claimed digests")
-        checks.append(DocumentCheck(name="devices", ok=True, detail=f"{len(actual)} device evidence object(s)"))
+        checks.append(
+            DocumentCheck(name="devices", ok=True, detail=f"{len(actual)} device evidence object(s)")
+        )
         # (3) TLS key binding.
         if claims.tls_spki_sha256 is None or observed_tls_spki_sha256 is None:
             if not allow_no_tls:
@@ -245,7 +249,9 @@ class AttestationDocument:
                 "tls: the server's TLS key is not the one the enclave attested (possible interception)"
             )
         else:
-            checks.append(DocumentCheck(name="tls", ok=True, detail=f"spki sha256 {observed_tls_spki_sha256}"))
+            checks.append(
+                DocumentCheck(name="tls", ok=True, detail=f"spki sha256 {observed_tls_spki_sha256}")
+            )
         # (4) Model identity.
         if expected_model_digest is not None and claims.model_digest != expected_model_digest:
             raise PolicyViolation(
@@ -265,5 +271,7 @@ class AttestationDocument:
                 "tee: the server uses the INSECURE sample TEE; its evidence proves nothing. "
                 "Pass --allow-insecure-sample-tee only for development."
             )
-        checks.append(DocumentCheck(name="tee", ok=True, detail=claims.tee.value + (" (INSECURE)" if insecure else "")))
+        checks.append(
+            DocumentCheck(name="tee", ok=True, detail=claims.tee.value + (" (INSECURE)" if insecure else ""))
+        )
         return checks

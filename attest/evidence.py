@@ -13,7 +13,7 @@ import binascii
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from attest.errors import MalformedEvidence
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class TeeKind(str, Enum):
+class TeeKind(StrEnum):
     """TEE names as serialised by ``kbs-types`` ``enum Tee`` (serde names)."""
 
     TDX = "tdx"
@@ -78,6 +78,8 @@ def evidence_from_json(tee: TeeKind, obj: object) -> Evidence:
     Raises:
         MalformedEvidence: the object is not evidence of that kind, or no parser is known.
     """
+    if tee not in _EVIDENCE_TYPES:
+        import attest.formats  # noqa: F401  (registers the TDX, SNP and NVIDIA evidence types)
     try:
         parse = _EVIDENCE_TYPES[tee]
     except KeyError:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from attest.binding import document_device_nonce
 from attest.document import NONCE_SIZE, AttestationDocument, DocumentCheck
 from attest.errors import MalformedEvidence, VerificationError
+from attest.verify import Outcome, Policy, VerificationResult, verify_device_evidence, verify_evidence
 
 __all__ = ["ATTESTATION_PATH", "VerifiedServer", "verify_server"]
 
@@ -76,7 +77,7 @@ def _peer_certificate(response: httpx.Response) -> x509.Certificate | None:
     ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
     if ssl_object is None:
         return None
-    der = ssl_object.getpeercert(binary_form=True)
+    der = ssl_object.getpeercert(True)
     return None if der is None else x509.load_der_x509_certificate(der)
 
 
@@ -93,7 +94,7 @@ def verify_server(
     expected_model_digest: str | None = None,
     allow_insecure: bool = False,
     allow_no_tls: bool = False,
-    policy: Any = None,
+    policy: Policy | None = None,
     now: datetime | None = None,
     nonce: bytes | None = None,
     timeout: float = 60.0,
@@ -109,8 +110,6 @@ def verify_server(
         PolicyViolation: insecure TEE, unbound TLS or unexpected model.
         MalformedEvidence: the document does not parse.
     """
-    from attest.verify import verify_device_evidence, verify_evidence
-
     nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
     url = base_url.rstrip("/") + ATTESTATION_PATH
     client = http_client or httpx.Client(verify=_unverified_tls_context(), timeout=timeout)
@@ -152,7 +151,9 @@ def verify_server(
         now=now,
         allow_insecure=allow_insecure,
     )
-    checks.append(DocumentCheck(name=f"evidence:{document.primary.tee.value}", ok=True, detail=_summary(result)))
+    checks.append(
+        DocumentCheck(name=f"evidence:{document.primary.tee.value}", ok=True, detail=_summary(result))
+    )
     return VerifiedServer(
         base_url=base_url,
         document=document,
@@ -162,7 +163,8 @@ def verify_server(
     )
 
 
-def _summary(result: Any) -> str:
-    steps = getattr(result, "steps", ())
-    names = [getattr(s, "name", str(s)) for s in steps if getattr(s, "ok", True)]
-    return "verified: " + ", ".join(names) if names else "verified"
+def _summary(result: VerificationResult) -> str:
+    passed = [s.name for s in result.steps if s.outcome is Outcome.PASSED]
+    skipped = [s.name for s in result.steps if s.outcome is Outcome.SKIPPED]
+    text = "verified: " + ", ".join(passed) if passed else "verified"
+    return text + (f"; not checked: {', '.join(skipped)}" if skipped else "")

@@ -42,7 +42,14 @@ from typing import Any
 from attest.errors import KeyRetrievalError
 from attest.secret import SecretBytes
 
-__all__ = ["KeyHandoffClient", "KeyHandoffServer", "LoadReport", "is_descendant", "request_key", "serving_key"]
+__all__ = [
+    "KeyHandoffClient",
+    "KeyHandoffServer",
+    "LoadReport",
+    "is_descendant",
+    "request_key",
+    "serving_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +199,9 @@ class KeyHandoffServer:
     def _handle(self, conn: socket.socket) -> None:
         with conn:
             try:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_SO_PEERCRED_FMT))
+                creds = conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(_SO_PEERCRED_FMT)
+                )
                 pid, uid, _gid = struct.unpack(_SO_PEERCRED_FMT, creds)
                 request = json.loads(_read_line(conn) or b"null")
             except (OSError, ValueError):
@@ -208,7 +217,9 @@ class KeyHandoffServer:
                 self._refuse(conn, f"peer pid {pid} is not a descendant of the runtime (pid {os.getpid()})")
                 return
             if request.get("manifest") != self._manifest_digest:
-                self._refuse(conn, "the worker asked for a different model than the runtime holds the key for")
+                self._refuse(
+                    conn, "the worker asked for a different model than the runtime holds the key for"
+                )
                 return
             with self._lock:
                 key = self._key
@@ -264,7 +275,9 @@ class KeyHandoffClient:
             self._conn.close()
 
 
-def request_key(path: str | os.PathLike[str], *, manifest_digest: str, rank: int = 0) -> tuple[SecretBytes, KeyHandoffClient]:
+def request_key(
+    path: str | os.PathLike[str], *, manifest_digest: str, rank: int = 0
+) -> tuple[SecretBytes, KeyHandoffClient]:
     """Fetch the model key from the runtime's handoff socket.
 
     Returns the key and the open connection on which to :meth:`KeyHandoffClient.report`.
@@ -307,7 +320,9 @@ def request_key(path: str | os.PathLike[str], *, manifest_digest: str, rank: int
 
 
 @contextlib.contextmanager
-def serving_key(key: SecretBytes, *, manifest_digest: str, max_releases: int = 1) -> Iterator[KeyHandoffServer]:
+def serving_key(
+    key: SecretBytes, *, manifest_digest: str, max_releases: int = 1
+) -> Iterator[KeyHandoffServer]:
     """Serve ``key`` for the duration of the ``with`` block."""
     server = KeyHandoffServer(key, manifest_digest=manifest_digest, max_releases=max_releases)
     with server:

@@ -40,7 +40,6 @@ __all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "regi
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncryptedLoaderConfig:
     """The loader's ``--model-loader-extra-config``: a socket path and a digest, never a key."""
@@ -89,7 +88,9 @@ class EncryptedModelLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         Manifest.load(Path(model_config.model))  # nothing to download; check the directory
 
-    def _weights(self, model_dir: Path, manifest: Manifest, key: Any, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    def _weights(
+        self, model_dir: Path, manifest: Manifest, key: Any, device: torch.device
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         return decrypted_tensors(model_dir, manifest, key, device=device, threads=self.options.threads)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
@@ -134,6 +135,11 @@ class EncryptedModelLoader(BaseModelLoader):
 def register() -> None:
     """Register the loader with vLLM (entry point; idempotent, as vLLM requires)."""
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+
+    from runtime.logs import configure_logging
+
+    # In vLLM's engine and worker processes our loggers have no handler yet.
+    configure_logging(only_if_unconfigured=True)
 
     if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not EncryptedModelLoader:
         register_model_loader(LOAD_FORMAT)(EncryptedModelLoader)

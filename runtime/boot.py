@@ -44,7 +44,7 @@ from server.tls import EnclaveTls, generate_enclave_tls
 
 __all__ = ["EXIT_BOOT_FAILED", "Runtime"]
 
-logger = logging.getLogger("enclave_serve.boot")
+logger = logging.getLogger(__name__)
 
 EXIT_BOOT_FAILED = 3
 
@@ -155,7 +155,10 @@ class Runtime:
         else:
             assert cfg.key_file is not None
             source = UnsafeFileKeySource(path=cfg.key_file, allow_insecure=cfg.allow_insecure_key_file)
-        release = source.fetch(resource)
+        try:
+            release = source.fetch(resource)
+        finally:
+            source.close()
         try:
             manifest.authenticate(release.secret)
         except ModelError:
@@ -271,7 +274,10 @@ class Runtime:
         ranks = args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size
         handoff = KeyHandoffServer(self._key, manifest_digest=manifest.digest, max_releases=ranks)
         with handoff:
-            args.model_loader_extra_config = {"key_socket": str(handoff.path), "manifest_digest": manifest.digest}
+            args.model_loader_extra_config = {
+                "key_socket": str(handoff.path),
+                "manifest_digest": manifest.digest,
+            }
             log_non_default_args(args)
             try:
                 engine_cm = build_async_engine_client(args)
@@ -279,7 +285,9 @@ class Runtime:
             except Exception as exc:
                 failure = handoff.first_failure()
                 if failure is not None:
-                    raise ModelError(f"rank {failure.rank} failed to load the model: {failure.error}") from None
+                    raise ModelError(
+                        f"rank {failure.rank} failed to load the model: {failure.error}"
+                    ) from None
                 raise ModelError(
                     f"the inference engine failed to start ({type(exc).__name__}: {exc}); see the engine log above"
                 ) from None
@@ -316,7 +324,9 @@ class Runtime:
                 return not engine_client.errored
 
             app.include_router(
-                enclave_router(status=self.status, attestation=lambda: self._attestation, engine_healthy=engine_healthy)
+                enclave_router(
+                    status=self.status, attestation=lambda: self._attestation, engine_healthy=engine_healthy
+                )
             )
             # Hand the port over from the boot server to vLLM's server.
             await boot_server.stop()
@@ -347,4 +357,3 @@ def run_blocking(config: RunConfig) -> int:
     import uvloop
 
     return uvloop.run(Runtime(config).run())
-

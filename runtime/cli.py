@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from attest.errors import Error
+from runtime.logs import configure_logging
 
 __all__ = ["main"]
 
@@ -51,11 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is passed through untouched (``run`` hands it to vLLM).
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
+    args.passthrough = passthrough
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    configure_logging(verbose=args.verbose)
+    if not args.verbose:
+        # Request lines from the HTTP client library are noise for a command-line user.
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         code: int = args.func(args)
     except Error as exc:
@@ -63,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: not an error; keep Python from complaining at exit.
+        sys.stderr.close()
+        return 0
     return code
 
 

@@ -62,7 +62,9 @@ class RunConfig:
         if not self.model_dir.is_dir():
             raise ConfigError(f"model directory {self.model_dir} does not exist")
         if self.key_source not in KEY_SOURCES:
-            raise ConfigError(f"unknown key source {self.key_source!r}; choose one of {', '.join(KEY_SOURCES)}")
+            raise ConfigError(
+                f"unknown key source {self.key_source!r}; choose one of {', '.join(KEY_SOURCES)}"
+            )
         if self.key_source == "kbs" and not self.kbs_url:
             raise ConfigError("--kbs-url is required with --key-source kbs")
         if self.key_source == "file":
@@ -74,9 +76,13 @@ class RunConfig:
                     "add --allow-insecure-key-file to use it"
                 )
         if self.tee == "sample" and not self.allow_insecure_sample_tee:
-            raise ConfigError("--tee sample proves nothing; add --allow-insecure-sample-tee (development only)")
+            raise ConfigError(
+                "--tee sample proves nothing; add --allow-insecure-sample-tee (development only)"
+            )
         if self.gpus == "sample" and not self.allow_insecure_sample_tee:
-            raise ConfigError("--gpus sample proves nothing; add --allow-insecure-sample-tee (development only)")
+            raise ConfigError(
+                "--gpus sample proves nothing; add --allow-insecure-sample-tee (development only)"
+            )
         if self.tee_key not in ("ec", "rsa"):
             raise ConfigError("--tee-key must be ec or rsa")
         for arg in self.vllm_args:

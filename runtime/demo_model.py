@@ -24,7 +24,8 @@ DEMO_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<s>assistant\n' }}{% endif %}"
 )
 
-_CORPUS = """\
+_CORPUS = (
+    """\
 Confidential computing protects data in use by running code inside a hardware enclave.
 The enclave proves what it runs with attestation evidence signed by the hardware vendor.
 A key broker checks the evidence and releases the model key only to an approved enclave.
@@ -32,7 +33,9 @@ The runtime decrypts the model weights straight into accelerator memory and serv
 Users verify the attestation document before they send any sensitive prompt to the server.
 The quick brown fox jumps over the lazy dog while the model answers questions politely.
 Hello, how are you today? I am fine, thank you. What is the capital of France? Paris.
-""" * 4
+"""
+    * 4
+)
 
 
 def _train_tokenizer(vocab_size: int):  # type: ignore[no-untyped-def]

@@ -13,9 +13,9 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from attest.binding import document_device_nonce
 from attest.document import AttestationClaims, AttestationDocument, DeviceClaim, device_evidence_digest
 from attest.providers.base import Attester, DeviceAttester
-from attest.binding import document_device_nonce
 
 __all__ = ["AttestationService"]
 

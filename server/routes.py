@@ -65,7 +65,12 @@ def enclave_router(
     async def readyz() -> JSONResponse:
         body = status.readiness()
         if body["ready"] and engine_healthy is not None and not await engine_healthy():
-            body = {"ready": False, "status": "failed", "stage": "serve", "reason": "the inference engine is dead"}
+            body = {
+                "ready": False,
+                "status": "failed",
+                "stage": "serve",
+                "reason": "the inference engine is dead",
+            }
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @router.get(f"{WELL_KNOWN_PREFIX}/boot")
@@ -82,8 +87,13 @@ def enclave_router(
             raw = b""
         if len(raw) != NONCE_SIZE or nonce != nonce.lower():
             return JSONResponse(
-                {"error": {"message": f"nonce must be {NONCE_SIZE} bytes as {2 * NONCE_SIZE} lowercase hex digits",
-                           "type": "BadRequest", "code": 400}},
+                {
+                    "error": {
+                        "message": f"nonce must be {NONCE_SIZE} bytes as {2 * NONCE_SIZE} lowercase hex digits",
+                        "type": "BadRequest",
+                        "code": 400,
+                    }
+                },
                 status_code=400,
             )
         service = attestation()
@@ -95,8 +105,13 @@ def enclave_router(
             except Error as exc:
                 logger.error("attestation document failed: %s", exc)
                 return JSONResponse(
-                    {"error": {"message": f"evidence collection failed: {exc}", "type": "ServiceUnavailable",
-                               "code": 503}},
+                    {
+                        "error": {
+                            "message": f"evidence collection failed: {exc}",
+                            "type": "ServiceUnavailable",
+                            "code": 503,
+                        }
+                    },
                     status_code=503,
                 )
         headers = {"Cache-Control": "no-store"}
@@ -112,8 +127,11 @@ def boot_app(status: BootStatus, router: APIRouter) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     app.include_router(router)
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
-                   include_in_schema=False)
+    @app.api_route(
+        "/{path:path}",
+        methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
+        include_in_schema=False,
+    )
     async def not_ready(request: Request, path: str) -> JSONResponse:
         return JSONResponse(_not_ready_body(status), status_code=503, headers={"Retry-After": "5"})
 

@@ -12,13 +12,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 __all__ = ["BootStatus", "Stage", "StageRecord"]
 
 
-class Stage(str, Enum):
+class Stage(StrEnum):
     """The boot stages, in order."""
 
     CONFIG = "config"  # parse configuration and the model manifest; check plaintext model files
@@ -116,7 +116,12 @@ class BootStatus:
             if self._ready:
                 return {"ready": True, "status": "ready", "stage": Stage.SERVE.value, "reason": ""}
             stage_name = self._records[-1].stage.value if self._records else "starting"
-            return {"ready": False, "status": "booting", "stage": stage_name, "reason": f"booting: {stage_name}"}
+            return {
+                "ready": False,
+                "status": "booting",
+                "stage": stage_name,
+                "reason": f"booting: {stage_name}",
+            }
 
     def to_json(self) -> dict[str, Any]:
         """Return every stage with its timing, for ``/.well-known/enclave-serve/boot``."""

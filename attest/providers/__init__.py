@@ -12,7 +12,7 @@ import logging
 from attest.errors import BackendUnavailable, ConfigError
 from attest.providers.base import Attester, DeviceAttester
 
-__all__ = ["Attester", "DeviceAttester", "PRIMARY_TEES", "detect_devices", "select_attester"]
+__all__ = ["PRIMARY_TEES", "Attester", "DeviceAttester", "detect_devices", "detected_tees", "select_attester"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,20 @@ def _load(name: str) -> type[Attester]:
         found: type[Attester] = getattr(importlib.import_module(module), cls)
     except (ImportError, AttributeError) as exc:
         raise BackendUnavailable(f"the {name} provider is not available in this build") from exc
+    return found
+
+
+def detected_tees() -> dict[str, bool]:
+    """Return, for each auto-detectable primary TEE, whether this machine provides it.
+
+    Cheap and side-effect free; a provider that cannot be loaded counts as not detected.
+    """
+    found: dict[str, bool] = {}
+    for name in _DETECTABLE:
+        try:
+            found[name] = bool(_load(name).detect())
+        except Exception:  # detection must not fail the caller
+            found[name] = False
     return found
 
 

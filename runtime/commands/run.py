@@ -12,6 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p = sub.add_parser(
         "run",
         help="boot the enclave: attest, fetch the model key, decrypt the model, serve the OpenAI API",
+        usage="enclave-serve run MODEL_DIR [options] [-- VLLM_ARGS...]",
         description=(
             "Boot the enclave and serve. Arguments after '--' go to vLLM "
             "(e.g. -- --max-model-len 4096 --enforce-eager)."
@@ -21,30 +22,56 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
     g = p.add_argument_group("attestation")
-    g.add_argument("--tee", default="auto", choices=["auto", "tdx", "snp", "sample"], help="CPU TEE (default: detect)")
-    g.add_argument("--gpus", default="auto", choices=["auto", "none", "nvidia", "sample"],
-                   help="GPU evidence (default: NVIDIA GPUs if NVML sees any)")
-    g.add_argument("--allow-insecure-sample-tee", action="store_true",
-                   help="DEVELOPMENT ONLY: allow the sample TEE/device, whose evidence proves nothing")
+    g.add_argument(
+        "--tee", default="auto", choices=["auto", "tdx", "snp", "sample"], help="CPU TEE (default: detect)"
+    )
+    g.add_argument(
+        "--gpus",
+        default="auto",
+        choices=["auto", "none", "nvidia", "sample"],
+        help="GPU evidence (default: NVIDIA GPUs if NVML sees any)",
+    )
+    g.add_argument(
+        "--allow-insecure-sample-tee",
+        action="store_true",
+        help="DEVELOPMENT ONLY: allow the sample TEE/device, whose evidence proves nothing",
+    )
     k = p.add_argument_group("model key")
-    k.add_argument("--key-source", default="kbs", choices=["kbs", "cdh", "file"], help="where the key comes from")
+    k.add_argument(
+        "--key-source", default="kbs", choices=["kbs", "cdh", "file"], help="where the key comes from"
+    )
     k.add_argument("--key-id", help="resource URI of the key (default: the one recorded in the manifest)")
     k.add_argument("--kbs-url", help="Trustee KBS URL, e.g. https://kbs.example:8080")
     k.add_argument("--kbs-cacert", type=Path, help="pinned CA certificate of the KBS (PEM)")
-    k.add_argument("--tee-key", default="ec", choices=["ec", "rsa"], help="ephemeral TEE key type (default ec)")
+    k.add_argument(
+        "--tee-key", default="ec", choices=["ec", "rsa"], help="ephemeral TEE key type (default ec)"
+    )
     k.add_argument("--kbs-deadline", type=float, default=120.0, help="overall key-release deadline, seconds")
     k.add_argument("--cdh-url", default="http://127.0.0.1:8006", help="CoCo Confidential Data Hub URL")
     k.add_argument("--key-file", type=Path, help="DEVELOPMENT ONLY: read the key from this file")
-    k.add_argument("--allow-insecure-key-file", action="store_true",
-                   help="DEVELOPMENT ONLY: allow --key-source file (no attestation at all)")
+    k.add_argument(
+        "--allow-insecure-key-file",
+        action="store_true",
+        help="DEVELOPMENT ONLY: allow --key-source file (no attestation at all)",
+    )
     t = p.add_argument_group("TLS")
-    t.add_argument("--no-tls", dest="tls", action="store_false",
-                   help="serve plain HTTP (attestation is then not bound to a TLS key)")
-    t.add_argument("--tls-hostname", action="append", dest="tls_hostnames",
-                   help="subject alternative name for the in-enclave certificate (repeatable)")
-    p.add_argument("--exit-on-failure", action="store_true",
-                   help="exit with status 3 when boot fails (default: stay up and report the reason)")
-    p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="-- then arguments for vLLM")
+    t.add_argument(
+        "--no-tls",
+        dest="tls",
+        action="store_false",
+        help="serve plain HTTP (attestation is then not bound to a TLS key)",
+    )
+    t.add_argument(
+        "--tls-hostname",
+        action="append",
+        dest="tls_hostnames",
+        help="subject alternative name for the in-enclave certificate (repeatable)",
+    )
+    p.add_argument(
+        "--exit-on-failure",
+        action="store_true",
+        help="exit with status 3 when boot fails (default: stay up and report the reason)",
+    )
     p.set_defaults(func=run)
 
 
@@ -52,9 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from runtime.boot import run_blocking
     from runtime.config import RunConfig
 
-    vllm_args = list(args.vllm_args)
-    if vllm_args and vllm_args[0] == "--":
-        vllm_args = vllm_args[1:]
+    vllm_args = list(getattr(args, "passthrough", []))
     hostnames = tuple(args.tls_hostnames or ("localhost", "127.0.0.1", args.host))
     config = RunConfig(
         model_dir=args.model_dir,

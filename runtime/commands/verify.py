@@ -15,11 +15,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Fetch a fresh attestation document with a random nonce and verify it step by step.",
     )
     p.add_argument("url", help="server base URL, e.g. https://127.0.0.1:8000")
-    p.add_argument("--expect-model", metavar="DIGEST", help="required model identity (sha256:... manifest digest)")
-    p.add_argument("--allow-insecure-sample-tee", action="store_true",
-                   help="DEVELOPMENT ONLY: accept the sample TEE (its evidence proves nothing)")
-    p.add_argument("--allow-no-tls", action="store_true",
-                   help="DEVELOPMENT ONLY: accept a plain-HTTP server (attestation not bound to TLS)")
+    p.add_argument(
+        "--expect-model", metavar="DIGEST", help="required model identity (sha256:... manifest digest)"
+    )
+    p.add_argument(
+        "--allow-insecure-sample-tee",
+        action="store_true",
+        help="DEVELOPMENT ONLY: accept the sample TEE (its evidence proves nothing)",
+    )
+    p.add_argument(
+        "--allow-no-tls",
+        action="store_true",
+        help="DEVELOPMENT ONLY: accept a plain-HTTP server (attestation not bound to TLS)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 

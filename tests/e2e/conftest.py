@@ -28,8 +28,17 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ES = str(BIN / "enclave-serve")
 KEY_ID = "kbs:///enclave-serve/model-key/tiny"
-VLLM_ARGS = ["--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "4", "--dtype", "bfloat16",
-             "--served-model-name", "tiny"]
+VLLM_ARGS = [
+    "--enforce-eager",
+    "--max-model-len",
+    "512",
+    "--max-num-seqs",
+    "4",
+    "--dtype",
+    "bfloat16",
+    "--served-model-name",
+    "tiny",
+]
 BOOT_TIMEOUT = 420.0
 
 
@@ -74,8 +83,9 @@ class Proc:
 def start(name: str, argv: list[str], logdir: Path) -> Proc:
     log = logdir / f"{name}.log"
     fh = log.open("wb")
-    popen = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), cwd=logdir,
-                             start_new_session=True)
+    popen = subprocess.Popen(
+        argv, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), cwd=logdir, start_new_session=True
+    )
     return Proc(name=name, popen=popen, log=log)
 
 
@@ -86,7 +96,9 @@ def wait_ready(url: str, proc: Proc, *, timeout: float = BOOT_TIMEOUT, want_fail
     with httpx.Client(verify=False, timeout=5) as client:
         while time.monotonic() < deadline:
             if proc.popen.poll() is not None:
-                raise AssertionError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.text()[-4000:]}")
+                raise AssertionError(
+                    f"{proc.name} exited with {proc.popen.returncode}:\n{proc.text()[-4000:]}"
+                )
             try:
                 r = client.get(url + "/readyz")
                 body = r.json()
@@ -116,21 +128,45 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     root = tmp_path_factory.mktemp("e2e")
     plain, encrypted, key_file = root / "tiny", root / "tiny-encrypted", root / "model.key"
     subprocess.run([ES, "demo-model", str(plain)], check=True, env=child_env(), capture_output=True)
-    subprocess.run([ES, "pack", str(plain), str(encrypted), "--key-id", KEY_ID, "--generate-key", str(key_file)],
-                   check=True, env=child_env(), capture_output=True)
+    subprocess.run(
+        [ES, "pack", str(plain), str(encrypted), "--key-id", KEY_ID, "--generate-key", str(key_file)],
+        check=True,
+        env=child_env(),
+        capture_output=True,
+    )
     admin_token = root / "admin.token"
     admin_token.write_text(secrets.token_urlsafe(24))
     from loader.manifest import Manifest
 
-    return Workspace(root=root, plain=plain, encrypted=encrypted, key_file=key_file, admin_token=admin_token,
-                     manifest_digest=Manifest.load(encrypted).digest)
+    return Workspace(
+        root=root,
+        plain=plain,
+        encrypted=encrypted,
+        key_file=key_file,
+        admin_token=admin_token,
+        manifest_digest=Manifest.load(encrypted).digest,
+    )
 
 
 def start_kbs(ws: Workspace, name: str, key_file: Path) -> tuple[str, Proc]:
     port = free_port()
-    proc = start(name, [ES, "kbs-dev", "--host", "127.0.0.1", "--port", str(port),
-                        "--admin-token-file", str(ws.admin_token), "--allow-insecure-sample-evidence",
-                        "--resource", f"enclave-serve/model-key/tiny={key_file}"], ws.root)
+    proc = start(
+        name,
+        [
+            ES,
+            "kbs-dev",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--admin-token-file",
+            str(ws.admin_token),
+            "--allow-insecure-sample-evidence",
+            "--resource",
+            f"enclave-serve/model-key/tiny={key_file}",
+        ],
+        ws.root,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -146,8 +182,25 @@ def start_kbs(ws: Workspace, name: str, key_file: Path) -> tuple[str, Proc]:
 
 def start_runtime(ws: Workspace, name: str, model_dir: Path, kbs_url: str, *extra: str) -> tuple[str, Proc]:
     port = free_port()
-    argv = [ES, "run", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--tee", "sample",
-            "--gpus", "none", "--allow-insecure-sample-tee", "--kbs-url", kbs_url, *extra, "--", *VLLM_ARGS]
+    argv = [
+        ES,
+        "run",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--tee",
+        "sample",
+        "--gpus",
+        "none",
+        "--allow-insecure-sample-tee",
+        "--kbs-url",
+        kbs_url,
+        *extra,
+        "--",
+        *VLLM_ARGS,
+    ]
     return f"https://127.0.0.1:{port}", start(name, argv, ws.root)
 
 
@@ -164,9 +217,24 @@ class Enclave:
 def plaintext_vllm(workspace: Workspace) -> Iterator[tuple[str, Proc]]:
     """A stock vLLM OpenAI server on the *plaintext* model (the reference for equality)."""
     port = free_port()
-    proc = start("vllm-plain", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                str(workspace.plain), "--host", "127.0.0.1", "--port", str(port),
-                                "--load-format", "safetensors", *VLLM_ARGS], workspace.root)
+    proc = start(
+        "vllm-plain",
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(workspace.plain),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load-format",
+            "safetensors",
+            *VLLM_ARGS,
+        ],
+        workspace.root,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         yield url, proc

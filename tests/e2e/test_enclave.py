@@ -25,7 +25,9 @@ PROMPTS = ["The enclave proves", "Hello, how are you", "Confidential computing p
 
 
 def test_openai_sdk_chat_and_stream_through_attested_client(enclave: Enclave) -> None:
-    client = attested_openai(enclave.url, allow_insecure=True, expected_model_digest=enclave.ws.manifest_digest)
+    client = attested_openai(
+        enclave.url, allow_insecure=True, expected_model_digest=enclave.ws.manifest_digest
+    )
     assert client.verified.document.claims.model_digest == enclave.ws.manifest_digest
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
@@ -36,7 +38,11 @@ def test_openai_sdk_chat_and_stream_through_attested_client(enclave: Enclave) ->
     assert reply.usage is not None and reply.usage.completion_tokens > 0
 
     stream = client.chat.completions.create(
-        model="tiny", max_tokens=12, temperature=0, stream=True, messages=[{"role": "user", "content": "Hello!"}]
+        model="tiny",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        messages=[{"role": "user", "content": "Hello!"}],
     )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert len(pieces) > 1
@@ -53,7 +59,9 @@ def test_attested_client_refuses_other_tls_key(enclave: Enclave, tmp_path: Path)
 
     ctx = ssl.create_default_context(cadata=other.cert_pem.decode())
     ctx.check_hostname = False
-    impostor_view = openai.OpenAI(base_url=enclave.url + "/v1", api_key="x", http_client=httpx.Client(verify=ctx))
+    impostor_view = openai.OpenAI(
+        base_url=enclave.url + "/v1", api_key="x", http_client=httpx.Client(verify=ctx)
+    )
     with pytest.raises(openai.APIConnectionError):
         impostor_view.models.list()
     assert client.models.list().data  # the pinned one still works
@@ -97,7 +105,14 @@ def test_verify_command_checks_nonce_tls_and_model(enclave: Enclave) -> None:
     assert result["verified"] is True
     assert result["model_digest"] == enclave.ws.manifest_digest
     assert result["insecure"] is True
-    assert {c["name"] for c in result["checks"]} >= {"nonce", "devices", "tls", "model", "tee", "evidence:sample"}
+    assert {c["name"] for c in result["checks"]} >= {
+        "nonce",
+        "devices",
+        "tls",
+        "model",
+        "tee",
+        "evidence:sample",
+    }
     assert result["key_release"] is not None
 
     insecure_refused = subprocess.run(
@@ -120,7 +135,9 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         b = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "22" * 32}).json()
         assert a["claims"]["nonce"] == "11" * 32 and b["claims"]["nonce"] == "22" * 32
         assert a["evidence"]["primary"]["report_data"] != b["evidence"]["primary"]["report_data"]
-        assert client.get("/.well-known/enclave-serve/attestation", params={"nonce": "xyz"}).status_code == 400
+        assert (
+            client.get("/.well-known/enclave-serve/attestation", params={"nonce": "xyz"}).status_code == 400
+        )
         boot = client.get("/.well-known/enclave-serve/boot").json()
         assert boot["ready"] is True
         assert [s["stage"] for s in boot["stages"]] == ["tls", "config", "attest", "key", "load", "serve"]
@@ -173,9 +190,14 @@ def test_key_never_in_logs_env_argv_or_files(enclave: Enclave) -> None:
 
 def _assert_nothing_served(url: str) -> None:
     with httpx.Client(verify=False, base_url=url, timeout=10) as client:
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
-                             ("GET", "/.well-known/enclave-serve/attestation?nonce=" + "ab" * 32)):
-            r = client.request(method, path, json={"model": "tiny", "messages": []} if method == "POST" else None)
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/.well-known/enclave-serve/attestation?nonce=" + "ab" * 32),
+        ):
+            r = client.request(
+                method, path, json={"model": "tiny", "messages": []} if method == "POST" else None
+            )
             assert r.status_code == 503, (path, r.status_code, r.text)
         assert client.get("/livez").status_code == 200
 
@@ -203,7 +225,9 @@ def test_flipped_byte_in_shard_refuses_to_serve(workspace: Workspace, tmp_path: 
 
     tampered = tmp_path / "tampered"
     shutil.copytree(workspace.encrypted, tampered)
-    shard = sorted(p for p in tampered.iterdir() if p.name.endswith(".enc"))[0]
+    from loader.manifest import Manifest
+
+    shard = tampered / Manifest.load(tampered).shards[0].file
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))

@@ -30,7 +30,9 @@ def cfg(tmp_path: Path, **kw: object) -> RunConfig:
         ({"vllm_args": ("--ssl-keyfile", "/tmp/k")}, "--ssl-keyfile"),
     ],
 )
-def test_unsafe_or_inconsistent_configs_are_refused(tmp_path: Path, kw: dict[str, object], message: str) -> None:
+def test_unsafe_or_inconsistent_configs_are_refused(
+    tmp_path: Path, kw: dict[str, object], message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         cfg(tmp_path, **kw).validate()
 

@@ -90,8 +90,9 @@ def test_swapped_device_evidence_is_detected() -> None:
     other = service().document(bytes(reversed(NONCE)))
     forged = dataclasses.replace(doc, devices=other.devices)
     with pytest.raises(VerificationError, match="devices"):
-        forged.check_binding(nonce=NONCE, observed_tls_spki_sha256=SPKI, expected_model_digest=None,
-                             allow_insecure=True)
+        forged.check_binding(
+            nonce=NONCE, observed_tls_spki_sha256=SPKI, expected_model_digest=None, allow_insecure=True
+        )
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,9 @@ def test_probes_report_the_stage_then_the_failure_reason() -> None:
                 chat = await client.post(url + "/v1/chat/completions", json={"model": "x", "messages": []})
             assert chat.status_code == 503
             assert "refused resource" in chat.json()["error"]["message"]
-            attestation = await _get(url + "/.well-known/enclave-serve/attestation", params={"nonce": "ab" * 32})
+            attestation = await _get(
+                url + "/.well-known/enclave-serve/attestation", params={"nonce": "ab" * 32}
+            )
             assert attestation.status_code == 503
 
             boot = (await _get(url + "/.well-known/enclave-serve/boot")).json()
@@ -110,7 +112,9 @@ def test_socket_hand_over_keeps_queued_connections() -> None:
         async def ready_now() -> dict[str, bool]:
             return {"served_by_final": True}
 
-        config = uvicorn.Config(final, log_level="warning", ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile)
+        config = uvicorn.Config(
+            final, log_level="warning", ssl_keyfile=tls.keyfile, ssl_certfile=tls.certfile
+        )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         try:

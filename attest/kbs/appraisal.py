@@ -1,0 +1,261 @@
+"""Appraise the evidence of a KBS ``/attest`` as Trustee's attestation service does.
+
+For each piece of evidence: parse it as its TEE's typed evidence, verify it with
+:mod:`attest.verify` against the runtime data Trustee would compute (``attest.binding``;
+reference §1.5) and the configured reference values, and turn the result into EAR submodule
+claims (``cpu0`` for the primary TEE, ``gpu0``, ``gpu1``, ... for devices).
+
+* The primary evidence must bind ``H(JCS({additional-evidence, nonce, tee-pubkey}))``
+  (zero-padded for TDX/SNP, exact for sample); device evidence ``H(JCS({nonce, tee-pubkey}))``
+  (NVIDIA: the first 32 bytes).
+* sample / sampledevice evidence is *appraised* (binding, ``svn >= sample_min_svn``) but proves
+  nothing; as in Trustee, the resource policy is what refuses it (unless kbs-dev runs with its
+  insecure flag). Its EAR status is ``warning``.
+* Hardware evidence is ``affirming`` when reference values were configured and accepted it,
+  ``warning`` when none were configured (``attest.verify`` then checks signatures, chains and the
+  binding only).
+
+Not decided here: whether the claims are *acceptable* for a given resource; that is the
+resource policy's job (:mod:`attest.kbs.policy`), as in Trustee.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, JsonValue, ValidationError
+
+from attest.binding import HashAlgorithm
+from attest.errors import AttestationError
+from attest.evidence import Evidence, TeeKind, evidence_from_json
+from attest.kbs.token import RUNTIME_DATA_CLAIMS, SubmodClaims
+from attest.kbs.wire import Attestation, WireFormatError
+from attest.verify import (
+    AllOf,
+    AllowedGpuVersions,
+    AllowedSnpMeasurements,
+    AllowedTdxMeasurements,
+    AnyOf,
+    MinimumSampleSvn,
+    Outcome,
+    Policy,
+    RefuseInsecure,
+    VerificationResult,
+    verify_device_evidence,
+    verify_evidence,
+)
+
+__all__ = ["AppraisalFailed", "EvidenceAppraiser", "ReferenceValues"]
+
+
+class AppraisalFailed(Exception):
+    """The evidence does not verify or does not bind the session; ``str()`` is the reason."""
+
+
+class _TdxValues(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mrtd: tuple[str, ...] | None = None
+    rtmr0: tuple[str, ...] | None = None
+    rtmr1: tuple[str, ...] | None = None
+    rtmr2: tuple[str, ...] | None = None
+    rtmr3: tuple[str, ...] | None = None
+    mr_config_id: tuple[str, ...] | None = None
+
+
+class _SnpValues(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    measurement: tuple[str, ...] | None = None
+    host_data: tuple[str, ...] | None = None
+
+
+class _NvidiaValues(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    driver_versions: tuple[str, ...] | None = None
+    vbios_versions: tuple[str, ...] | None = None
+
+
+class _ReferenceFile(BaseModel):
+    """``--reference-values`` JSON: ``{"tdx": {...}, "snp": {...}, "nvidia": {...}}``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    tdx: _TdxValues | None = None
+    snp: _SnpValues | None = None
+    nvidia: _NvidiaValues | None = None
+    sample_min_svn: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReferenceValues:
+    """What kbs-dev's attestation service checks beyond signatures and binding.
+
+    ``cpu`` / ``device`` are :mod:`attest.verify.policy` objects (reference measurements, TCB,
+    GPU versions); ``None`` means "verify signatures and binding only". ``collateral`` maps a
+    TEE to its verification collateral (:class:`attest.verify.TdxCollateral`,
+    :class:`attest.verify.SnpCollateral`).
+    """
+
+    cpu: Policy | None = None
+    device: Policy | None = None
+    collateral: Mapping[TeeKind, object] = field(default_factory=dict)
+    sample_min_svn: int = 1
+
+    @classmethod
+    def from_json(cls, text: bytes | str) -> ReferenceValues:
+        """Build reference values from kbs-dev's JSON file (docs/kbs.md).
+
+        TDX and SNP values become one CPU policy (a TDX quote must match the TDX values, an
+        SNP report the SNP values), always combined with :class:`attest.verify.RefuseInsecure`
+        (no debug TDs/guests).
+
+        Raises:
+            ValueError: not JSON of that schema, or an empty section.
+        """
+        try:
+            parsed = _ReferenceFile.model_validate_json(text)
+        except ValidationError as exc:
+            fields = sorted({".".join(str(p) for p in e["loc"]) or "(document)" for e in exc.errors()})
+            raise ValueError(f"invalid reference values: check {', '.join(fields)}") from None
+        cpu: list[Policy] = []
+        if parsed.tdx is not None:
+            cpu.append(AllowedTdxMeasurements(**parsed.tdx.model_dump(exclude_none=True)))
+        if parsed.snp is not None:
+            cpu.append(AllowedSnpMeasurements(**parsed.snp.model_dump(exclude_none=True)))
+        cpu_policy: Policy | None = None
+        if cpu:
+            cpu_policy = AllOf([RefuseInsecure(), cpu[0] if len(cpu) == 1 else AnyOf(cpu)])
+        device_policy: Policy | None = None
+        if parsed.nvidia is not None:
+            device_policy = AllowedGpuVersions(**parsed.nvidia.model_dump(exclude_none=True))
+        return cls(cpu=cpu_policy, device=device_policy, sample_min_svn=parsed.sample_min_svn)
+
+
+class EvidenceAppraiser:
+    """Check an ``/attest`` body against its session and return the EAR submodules."""
+
+    def __init__(
+        self, *, reference: ReferenceValues | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._reference = reference or ReferenceValues()
+        self._clock = clock
+
+    def appraise(
+        self, attestation: Attestation, *, tee: str, hash_alg: HashAlgorithm
+    ) -> dict[str, SubmodClaims]:
+        """Verify every piece of evidence in ``attestation`` for a session opened for ``tee``.
+
+        The caller has already checked that the nonce is the session's.
+
+        Raises:
+            AppraisalFailed: malformed, unbound, unverifiable or refused evidence.
+        """
+        runtime = attestation.runtime_data
+        additional = attestation.tee_evidence.additional_evidence
+        primary = self._parse(tee, attestation.tee_evidence.primary_evidence, device=False)
+        result = self._verify(
+            primary, runtime.primary_digest(additional, hash_alg), self._policy(primary, self._reference.cpu)
+        )
+        runtime_claims: dict[str, JsonValue] = {
+            "nonce": runtime.nonce,
+            "tee-pubkey": runtime.tee_pubkey.to_json(),
+        }
+        submods = {
+            "cpu0": SubmodClaims(
+                status=_status(result),
+                annotated_evidence={tee: _claims(result), RUNTIME_DATA_CLAIMS: runtime_claims},
+            )
+        }
+        try:
+            devices = attestation.tee_evidence.additional_map()
+        except WireFormatError as exc:
+            raise AppraisalFailed(str(exc)) from None
+        device_digest = runtime.device_digest(hash_alg)
+        for index, (device_tee, obj) in enumerate(sorted(devices.items())):
+            evidence = self._parse(device_tee, obj, device=True)
+            device_result = self._verify(
+                evidence, device_digest, self._policy(evidence, self._reference.device), device=True
+            )
+            submods[f"gpu{index}"] = SubmodClaims(
+                status=_status(device_result), annotated_evidence={device_tee: _claims(device_result)}
+            )
+        return submods
+
+    def _policy(self, evidence: Evidence, configured: Policy | None) -> Policy | None:
+        if evidence.tee is TeeKind.SAMPLE:
+            return MinimumSampleSvn(self._reference.sample_min_svn)
+        if evidence.tee.is_insecure:
+            return None
+        return configured
+
+    @staticmethod
+    def _parse(tee: str, obj: object, *, device: bool) -> Evidence:
+        try:
+            kind = TeeKind(tee)
+        except ValueError:
+            raise AppraisalFailed(f"kbs-dev has no verifier for TEE {tee!r}") from None
+        if kind.is_device != device:
+            role = "an additional (device)" if kind.is_device else "a primary"
+            raise AppraisalFailed(f"{tee} is {role} TEE and cannot be used here")
+        try:
+            return evidence_from_json(kind, obj)
+        except AttestationError as exc:
+            raise AppraisalFailed(f"{tee} evidence: {exc}") from None
+
+    def _verify(
+        self, evidence: Evidence, expected: bytes, policy: Policy | None, *, device: bool = False
+    ) -> VerificationResult:
+        now = datetime.fromtimestamp(self._clock(), tz=UTC)
+        collateral = self._reference.collateral.get(evidence.tee)
+        try:
+            # allow_insecure: sample evidence is appraised here and refused by the resource
+            # policy unless kbs-dev runs with --allow-insecure-sample-evidence (as in Trustee).
+            if device:
+                return verify_device_evidence(
+                    evidence,
+                    expected_runtime_data=expected,
+                    policy=policy,
+                    now=now,
+                    collateral=collateral,
+                    allow_insecure=True,
+                )
+            return verify_evidence(
+                evidence,
+                expected_report_data=expected,
+                policy=policy,
+                now=now,
+                collateral=collateral,
+                allow_insecure=True,
+            )
+        except AttestationError as exc:
+            raise AppraisalFailed(f"{evidence.tee.value} evidence does not verify: {exc}") from None
+        except TypeError as exc:
+            raise AppraisalFailed(f"{evidence.tee.value} evidence cannot be verified here: {exc}") from None
+
+
+def _status(result: VerificationResult) -> str:
+    if result.insecure:
+        return "warning"
+    policy_ran = any(step.name == "policy" and step.outcome is Outcome.PASSED for step in result.steps)
+    return "affirming" if policy_ran else "warning"
+
+
+def _claims(result: VerificationResult) -> dict[str, JsonValue]:
+    if result.claims is None:
+        return {}
+    raw: dict[str, Any] = result.claims.to_json()
+    return {str(k): _jsonable(v) for k, v in raw.items()}
+
+
+def _jsonable(value: object) -> JsonValue:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).hex()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)

@@ -1,0 +1,75 @@
+"""The AMD SEV-SNP attester: a VMPL-0 report and its certificate table from configfs-tsm.
+
+The report is requested from the ``sev_guest`` configfs-tsm provider at ``privlevel`` 0; the
+``auxblob`` (the GHCB certificate table the host supplied, usually the VCEK or VLEK, ASK and
+ARK) becomes Trustee's ``cert_chain``. Nothing is verified here beyond parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from attest.binding import pad_report_data
+from attest.errors import EvidenceCollectionError, MalformedEvidence
+from attest.evidence import TeeKind
+from attest.formats.snp_report import SnpEvidence, parse_snp_cert_table, parse_snp_report
+from attest.providers.base import Attester
+from attest.providers.tsm import DEFAULT_TSM_REPORT_ROOT, ConfigfsTsm, guest_present
+
+__all__ = ["SNP_DEVICE_PATHS", "SNP_PRIVLEVEL", "SNP_TSM_PROVIDER", "SnpAttester"]
+
+#: configfs-tsm provider name of the SEV guest driver (drivers/virt/coco/sev-guest).
+SNP_TSM_PROVIDER = "sev_guest"
+#: The VMPL the guest's own report is requested at (the verifier requires 0).
+SNP_PRIVLEVEL = 0
+#: Present in SEV-SNP guests (guest-components ``snp::detect_platform``).
+SNP_DEVICE_PATHS = (Path("/sys/devices/platform/sev-guest"), Path("/dev/sev-guest"))
+
+
+class SnpAttester(Attester):
+    """Collect :class:`~attest.formats.snp_report.SnpEvidence` through configfs-tsm."""
+
+    tee: ClassVar[TeeKind] = TeeKind.SNP
+
+    def __init__(self, *, tsm: ConfigfsTsm | None = None) -> None:
+        self._tsm = tsm if tsm is not None else ConfigfsTsm()
+
+    @classmethod
+    def detect(
+        cls, *, tsm_root: Path = DEFAULT_TSM_REPORT_ROOT, device_paths: Sequence[Path] = SNP_DEVICE_PATHS
+    ) -> bool:
+        """Return whether this is an SEV-SNP guest with configfs-tsm (checks paths only)."""
+        return guest_present(tsm_root, device_paths)
+
+    def collect(self, report_data: bytes) -> SnpEvidence:
+        """Return a fresh report whose REPORT_DATA is ``report_data`` zero-padded to 64 bytes.
+
+        Raises:
+            ValueError: ``report_data`` is longer than 64 bytes.
+            BackendUnavailable: no configfs-tsm SEV provider.
+            EvidenceCollectionError: the kernel failed, or returned a report that does not
+                parse or is over other report data, or a malformed certificate table.
+        """
+        padded = pad_report_data(report_data)
+        result = self._tsm.report(
+            padded, provider=SNP_TSM_PROVIDER, privlevel=SNP_PRIVLEVEL, read_auxblob=True
+        )
+        try:
+            report = parse_snp_report(result.outblob)
+            chain = None if result.auxblob is None else parse_snp_cert_table(result.auxblob) or None
+        except MalformedEvidence as exc:
+            raise EvidenceCollectionError(f"sev_guest returned unusable evidence: {exc}") from exc
+        if report.report_data != padded:
+            raise EvidenceCollectionError("sev_guest returned a report over other report data; retry")
+        return SnpEvidence(report=report.raw, cert_chain=chain)
+
+    def describe(self) -> dict[str, object]:
+        """Return the TEE and the configfs-tsm root."""
+        return {
+            "tee": self.tee.value,
+            "insecure": self.insecure,
+            "tsm_root": str(self._tsm.root),
+            "tsm_available": self._tsm.available(),
+        }

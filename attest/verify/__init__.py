@@ -1,0 +1,65 @@
+"""Verify TEE evidence: one verifier per TEE behind one interface, plus policies.
+
+Entry points: :func:`verify_evidence` (TDX, SNP, sample) and :func:`verify_device_evidence`
+(NVIDIA, sampledevice). Both return a :class:`VerificationResult` listing every step and the
+typed claims, or raise :class:`~attest.errors.VerificationError` /
+:class:`~attest.errors.PolicyViolation` naming the failed step, with the partial result as
+``exc.result`` (see :func:`result_of`). Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+# Importing the per-TEE modules registers their verifiers (and, through attest.formats, the
+# evidence JSON parsers).
+from attest.verify import nvidia as _nvidia
+from attest.verify import sample as _sample
+from attest.verify import snp as _snp
+from attest.verify import tdx as _tdx
+from attest.verify.api import verify_device_evidence, verify_evidence
+from attest.verify.claims import GpuClaims, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
+from attest.verify.policy import (
+    AllOf,
+    AllowedGpuVersions,
+    AllowedSnpMeasurements,
+    AllowedTdxMeasurements,
+    AllowedTdxTcbStatus,
+    AnyOf,
+    MinimumSampleSvn,
+    MinimumSnpTcb,
+    Policy,
+    RefuseInsecure,
+    UnsafeNoOp,
+)
+from attest.verify.result import Outcome, Step, VerificationResult, result_of
+from attest.verify.snp import SnpCollateral, fetch_vcek
+from attest.verify.tdx import TdxCollateral
+
+__all__ = [
+    "AllOf",
+    "AllowedGpuVersions",
+    "AllowedSnpMeasurements",
+    "AllowedTdxMeasurements",
+    "AllowedTdxTcbStatus",
+    "AnyOf",
+    "GpuClaims",
+    "MinimumSampleSvn",
+    "MinimumSnpTcb",
+    "NvidiaClaims",
+    "Outcome",
+    "Policy",
+    "RefuseInsecure",
+    "SampleClaims",
+    "SnpClaims",
+    "SnpCollateral",
+    "Step",
+    "TdxClaims",
+    "TdxCollateral",
+    "UnsafeNoOp",
+    "VerificationResult",
+    "fetch_vcek",
+    "result_of",
+    "verify_device_evidence",
+    "verify_evidence",
+]
+
+del _nvidia, _sample, _snp, _tdx

@@ -1,0 +1,118 @@
+"""``enclave-serve pack``: encrypt a Hugging Face model directory for enclave-serve.
+
+The key file holds the raw 32-byte model key: the provider's own copy, to upload to the KBS as
+the resource named by ``--key-id``. It is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from attest.errors import ConfigError
+from attest.secret import SecretBytes
+from loader.format import DEFAULT_CHUNK_SIZE, MODEL_KEY_SIZE
+from loader.packer import generate_model_key, pack_model
+
+__all__ = [
+    "add_parser",
+    "parse_size",
+    "run",
+]
+
+_UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20, "g": 1 << 30, "gib": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """Parse ``65536``, ``64KiB``, ``4M`` or ``4MiB`` (binary units). Raises ConfigError."""
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"bad size {text!r}: use e.g. 4MiB, 512KiB or a number of bytes")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register the ``pack`` subcommand."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "pack",
+        help="encrypt a Hugging Face model directory",
+        description="Encrypt SRC (config, tokenizer, *.safetensors) into the encrypted model directory DST.",
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="Hugging Face model directory")
+    p.add_argument("dst", type=Path, metavar="DST", help="encrypted model directory to create")
+    p.add_argument(
+        "--key-id", required=True, metavar="URI", help="KBS resource of the key, e.g. kbs:///repo/type/tag"
+    )
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument("--key-file", type=Path, metavar="FILE", help="existing raw 32-byte model key")
+    key.add_argument("--generate-key", type=Path, metavar="FILE", help="create a new key in FILE (mode 0600)")
+    p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_SIZE), metavar="SIZE", help="default 4MiB")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="default: all CPUs")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _read_key(path: Path) -> SecretBytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(MODEL_KEY_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
+    if len(data) != MODEL_KEY_SIZE:
+        raise ConfigError(f"key file {path} must hold exactly {MODEL_KEY_SIZE} raw bytes")
+    return SecretBytes(data)
+
+
+def _write_new_key(path: Path) -> SecretBytes:
+    key = generate_model_key()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{path} already exists; use --key-file to reuse a key") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create key file {path}: {exc.strerror}") from None
+    try:
+        os.write(fd, key.reveal())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return key
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pack; print the model identity and key id (never the key)."""
+    chunk_size = parse_size(args.chunk_size)
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError("--threads must be at least 1")
+    generated = args.generate_key is not None
+    if generated and args.dst.exists() and not args.force:
+        raise ConfigError(f"{args.dst} already exists; pass --force to replace it")
+    key = _write_new_key(args.generate_key) if generated else _read_key(args.key_file)
+    try:
+        manifest = pack_model(
+            args.src,
+            args.dst,
+            key=key,
+            key_id=args.key_id,
+            chunk_size=chunk_size,
+            threads=args.threads,
+            overwrite=args.force,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except BaseException:
+        if generated:
+            args.generate_key.unlink(missing_ok=True)  # a key for a model that was never written
+        raise
+    finally:
+        key.wipe()
+    print(f"packed {args.dst}")
+    print(f"model identity: {manifest.digest}")
+    print(f"key id: {manifest.key_id}")
+    if generated:
+        print(f"new model key written to {args.generate_key}: upload it to the KBS as {manifest.key_id}")
+    return 0

@@ -1,0 +1,152 @@
+"""``enclave-serve evidence`` and ``enclave-serve inspect`` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from attest.formats import TdxEvidence
+from runtime.cli import main
+from tests.attest.support import HOPPER_NONCE, VECTORS, WINDOW_END, WINDOW_MID
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) -> dict[str, Any]:
+    assert main(argv) == code
+    out: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return out
+
+
+def test_evidence_status(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["evidence", "--json", "--gpus", "none"])
+    assert set(out["tees"]) == {"tdx", "snp", "sample"}
+    assert out["devices"] == []
+
+
+def test_evidence_sample_nonce(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "evidence",
+        "--tee",
+        "sample",
+        "--allow-insecure-sample-tee",
+        "--gpus",
+        "sample",
+        "--nonce",
+        "0011",
+        "--json",
+    ]
+    out = _json(capsys, argv)
+    assert out["tee"] == "sample" and out["insecure"] is True
+    assert base64.b64decode(out["evidence"]["report_data"]) == b"\x00\x11"
+    assert out["additional_evidence"]["sampledevice"]["svn"] == "2"
+
+
+def test_evidence_sample_needs_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evidence", "--tee", "sample", "--nonce", "00"]) == 1
+    assert "--allow-insecure-sample-tee" in capsys.readouterr().err
+
+
+def test_evidence_bad_nonce(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evidence", "--tee", "sample", "--allow-insecure-sample-tee", "--nonce", "zz"]) == 1
+    assert main(["evidence", "--tee", "sample", "--allow-insecure-sample-tee", "--nonce", "00" * 65]) == 1
+
+
+def test_inspect_tdx_with_collateral(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "inspect",
+        str(VECTORS / "tdx/tdx_quote"),
+        "--collateral",
+        str(VECTORS / "tdx/tdx_quote_collateral.json"),
+        "--at",
+        str(WINDOW_MID),
+        "--json",
+    ]
+    out = _json(capsys, argv)
+    assert out["type"] == "tdx_quote" and out["encoding"] == "raw"
+    assert out["mrtd"].startswith("91eb2b44d141d4ec")
+    assert out["rtmr2"].startswith("d833feef")
+    assert out["signature_valid"] is True
+    assert out["tcb_status"] == "UpToDate"
+
+
+def test_inspect_tdx_expired_collateral(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "inspect",
+        str(VECTORS / "tdx/tdx_quote"),
+        "--collateral",
+        str(VECTORS / "tdx/tdx_quote_collateral.json"),
+    ]
+    out = _json(capsys, [*argv, "--at", str(WINDOW_END + 1), "--json"], code=1)
+    assert "CrlExpired" in out["error"]
+    assert out["signature_valid"] is True  # the signatures were fine; the collateral was not
+
+
+def test_inspect_tdx_offline_human_output(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(VECTORS / "tdx/tdx_quote_4.dat"), "--at", "2025-07-04T00:00:00Z"]) == 0
+    text = capsys.readouterr().out
+    assert "705ee9381b8633a9" in text
+    assert "[passed ] qe_report_signature" in text
+    assert "TCB status unknown" in text
+
+
+@pytest.mark.parametrize("encoding", ["hex", "base64", "trustee-json"])
+def test_inspect_recognises_encodings(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, encoding: str
+) -> None:
+    raw = (VECTORS / "tdx/tdx_quote_4.dat").read_bytes()
+    path = tmp_path / "quote"
+    if encoding == "hex":
+        path.write_text(raw.hex())
+    elif encoding == "base64":
+        path.write_text(base64.b64encode(raw).decode())
+    else:
+        path.write_text(json.dumps(TdxEvidence(quote=raw).to_json()))
+    out = _json(capsys, ["inspect", str(path), "--json", "--at", str(WINDOW_MID)])
+    assert out["encoding"] == encoding
+    assert out["report_data"].startswith("7c71fe2c")
+
+
+def test_inspect_snp_needs_a_chain_to_verify(capsys: pytest.CaptureFixture[str]) -> None:
+    report = str(VECTORS / "snp/test-report.bin")
+    out = _json(capsys, ["inspect", report, "--json"])
+    assert out["type"] == "snp_report" and out["verification"] is None and out["signature_valid"] is None
+    assert out["measurement"].startswith("a1f3930413247bb3")
+    out = _json(
+        capsys,
+        ["inspect", report, "--chain", str(VECTORS / "snp/test-vcek.der"), "--json", "--at", str(WINDOW_MID)],
+    )
+    assert out["signature_valid"] is True
+    assert out["chip_id"].startswith("c38427a30d4c7af9")
+
+
+def test_inspect_trustee_snp_json(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["inspect", str(VECTORS / "snp/evidence.json"), "--json", "--at", str(WINDOW_MID)])
+    assert out["encoding"] == "trustee-json" and out["product"] == "Genoa"
+    assert out["signature_valid"] is True and out["verification"]["ok"] is True
+
+
+def test_inspect_nvidia_hex_with_chain(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "inspect",
+        str(VECTORS / "nvidia/hopperAttestationReport.txt"),
+        "--chain",
+        str(VECTORS / "nvidia/hopperCertChain.txt"),
+        "--json",
+    ]
+    out = _json(capsys, argv)
+    assert out["type"] == "nvidia_report" and out["encoding"] == "hex"
+    assert out["nonce"] == HOPPER_NONCE.hex()
+    assert out["driver_version"] == "550.90.07" and out["vbios_version"] == "96.00.9f.00.01"
+    assert out["signature_valid"] is True
+
+
+def test_inspect_rejects_unknown_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "junk"
+    path.write_bytes(b"\x00\x01\x02 not evidence")
+    assert main(["inspect", str(path)]) == 1
+    assert "MalformedEvidence" in capsys.readouterr().err
+    assert main(["inspect", str(tmp_path / "absent")]) == 1
+    assert main(["inspect", str(VECTORS / "tdx/tdx_quote"), "--at", "yesterday"]) == 1

@@ -1,0 +1,102 @@
+"""Fixtures for the loader tests: small random safetensors models, packed with a fixed key."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from attest.secret import SecretBytes
+from loader.format import MIN_CHUNK_SIZE
+from loader.manifest import Manifest
+from loader.packer import pack_model
+
+KEY = SecretBytes(bytes(range(32)))
+OTHER_KEY = SecretBytes(bytes(range(1, 33)))
+KEY_ID = "kbs:///enclave-serve/model-key/test"
+CHUNK = MIN_CHUNK_SIZE  # 4 KiB: most tensors span several chunks
+MARKER = b"PLAINTEXT-MARKER-0123456789"
+
+
+def model_tensors(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Three shards: bf16, f16, f32, i64, u8, bool, a scalar, an empty tensor; the first two shards
+    have identical layouts (for splicing tests)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def layer(i: int) -> dict[str, torch.Tensor]:
+        return {
+            f"model.layers.{i}.attn.q_proj.weight": torch.randn(48, 64, generator=g).to(torch.bfloat16),
+            f"model.layers.{i}.attn.o_proj.weight": torch.randn(64, 48, generator=g).to(torch.bfloat16),
+            f"model.layers.{i}.mlp.up.weight": torch.randn(40, 64, generator=g).half(),
+            f"model.layers.{i}.norm.weight": torch.randn(64, generator=g),
+        }
+
+    shard3 = {
+        "model.embed_tokens.weight": torch.randn(100, 64, generator=g).to(torch.bfloat16),
+        "model.pos": torch.arange(3000, dtype=torch.int64),
+        "model.marker": torch.frombuffer(bytearray(MARKER * 200), dtype=torch.uint8),
+        "model.mask": torch.rand(777, generator=g) > 0.5,
+        "model.scale": torch.tensor(0.125),
+        "model.empty": torch.empty(0, 8),
+    }
+    return [layer(0), layer(1), shard3]
+
+
+def write_model(path: Path, shards: list[dict[str, torch.Tensor]]) -> Path:
+    """Write a Hugging Face-style directory: shards, config, tokenizer."""
+    path.mkdir(parents=True)
+    n = len(shards)
+    for i, tensors in enumerate(shards, 1):
+        save_file(tensors, path / f"model-{i:05d}-of-{n:05d}.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}')
+    (path / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE"}}')
+    (path / "generation_config.json").write_text('{"temperature": 0.7}')
+    return path
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    """Return the raw bytes of a tensor (bit-exact comparison, NaN-safe)."""
+    return bytes(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+@pytest.fixture(scope="session")
+def source_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("hf") / "model", model_tensors())
+
+
+@pytest.fixture(scope="session")
+def reference(source_model: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in model_tensors():
+        out.update(shard)
+    return out
+
+
+@pytest.fixture(scope="session")
+def packed_pristine(source_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dst = tmp_path_factory.mktemp("enc") / "model"
+    pack_model(source_model, dst, key=KEY, key_id=KEY_ID, chunk_size=CHUNK, threads=2)
+    return dst
+
+
+@pytest.fixture
+def packed(packed_pristine: Path, tmp_path: Path) -> Path:
+    """A private copy of the packed model, free to tamper with."""
+    dst = tmp_path / "enc"
+    shutil.copytree(packed_pristine, dst)
+    return dst
+
+
+@pytest.fixture
+def load_all() -> Callable[..., dict[str, torch.Tensor]]:
+    from loader.pipeline import decrypted_tensors
+
+    def run(model_dir: Path, key: SecretBytes = KEY, **kw: object) -> dict[str, torch.Tensor]:
+        manifest = Manifest.load(model_dir)
+        return {name: t.clone() for name, t in decrypted_tensors(model_dir, manifest, key, **kw)}  # type: ignore[arg-type]
+
+    return run
