@@ -16,8 +16,7 @@ weights are loaded. Each worker:
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from attest.errors import ConfigError, Error, ModelFormatError
 from loader import LOAD_FORMAT
 from loader.keyhandoff import request_key
 from loader.manifest import Manifest
-from loader.pipeline import decrypted_tensors
+from loader.lazy import LazyCheckpoint
 
 __all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "register"]
 
@@ -88,11 +87,6 @@ class EncryptedModelLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         Manifest.load(Path(model_config.model))  # nothing to download; check the directory
 
-    def _weights(
-        self, model_dir: Path, manifest: Manifest, key: Any, device: torch.device
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        return decrypted_tensors(model_dir, manifest, key, device=device, threads=self.options.threads)
-
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         model_dir = Path(model_config.model)
         rank, world = _tp_rank_and_size()
@@ -102,11 +96,11 @@ class EncryptedModelLoader(BaseModelLoader):
                 f"the model directory holds {manifest.digest}, not the attested {self.options.manifest_digest}"
             )
         key, channel = request_key(self.options.key_socket, manifest_digest=manifest.digest, rank=rank)
-        started = time.perf_counter()
         try:
-            manifest.authenticate(key)
-            device = next(model.parameters()).device
-            loaded = model.load_weights(self._weights(model_dir, manifest, key, device))
+            # Each parameter's weight_loader copies an EncryptedTensor into its slice: the chunks
+            # holding exactly those rows are decrypted straight into the parameter.
+            with LazyCheckpoint(model_dir, manifest, key, threads=self.options.threads) as checkpoint:
+                loaded = model.load_weights(checkpoint.tensors())
             if model_config.quantization is None and loaded is not None:
                 missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
                 if missing:
@@ -122,14 +116,21 @@ class EncryptedModelLoader(BaseModelLoader):
             raise
         finally:
             key.wipe()
-        seconds = time.perf_counter() - started
-        nbytes = manifest.plaintext_bytes
-        gbps = nbytes / seconds / 1e9 if seconds > 0 else 0.0
+        stats = checkpoint.stats.snapshot()
         logger.info(
-            "decrypted %s (%.1f MiB) in %.2f s (%.2f GB/s) on rank %d/%d",
-            manifest.digest, nbytes / 2**20, seconds, gbps, rank, world,
+            "rank %d/%d decrypted %s into its parameters: %s; materialised by weight loaders: %s",
+            rank, world, manifest.digest, stats.summary(), dict(checkpoint.materialized_by) or "none",
         )  # fmt: skip
-        channel.report(ok=True, stats={"bytes": nbytes, "seconds": round(seconds, 4), "gbps": round(gbps, 3)})
+        channel.report(
+            ok=True,
+            stats={
+                "bytes": stats.bytes,
+                "ciphertext_bytes": stats.ciphertext_bytes,
+                "seconds": round(stats.seconds, 4),
+                "gbps": round(stats.gbps, 3),
+                "materialized": checkpoint.materialized,
+            },
+        )
 
 
 def register() -> None:

@@ -304,8 +304,13 @@ class Runtime:
         # The workers hold the weights; this process no longer needs the key.
         self._key.wipe()
         self._key = None
-        gbps = sum(float(r.stats.get("gbps", 0.0)) for r in reports)
-        self.status.end(Stage.LOAD, f"{len(reports)} rank(s) loaded, {gbps:.2f} GB/s")
+        per_rank = ", ".join(
+            f"rank {r.rank}: {int(r.stats.get('ciphertext_bytes', 0)) / 1e6:.3f} MB "
+            f"at {float(r.stats.get('gbps', 0.0)):.2f} GB/s"
+            for r in sorted(reports, key=lambda r: r.rank)
+        )
+        total_mb = manifest.plaintext_bytes / 1e6
+        self.status.end(Stage.LOAD, f"{len(reports)} rank(s) decrypted parts of a {total_mb:.3f} MB model: {per_rank}")
 
         try:
             supported_tasks = await engine_client.get_supported_tasks()

@@ -242,3 +242,32 @@ def test_flipped_byte_in_shard_refuses_to_serve(workspace: Workspace, tmp_path: 
     finally:
         proc.stop()
         kbs.stop()
+
+
+def test_tensor_parallel_ranks_each_get_the_key_and_decrypt_only_their_part(workspace: Workspace) -> None:
+    """TP=2 on the CPU backend: two workers, two key releases, each rank decrypts less than the model."""
+    kbs_url, kbs = start_kbs(workspace, "kbs-tp2", workspace.key_file)
+    url, proc = start_runtime(
+        workspace, "runtime-tp2", workspace.encrypted, kbs_url,
+        vllm_extra=("--tensor-parallel-size", "2"), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+    )  # fmt: skip
+    try:
+        wait_ready(url, proc)
+        with httpx.Client(verify=False, base_url=url, timeout=120) as client:
+            load = next(s for s in client.get("/.well-known/enclave-serve/boot").json()["stages"] if s["stage"] == "load")
+            assert load["detail"].startswith("2 rank(s) decrypted parts")
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        from loader.manifest import Manifest
+
+        total = Manifest.load(workspace.encrypted).plaintext_bytes
+        lines = [line for line in proc.text().splitlines() if "decrypted sha256:" in line and "/2 decrypted" in line]
+        assert len(lines) == 2, lines
+        for line in lines:
+            assert "materialised by weight loaders: none" in line
+        ranks = [r for r in load["detail"].split(": ", 1)[1].split(", ")]
+        per_rank = [float(r.split(": ")[1].split(" MB")[0]) * 1e6 for r in ranks]
+        assert all(b < 0.8 * total for b in per_rank), (per_rank, total)  # column-parallel rows only
+    finally:
+        proc.stop()
+        kbs.stop()
