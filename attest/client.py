@@ -68,14 +68,15 @@ def attested_openai(
         client = openai.AsyncOpenAI(
             base_url=api_base,
             api_key=api_key,
-            http_client=httpx.AsyncClient(verify=ctx, timeout=timeout),
+            # The SDK accepts httpx clients as well as its own httpx2 fork (its stubs list only httpx2).
+            http_client=httpx.AsyncClient(verify=ctx, timeout=timeout),  # type: ignore[arg-type]
             **openai_kwargs,
         )
     else:
         client = openai.OpenAI(
             base_url=api_base,
             api_key=api_key,
-            http_client=httpx.Client(verify=ctx, timeout=timeout),
+            http_client=httpx.Client(verify=ctx, timeout=timeout),  # type: ignore[arg-type]
             **openai_kwargs,
         )
     client.verified = verified

@@ -177,7 +177,7 @@ class AttestationDocument:
         if not isinstance(evidence, Mapping):
             raise MalformedEvidence("attestation document: 'evidence' must be an object")
         try:
-            tee = TeeKind(evidence.get("tee"))
+            tee = TeeKind(str(evidence.get("tee")))
         except ValueError as exc:
             raise MalformedEvidence("attestation document: unknown TEE") from exc
         if tee != claims.tee:
@@ -191,7 +191,7 @@ class AttestationDocument:
             if not isinstance(item, Mapping):
                 raise MalformedEvidence("attestation document: device entries must be objects")
             try:
-                dev_tee = TeeKind(item.get("tee"))
+                dev_tee = TeeKind(str(item.get("tee")))
             except ValueError as exc:
                 raise MalformedEvidence("attestation document: unknown device TEE") from exc
             devices.append(evidence_from_json(dev_tee, item.get("evidence")))
@@ -255,7 +255,8 @@ class AttestationDocument:
         # (4) Model identity.
         if expected_model_digest is not None and claims.model_digest != expected_model_digest:
             raise PolicyViolation(
-                f"model: the server runs model {claims.model_digest}, not the expected {expected_model_digest}"
+                f"model: the server runs model {claims.model_digest}, "
+                f"not the expected {expected_model_digest}"
             )
         checks.append(
             DocumentCheck(

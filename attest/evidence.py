@@ -25,6 +25,8 @@ __all__ = [
     "SampleDeviceEvidence",
     "SampleEvidence",
     "TeeKind",
+    "additional_evidence_string",
+    "b64decode_strict",
     "evidence_from_json",
     "register_evidence_type",
 ]

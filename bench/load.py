@@ -283,7 +283,7 @@ def run_case(name: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
     logging.disable(logging.CRITICAL)
-    import torch  # noqa: F401  (import cost outside the timing)
+    import torch
 
     if name == "vllm-safetensors-plain":
         import vllm.model_executor.model_loader.weight_utils  # noqa: F401
@@ -324,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--read-mode", choices=["mmap", "pread"], default="mmap")
     p.add_argument("--keep-mapped", action="store_true", help="enclave-serve: unmap_consumed=False")
-    p.add_argument("--repeat", type=int, default=5, help="runs per case; the best and the median are reported")
+    p.add_argument(
+        "--repeat", type=int, default=5, help="runs per case; the best and the median are reported"
+    )
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--case", help=argparse.SUPPRESS)

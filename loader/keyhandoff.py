@@ -245,12 +245,13 @@ class KeyHandoffServer:
                 report = None
             if not isinstance(report, dict):
                 report = {"ok": False, "error": "the worker exited before reporting its load"}
+            stats = report.get("stats")
             entry = LoadReport(
                 rank=int(rank) if isinstance(rank, int) else 0,
                 pid=pid,
                 ok=bool(report.get("ok")),
                 error=str(report.get("error", ""))[:2000],
-                stats=report.get("stats") if isinstance(report.get("stats"), dict) else {},
+                stats=dict(stats) if isinstance(stats, dict) else {},
             )
             with self._report_cond:
                 self._reports.append(entry)

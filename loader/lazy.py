@@ -28,9 +28,9 @@ streams (a future ocicrypt OCI layer) go through :func:`loader.pipeline.load_ten
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 import logging
 import threading
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -88,7 +88,7 @@ class _Region:
     @property
     def nbytes(self) -> int:
         """Size of the window's bytes."""
-        row_bytes, c0, c1 = self._dims
+        _, c0, c1 = self._dims
         return (self.row1 - self.row0) * (c1 - c0)
 
     @property
@@ -165,7 +165,9 @@ class _PinnedRing:
         self._free = list(range(count))
         self._cond = threading.Condition()
         if self.tensors and not self.tensors[0].is_pinned():
-            logger.warning("torch returned unpinned staging memory (seen under NVIDIA CC); copies will be slower")
+            logger.warning(
+                "torch returned unpinned staging memory (seen under NVIDIA CC); copies will be slower"
+            )
 
     def take(self) -> int:
         with self._cond:
@@ -301,7 +303,9 @@ class LazyCheckpoint:
             self.stats.file_opened(shard.label)
             for tensor in shard.tensors():
                 if tensor.dtype not in TORCH_DTYPES:
-                    raise ModelFormatError(f"{shard.label}: tensor dtype {tensor.dtype} is not supported by torch")
+                    raise ModelFormatError(
+                        f"{shard.label}: tensor dtype {tensor.dtype} is not supported by torch"
+                    )
                 rows = tensor.shape[0] if tensor.shape else 1
                 yield tensor.name, EncryptedTensor(_Region(shard, tensor, 0, rows), self)
 
@@ -380,7 +384,9 @@ class LazyCheckpoint:
             raise shard_failure(shard.label)
         if self._unmap_consumed:
             shard.discard(pieces)
-        self.stats.add(shard.label, plaintext=out.size, ciphertext=sum(p.length + 16 for p in pieces), tensors=1)
+        self.stats.add(
+            shard.label, plaintext=out.size, ciphertext=sum(p.length + 16 for p in pieces), tensors=1
+        )
 
     def decrypt_device(self, region: _Region, dst: torch.Tensor) -> None:
         """Decrypt ``region`` through the pinned ring into the contiguous device tensor ``dst``."""
@@ -441,7 +447,9 @@ class LazyCheckpoint:
             raise shard_failure(shard.label)
         if self._unmap_consumed:
             shard.discard(pieces)
-        self.stats.add(shard.label, plaintext=flat.numel(), ciphertext=sum(p.length + 16 for p in pieces), tensors=1)
+        self.stats.add(
+            shard.label, plaintext=flat.numel(), ciphertext=sum(p.length + 16 for p in pieces), tensors=1
+        )
 
 
 def _direct_target(dst: Any, src: EncryptedTensor) -> bool:
@@ -477,9 +485,9 @@ class EncryptedTensor(torch.Tensor):
         t = torch.Tensor._make_wrapper_subclass(cls, region.shape, dtype=dtype, device=torch.device("cpu"))
         t._region = region
         t._checkpoint = checkpoint
-        return t  # type: ignore[no-any-return]
+        return t
 
-    def __repr__(self, *args: Any, **kwargs: Any) -> str:
+    def __repr__(self, *args: Any, **kwargs: Any) -> str:  # type: ignore[override]
         r = self._region
         return (
             f"EncryptedTensor({r.entry.name!r}, rows {r.row0}:{r.row1}, cols {r.col0}:{r.col1}, "
@@ -508,11 +516,15 @@ class EncryptedTensor(torch.Tensor):
         return EncryptedTensor(region, self._checkpoint)
 
     @classmethod
-    def __torch_dispatch__(
+    def __torch_dispatch__(  # type: ignore[override]
         cls, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
     ) -> Any:
         kwargs = kwargs or {}
-        if func is aten.copy_.default and isinstance(args[1], EncryptedTensor) and _direct_target(args[0], args[1]):
+        if (
+            func is aten.copy_.default
+            and isinstance(args[1], EncryptedTensor)
+            and _direct_target(args[0], args[1])
+        ):
             dst, src = args[0], args[1]
             if dst.device.type == "cpu":
                 src._checkpoint.decrypt_host(src._region, dst.reshape(-1).view(torch.uint8).numpy())
@@ -535,4 +547,3 @@ class EncryptedTensor(torch.Tensor):
             return x.materialize(str(func)) if isinstance(x, EncryptedTensor) else x
 
         return func(*tree_map(materialize, args), **tree_map(materialize, kwargs))
-

@@ -31,8 +31,8 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from attest.errors import ConfigError, Error, ModelFormatError
 from loader import LOAD_FORMAT
 from loader.keyhandoff import request_key
-from loader.manifest import Manifest
 from loader.lazy import LazyCheckpoint
+from loader.manifest import Manifest
 
 __all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "register"]
 
@@ -93,14 +93,15 @@ class EncryptedModelLoader(BaseModelLoader):
         manifest = Manifest.load(model_dir)
         if manifest.digest != self.options.manifest_digest:
             raise ModelFormatError(
-                f"the model directory holds {manifest.digest}, not the attested {self.options.manifest_digest}"
+                f"the model directory holds {manifest.digest}, "
+                f"not the attested {self.options.manifest_digest}"
             )
         key, channel = request_key(self.options.key_socket, manifest_digest=manifest.digest, rank=rank)
         try:
             # Each parameter's weight_loader copies an EncryptedTensor into its slice: the chunks
             # holding exactly those rows are decrypted straight into the parameter.
             with LazyCheckpoint(model_dir, manifest, key, threads=self.options.threads) as checkpoint:
-                loaded = model.load_weights(checkpoint.tensors())
+                loaded = model.load_weights(checkpoint.tensors())  # type: ignore[operator]
             if model_config.quantization is None and loaded is not None:
                 missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
                 if missing:

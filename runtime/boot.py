@@ -42,7 +42,7 @@ from server.routes import boot_app, enclave_router
 from server.status import BootStatus, Stage
 from server.tls import EnclaveTls, generate_enclave_tls
 
-__all__ = ["EXIT_BOOT_FAILED", "Runtime"]
+__all__ = ["EXIT_BOOT_FAILED", "Runtime", "run_blocking"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,8 @@ class Runtime:
         from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
         from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-        cli_env_setup()
-        parser = make_arg_parser(FlexibleArgumentParser(prog="enclave-serve run --"))
+        cli_env_setup()  # type: ignore[no-untyped-call]
+        parser = make_arg_parser(FlexibleArgumentParser(prog="enclave-serve run --"))  # type: ignore[no-untyped-call]
         # The key socket path is filled in at the load stage; neither carries a secret.
         extra = {"key_socket": "", "manifest_digest": manifest_digest}
         argv = [
@@ -127,7 +127,8 @@ class Runtime:
             args.ssl_keyfile = self._tls.keyfile
             args.ssl_certfile = self._tls.certfile
         validate_parsed_serve_args(args)
-        return args
+        parsed: Namespace = args
+        return parsed
 
     def _attest_stage(self) -> tuple[Attester, list[DeviceAttester]]:
         attester = select_attester(self.config.tee, allow_insecure=self.config.allow_insecure_sample_tee)
@@ -147,7 +148,7 @@ class Runtime:
                 attester=attester,
                 devices=devices,
                 cacert=cfg.kbs_cacert,
-                tee_key=cfg.tee_key,
+                tee_key="rsa" if cfg.tee_key == "rsa" else "ec",
                 deadline_s=cfg.kbs_deadline_s,
             )
         elif cfg.key_source == "cdh":
@@ -289,7 +290,8 @@ class Runtime:
                         f"rank {failure.rank} failed to load the model: {failure.error}"
                     ) from None
                 raise ModelError(
-                    f"the inference engine failed to start ({type(exc).__name__}: {exc}); see the engine log above"
+                    f"the inference engine failed to start ({type(exc).__name__}: {exc}); "
+                    "see the engine log above"
                 ) from None
             try:
                 reports = await asyncio.to_thread(handoff.wait_for_reports, ranks, 30.0)
@@ -310,7 +312,9 @@ class Runtime:
             for r in sorted(reports, key=lambda r: r.rank)
         )
         total_mb = manifest.plaintext_bytes / 1e6
-        self.status.end(Stage.LOAD, f"{len(reports)} rank(s) decrypted parts of a {total_mb:.3f} MB model: {per_rank}")
+        self.status.end(
+            Stage.LOAD, f"{len(reports)} rank(s) decrypted parts of a {total_mb:.3f} MB model: {per_rank}"
+        )
 
         try:
             supported_tasks = await engine_client.get_supported_tasks()

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from attest.errors import Error
 from runtime.logs import configure_logging
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = (

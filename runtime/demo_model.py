@@ -73,7 +73,7 @@ def build_demo_model(out: Path, *, seed: int = 0, overwrite: bool = False) -> Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     staging.chmod(0o755)
     try:
-        tokenizer = PreTrainedTokenizerFast(
+        tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
             tokenizer_object=_train_tokenizer(vocab_size=512),
             bos_token="<s>",
             eos_token="</s>",
@@ -95,15 +95,15 @@ def build_demo_model(out: Path, *, seed: int = 0, overwrite: bool = False) -> Pa
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             tie_word_embeddings=False,
-            torch_dtype="bfloat16",
+            dtype="bfloat16",
         )
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)  # type: ignore[no-untyped-call]
         # Scale up the random weights a little so greedy decoding is not a constant token.
         with torch.no_grad():
             for param in model.parameters():
                 param.mul_(4.0)
-        model.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)
+        model.to(torch.bfloat16).save_pretrained(staging, safe_serialization=True)  # type: ignore[arg-type]
         (staging / "enclave-serve-demo.json").write_text(
             json.dumps({"builder": "enclave-serve demo-model", "seed": seed}, indent=2) + "\n"
         )

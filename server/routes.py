@@ -89,7 +89,8 @@ def enclave_router(
             return JSONResponse(
                 {
                     "error": {
-                        "message": f"nonce must be {NONCE_SIZE} bytes as {2 * NONCE_SIZE} lowercase hex digits",
+                        "message": f"nonce must be {NONCE_SIZE} bytes as {2 * NONCE_SIZE} "
+                        "lowercase hex digits",
                         "type": "BadRequest",
                         "code": 400,
                     }

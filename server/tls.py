@@ -11,6 +11,7 @@ filesystem, closed-on-exec, and gone when the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
@@ -52,10 +53,8 @@ class EnclaveTls:
 
     def close(self) -> None:
         for fd in (self._key_fd, self._cert_fd):
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def generate_enclave_tls(

@@ -8,6 +8,7 @@ short-lived runtimes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -74,17 +75,20 @@ class Proc:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(timeout=10)
         # Reap any engine processes left behind.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
-def start(name: str, argv: list[str], logdir: Path) -> Proc:
+def start(name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None) -> Proc:
     log = logdir / f"{name}.log"
     fh = log.open("wb")
     popen = subprocess.Popen(
-        argv, stdout=fh, stderr=subprocess.STDOUT, env=child_env(), cwd=logdir, start_new_session=True
+        argv,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env={**child_env(), **(env or {})},
+        cwd=logdir,
+        start_new_session=True,
     )
     return Proc(name=name, popen=popen, log=log)
 
@@ -180,7 +184,15 @@ def start_kbs(ws: Workspace, name: str, key_file: Path) -> tuple[str, Proc]:
     raise AssertionError("kbs-dev did not start")
 
 
-def start_runtime(ws: Workspace, name: str, model_dir: Path, kbs_url: str, *extra: str) -> tuple[str, Proc]:
+def start_runtime(
+    ws: Workspace,
+    name: str,
+    model_dir: Path,
+    kbs_url: str,
+    *extra: str,
+    vllm_extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> tuple[str, Proc]:
     port = free_port()
     argv = [
         ES,
@@ -200,8 +212,9 @@ def start_runtime(ws: Workspace, name: str, model_dir: Path, kbs_url: str, *extr
         *extra,
         "--",
         *VLLM_ARGS,
+        *vllm_extra,
     ]
-    return f"https://127.0.0.1:{port}", start(name, argv, ws.root)
+    return f"https://127.0.0.1:{port}", start(name, argv, ws.root, env)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from attest.client import attested_openai
-from tests.e2e.conftest import ES, Enclave, Workspace, child_env, start_kbs, start_runtime, wait_ready
+from tests.e2e.conftest import ES, KEY_ID, Enclave, Workspace, child_env, start_kbs, start_runtime, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -96,7 +96,8 @@ def test_greedy_tokens_equal_plaintext_vllm(enclave: Enclave, plaintext_url: str
 
 def test_verify_command_checks_nonce_tls_and_model(enclave: Enclave) -> None:
     ok = subprocess.run(
-        [ES, "verify", enclave.url, "--allow-insecure-sample-tee", "--expect-model", enclave.ws.manifest_digest,
+        [ES, "verify", enclave.url, "--allow-insecure-sample-tee",
+         "--expect-model", enclave.ws.manifest_digest,
          "--json"],
         capture_output=True, text=True, env=child_env(), timeout=120,
     )  # fmt: skip
@@ -244,24 +245,44 @@ def test_flipped_byte_in_shard_refuses_to_serve(workspace: Workspace, tmp_path: 
         kbs.stop()
 
 
-def test_tensor_parallel_ranks_each_get_the_key_and_decrypt_only_their_part(workspace: Workspace) -> None:
-    """TP=2 on the CPU backend: two workers, two key releases, each rank decrypts less than the model."""
+def test_tensor_parallel_ranks_each_get_the_key_and_decrypt_only_their_part(
+    workspace: Workspace, tmp_path: Path
+) -> None:
+    """TP=2 on the CPU backend: two workers, two key releases, each rank decrypts less than the model.
+
+    The tiny model's tensors are smaller than a default 4 MiB chunk, so it is packed here with
+    4 KiB chunks (same key) for the rows of a rank to be separately addressable, as in a real model.
+    """
+    small_chunks = tmp_path / "tiny-4k"
+    subprocess.run(
+        [ES, "pack", str(workspace.plain), str(small_chunks), "--key-id", KEY_ID,
+         "--key-file", str(workspace.key_file), "--chunk-size", "4KiB", "--no-progress"],
+        check=True, env=child_env(), capture_output=True,
+    )  # fmt: skip
     kbs_url, kbs = start_kbs(workspace, "kbs-tp2", workspace.key_file)
     url, proc = start_runtime(
-        workspace, "runtime-tp2", workspace.encrypted, kbs_url,
+        workspace, "runtime-tp2", small_chunks, kbs_url,
         vllm_extra=("--tensor-parallel-size", "2"), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )  # fmt: skip
     try:
         wait_ready(url, proc)
         with httpx.Client(verify=False, base_url=url, timeout=120) as client:
-            load = next(s for s in client.get("/.well-known/enclave-serve/boot").json()["stages"] if s["stage"] == "load")
+            load = next(
+                s
+                for s in client.get("/.well-known/enclave-serve/boot").json()["stages"]
+                if s["stage"] == "load"
+            )
             assert load["detail"].startswith("2 rank(s) decrypted parts")
             r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
             assert r.status_code == 200 and r.json()["choices"][0]["text"]
         from loader.manifest import Manifest
 
-        total = Manifest.load(workspace.encrypted).plaintext_bytes
-        lines = [line for line in proc.text().splitlines() if "decrypted sha256:" in line and "/2 decrypted" in line]
+        total = Manifest.load(small_chunks).plaintext_bytes
+        lines = [
+            line
+            for line in proc.text().splitlines()
+            if "decrypted sha256:" in line and "/2 decrypted" in line
+        ]
         assert len(lines) == 2, lines
         for line in lines:
             assert "materialised by weight loaders: none" in line

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import itertools
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,34 +17,6 @@ from loader.format import (
     parse_safetensors_header,
 )
 from loader.manifest import Manifest
-
-MODULES = ["loader.format", "loader.manifest", "loader.packer", "loader.pipeline", "loader.shard",
-           "loader.staging", "loader.stats", "runtime.commands.pack"]  # fmt: skip
-
-
-def _isort_key(name: str) -> tuple[int, str]:
-    # ruff RUF022 order: SCREAMING_CASE, then CamelCase, then the rest.
-    if name.isupper():
-        return 0, name
-    if name[:1].isupper():
-        return 1, name
-    return 2, name
-
-
-@pytest.mark.parametrize("name", MODULES)
-def test_all_is_sorted_and_complete(name: str) -> None:
-    module = importlib.import_module(name)
-    exported = list(module.__all__)
-    assert exported == sorted(exported, key=_isort_key)
-    assert all(hasattr(module, n) for n in exported)
-    defined_here = {
-        n
-        for n, v in vars(module).items()
-        if not n.startswith("_")
-        and (inspect.isclass(v) or inspect.isfunction(v))
-        and getattr(v, "__module__", None) == name
-    }
-    assert defined_here <= set(exported), defined_here - set(exported)
 
 
 @given(st.binary(max_size=300))

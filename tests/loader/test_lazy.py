@@ -20,13 +20,19 @@ def open_checkpoint(model_dir: Path, **kw: object) -> LazyCheckpoint:
     return LazyCheckpoint(model_dir, Manifest.load(model_dir), KEY, threads=2, **kw)  # type: ignore[arg-type]
 
 
-def test_copy_into_destinations_is_bit_exact_and_zero_copy(packed: Path, reference: dict[str, torch.Tensor]) -> None:
+def test_copy_into_destinations_is_bit_exact_and_zero_copy(
+    packed: Path, reference: dict[str, torch.Tensor]
+) -> None:
     with open_checkpoint(packed) as checkpoint:
         seen = {}
         for name, lazy in checkpoint.tensors():
             assert isinstance(lazy, EncryptedTensor)
             assert lazy.shape == reference[name].shape and lazy.dtype == reference[name].dtype
-            dst = torch.full(lazy.shape, 7, dtype=lazy.dtype) if lazy.numel() else torch.empty(lazy.shape, dtype=lazy.dtype)
+            dst = (
+                torch.full(lazy.shape, 7, dtype=lazy.dtype)
+                if lazy.numel()
+                else torch.empty(lazy.shape, dtype=lazy.dtype)
+            )
             dst.copy_(lazy)
             seen[name] = dst
         assert checkpoint.materialized == 0
@@ -51,7 +57,10 @@ def _windows() -> st.SearchStrategy[list[tuple[int, int, int]]]:
 @settings(max_examples=60, deadline=None)
 @given(windows=_windows(), name_index=st.integers(0, 3))
 def test_lazy_row_and_column_windows_match_eager_slicing(
-    packed_pristine: Path, reference: dict[str, torch.Tensor], windows: list[tuple[int, int, int]], name_index: int
+    packed_pristine: Path,
+    reference: dict[str, torch.Tensor],
+    windows: list[tuple[int, int, int]],
+    name_index: int,
 ) -> None:
     """Any chain of dim-0/dim-1 slices decrypts exactly what eager slicing of the plaintext gives."""
     name = ["model.layers.0.attn.q_proj.weight", "model.layers.1.attn.o_proj.weight",

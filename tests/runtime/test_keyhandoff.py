@@ -32,7 +32,7 @@ CHILD = textwrap.dedent(
     if mode == "ok":
         channel.report(ok=True, stats={"gbps": 1.5})
     elif mode == "fail":
-        channel.report(ok=False, error="ModelDecryptionError: model-00001.safetensors.enc failed authentication")
+        channel.report(ok=False, error="ModelDecryptionError: model-00001.safetensors.enc failed")
     else:
         channel.close()
     """
@@ -114,7 +114,8 @@ def test_non_descendant_is_refused() -> None:
         # The intermediate child exits, so the grandchild's parent is no longer in our tree.
         proc = subprocess.Popen(
             [sys.executable, "-c", script, str(server.path), DIGEST, "0"],
-            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,
         )  # fmt: skip
         out, _ = proc.communicate(timeout=60)
         if is_descendant(os.getpid(), 1) and os.getpid() == 1:

@@ -78,7 +78,8 @@ def test_every_claim_changes_the_report_data() -> None:
 def test_binding_failures_name_the_step(kw: dict[str, object], error: type[Exception], message: str) -> None:
     doc = service().document(NONCE)
     args: dict[str, object] = {
-        "nonce": NONCE, "observed_tls_spki_sha256": SPKI, "expected_model_digest": DIGEST, "allow_insecure": True,
+        "nonce": NONCE, "observed_tls_spki_sha256": SPKI, "expected_model_digest": DIGEST,
+        "allow_insecure": True,
     }  # fmt: skip
     args.update(kw)
     with pytest.raises(error, match=message):

@@ -1,0 +1,57 @@
+"""Every module of the four packages declares a sorted ``__all__`` of exactly its public names,
+and nothing named mock or fake ships."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ("attest", "loader", "server", "runtime")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules() -> list[str]:
+    names = []
+    for package in PACKAGES:
+        names.append(package)
+        for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
+            names.append(info.name)
+    return sorted(names)
+
+
+def _isort_key(name: str) -> tuple[int, str]:
+    # ruff RUF022 ("isort-style"): SCREAMING_CASE, then CamelCase, then the rest, each alphabetical.
+    if name.isupper():
+        return 0, name
+    if name[:1].isupper():
+        return 1, name
+    return 2, name
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_all_is_sorted_and_complete(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = list(getattr(module, "__all__", []))
+    assert exported == sorted(exported, key=_isort_key), "__all__ is not sorted"
+    missing = [n for n in exported if not hasattr(module, n)]
+    assert not missing, f"__all__ names what the module lacks: {missing}"
+    defined_here = {
+        n
+        for n, v in vars(module).items()
+        if not n.startswith("_")
+        and (inspect.isclass(v) or inspect.isfunction(v))
+        and getattr(v, "__module__", None) == name
+    }
+    assert defined_here <= set(exported), f"public but not in __all__: {sorted(defined_here - set(exported))}"
+
+
+def test_nothing_named_mock_or_fake_ships() -> None:
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            assert not any(w in path.name.lower() for w in ("mock", "fake")), path
+            text = path.read_text()
+            assert "class Mock" not in text and "class Fake" not in text, path
