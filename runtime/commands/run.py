@@ -36,6 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="DEVELOPMENT ONLY: allow the sample TEE/device, whose evidence proves nothing",
     )
+    g.add_argument(
+        "--allow-insecure-gpu-cc-off",
+        action="store_true",
+        help="DEVELOPMENT ONLY: accept NVIDIA GPUs whose confidential-computing mode is off",
+    )
     k = p.add_argument_group("model key")
     k.add_argument(
         "--key-source", default="kbs", choices=["kbs", "cdh", "file"], help="where the key comes from"
@@ -88,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         tee=args.tee,
         gpus=args.gpus,
         allow_insecure_sample_tee=args.allow_insecure_sample_tee,
+        allow_insecure_gpu_cc_off=args.allow_insecure_gpu_cc_off,
         key_source=args.key_source,
         key_id=args.key_id,
         kbs_url=args.kbs_url,

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -289,3 +290,34 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 
 _ = json
+
+
+class Launcher:
+    """Starts KBS and runtime processes for one test and stops every one of them afterwards."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.procs: list[Proc] = []
+
+    def kbs(self, name: str, key_file: Path) -> str:
+        url, proc = start_kbs(self.ws, name, key_file)
+        self.procs.append(proc)
+        return url
+
+    def runtime(self, name: str, model_dir: Path, kbs_url: str, **kw: Any) -> tuple[str, Proc]:
+        url, proc = start_runtime(self.ws, name, model_dir, kbs_url, **kw)
+        self.procs.append(proc)
+        return url, proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def launcher(workspace: Workspace) -> Iterator[Launcher]:
+    launch = Launcher(workspace)
+    try:
+        yield launch
+    finally:
+        launch.stop()

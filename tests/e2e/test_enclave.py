@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from attest.client import attested_openai
-from tests.e2e.conftest import ES, KEY_ID, Enclave, Workspace, child_env, start_kbs, start_runtime, wait_ready
+from tests.e2e.conftest import ES, KEY_ID, Enclave, Launcher, Workspace, child_env, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -203,25 +203,23 @@ def _assert_nothing_served(url: str) -> None:
         assert client.get("/livez").status_code == 200
 
 
-def test_wrong_key_refuses_to_serve(workspace: Workspace, tmp_path: Path) -> None:
+def test_wrong_key_refuses_to_serve(workspace: Workspace, launcher: Launcher, tmp_path: Path) -> None:
     wrong_key = tmp_path / "wrong.key"
     wrong_key.write_bytes(os.urandom(len(workspace.key_file.read_bytes())))
-    kbs_url, kbs = start_kbs(workspace, "kbs-wrong-key", wrong_key)
-    url, proc = start_runtime(workspace, "runtime-wrong-key", workspace.encrypted, kbs_url)
-    try:
-        body = wait_ready(url, proc, want_failure=True)
-        assert body["stage"] == "key"
-        assert "manifest" in body["reason"].lower()
-        _assert_nothing_served(url)
-        log = proc.text()
-        assert sum("boot failed at stage key" in line for line in log.splitlines()) == 1
-        assert not any(f in log.encode() for f in _key_forms(workspace.key_file) + _key_forms(wrong_key))
-    finally:
-        proc.stop()
-        kbs.stop()
+    kbs_url = launcher.kbs("kbs-wrong-key", wrong_key)
+    url, proc = launcher.runtime("runtime-wrong-key", workspace.encrypted, kbs_url)
+    body = wait_ready(url, proc, want_failure=True)
+    assert body["stage"] == "key"
+    assert "manifest" in body["reason"].lower()
+    _assert_nothing_served(url)
+    log = proc.text()
+    assert sum("boot failed at stage key" in line for line in log.splitlines()) == 1
+    assert not any(f in log.encode() for f in _key_forms(workspace.key_file) + _key_forms(wrong_key))
 
 
-def test_flipped_byte_in_shard_refuses_to_serve(workspace: Workspace, tmp_path: Path) -> None:
+def test_flipped_byte_in_shard_refuses_to_serve(
+    workspace: Workspace, launcher: Launcher, tmp_path: Path
+) -> None:
     import shutil
 
     tampered = tmp_path / "tampered"
@@ -232,21 +230,17 @@ def test_flipped_byte_in_shard_refuses_to_serve(workspace: Workspace, tmp_path: 
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01
     shard.write_bytes(bytes(data))
-    kbs_url, kbs = start_kbs(workspace, "kbs-tampered", workspace.key_file)
-    url, proc = start_runtime(workspace, "runtime-tampered", tampered, kbs_url)
-    try:
-        body = wait_ready(url, proc, want_failure=True)
-        assert body["stage"] == "load"
-        assert shard.name in body["reason"]
-        _assert_nothing_served(url)
-        assert sum("boot failed at stage load" in line for line in proc.text().splitlines()) == 1
-    finally:
-        proc.stop()
-        kbs.stop()
+    kbs_url = launcher.kbs("kbs-tampered", workspace.key_file)
+    url, proc = launcher.runtime("runtime-tampered", tampered, kbs_url)
+    body = wait_ready(url, proc, want_failure=True)
+    assert body["stage"] == "load"
+    assert shard.name in body["reason"]
+    _assert_nothing_served(url)
+    assert sum("boot failed at stage load" in line for line in proc.text().splitlines()) == 1
 
 
 def test_tensor_parallel_ranks_each_get_the_key_and_decrypt_only_their_part(
-    workspace: Workspace, tmp_path: Path
+    workspace: Workspace, launcher: Launcher, tmp_path: Path
 ) -> None:
     """TP=2 on the CPU backend: two workers, two key releases, each rank decrypts less than the model.
 
@@ -259,36 +253,28 @@ def test_tensor_parallel_ranks_each_get_the_key_and_decrypt_only_their_part(
          "--key-file", str(workspace.key_file), "--chunk-size", "4KiB", "--no-progress"],
         check=True, env=child_env(), capture_output=True,
     )  # fmt: skip
-    kbs_url, kbs = start_kbs(workspace, "kbs-tp2", workspace.key_file)
-    url, proc = start_runtime(
-        workspace, "runtime-tp2", small_chunks, kbs_url,
+    kbs_url = launcher.kbs("kbs-tp2", workspace.key_file)
+    url, proc = launcher.runtime(
+        "runtime-tp2", small_chunks, kbs_url,
         vllm_extra=("--tensor-parallel-size", "2"), env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )  # fmt: skip
-    try:
-        wait_ready(url, proc)
-        with httpx.Client(verify=False, base_url=url, timeout=120) as client:
-            load = next(
-                s
-                for s in client.get("/.well-known/enclave-serve/boot").json()["stages"]
-                if s["stage"] == "load"
-            )
-            assert load["detail"].startswith("2 rank(s) decrypted parts")
-            r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
-            assert r.status_code == 200 and r.json()["choices"][0]["text"]
-        from loader.manifest import Manifest
+    wait_ready(url, proc)
+    with httpx.Client(verify=False, base_url=url, timeout=120) as client:
+        load = next(
+            s for s in client.get("/.well-known/enclave-serve/boot").json()["stages"] if s["stage"] == "load"
+        )
+        assert load["detail"].startswith("2 rank(s) decrypted parts")
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    from loader.manifest import Manifest
 
-        total = Manifest.load(small_chunks).plaintext_bytes
-        lines = [
-            line
-            for line in proc.text().splitlines()
-            if "decrypted sha256:" in line and "/2 decrypted" in line
-        ]
-        assert len(lines) == 2, lines
-        for line in lines:
-            assert "materialised by weight loaders: none" in line
-        ranks = [r for r in load["detail"].split(": ", 1)[1].split(", ")]
-        per_rank = [float(r.split(": ")[1].split(" MB")[0]) * 1e6 for r in ranks]
-        assert all(b < 0.8 * total for b in per_rank), (per_rank, total)  # column-parallel rows only
-    finally:
-        proc.stop()
-        kbs.stop()
+    total = Manifest.load(small_chunks).plaintext_bytes
+    lines = [
+        line for line in proc.text().splitlines() if "decrypted sha256:" in line and "/2 decrypted" in line
+    ]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert "materialised by weight loaders: none" in line
+    ranks = [r for r in load["detail"].split(": ", 1)[1].split(", ")]
+    per_rank = [float(r.split(": ")[1].split(" MB")[0]) * 1e6 for r in ranks]
+    assert all(b < 0.8 * total for b in per_rank), (per_rank, total)  # column-parallel rows only
