@@ -10,12 +10,15 @@ therefore only ever reach the TLS endpoint inside the verified enclave: a differ
 from __future__ import annotations
 
 import ssl
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
 from attest.errors import PolicyViolation
+from attest.evidence import TeeKind
 from attest.remote import VerifiedServer, verify_server
+from attest.verify import Policy
 
 __all__ = ["attested_openai", "pinned_ssl_context"]
 
@@ -40,7 +43,9 @@ def attested_openai(
     *,
     expected_model_digest: str | None = None,
     allow_insecure: bool = False,
-    policy: Any = None,
+    policy: Policy | None = None,
+    device_policy: Policy | None = None,
+    collateral: Mapping[TeeKind, object] | None = None,
     api_key: str = "EMPTY",
     asynchronous: bool = False,
     timeout: float = 600.0,
@@ -60,6 +65,8 @@ def attested_openai(
         expected_model_digest=expected_model_digest,
         allow_insecure=allow_insecure,
         policy=policy,
+        device_policy=device_policy,
+        collateral=collateral,
     )
     ctx = pinned_ssl_context(verified)
     api_base = base_url.rstrip("/") + "/v1"

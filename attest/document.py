@@ -10,7 +10,9 @@ data commits (see :mod:`attest.binding`) to :class:`AttestationClaims`:
   client's nonce,
 * the model identity (the encrypted model's manifest digest),
 * the key-release receipt (which broker released which resource, and a digest of the token),
-* the runtime name/version, and whether the TEE is insecure (sample).
+* the runtime name/version, and every insecure development mode in effect (sample TEE, key
+  from a file, GPUs with CC off or not attested, plain HTTP...): a user sees them in the
+  document itself, covered by the hardware signature.
 
 Verification here is pure: it takes the document, the nonce the client sent and what the client
 observed (the TLS key), and returns the checks it made. It never opens a connection, so it can
@@ -73,7 +75,7 @@ class AttestationClaims:
 
     nonce: bytes
     tee: TeeKind
-    insecure: bool
+    insecure_modes: tuple[str, ...]
     model_digest: str
     tls_spki_sha256: str | None
     devices: tuple[DeviceClaim, ...] = ()
@@ -84,12 +86,18 @@ class AttestationClaims:
         if len(self.nonce) != NONCE_SIZE:
             raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
 
+    @property
+    def insecure(self) -> bool:
+        """Whether anything insecure is in effect (an insecure mode or an insecure TEE)."""
+        return bool(self.insecure_modes) or self.tee.is_insecure
+
     def to_json(self) -> dict[str, Any]:
         return {
             "purpose": DOCUMENT_PURPOSE,
             "nonce": self.nonce.hex(),
             "tee": self.tee.value,
             "insecure": self.insecure,
+            "insecure_modes": list(self.insecure_modes),
             "model": {"manifest_digest": self.model_digest},
             "tls": None if self.tls_spki_sha256 is None else {"spki_sha256": self.tls_spki_sha256},
             "devices": [d.to_json() for d in self.devices],
@@ -109,10 +117,13 @@ class AttestationClaims:
                 raise MalformedEvidence("claims: missing or wrong 'purpose'")
             tls = obj["tls"]
             key_release = obj["key_release"]
-            return cls(
+            modes = obj["insecure_modes"]
+            if not isinstance(modes, list) or not all(isinstance(m, str) for m in modes):
+                raise MalformedEvidence("claims: 'insecure_modes' must be a list of strings")
+            claims = cls(
                 nonce=bytes.fromhex(obj["nonce"]),
                 tee=TeeKind(obj["tee"]),
-                insecure=bool(obj["insecure"]),
+                insecure_modes=tuple(modes),
                 model_digest=str(obj["model"]["manifest_digest"]),
                 tls_spki_sha256=None if tls is None else str(tls["spki_sha256"]),
                 devices=tuple(
@@ -122,6 +133,9 @@ class AttestationClaims:
                 key_release=None if key_release is None else dict(key_release),
                 runtime={str(k): str(v) for k, v in dict(obj["runtime"]).items()},
             )
+            if obj["insecure"] is not claims.insecure:
+                raise MalformedEvidence("claims: 'insecure' contradicts the TEE and the insecure modes")
+            return claims
         except MalformedEvidence:
             raise
         except (KeyError, TypeError, ValueError) as exc:
@@ -182,6 +196,8 @@ class AttestationDocument:
             raise MalformedEvidence("attestation document: unknown TEE") from exc
         if tee != claims.tee:
             raise MalformedEvidence("attestation document: evidence TEE differs from the claimed TEE")
+        if tee.is_device:
+            raise MalformedEvidence(f"attestation document: {tee.value} is not a CPU TEE")
         primary = evidence_from_json(tee, evidence.get("primary"))
         devices_json = evidence.get("devices", [])
         if not isinstance(devices_json, Sequence):
@@ -194,7 +210,13 @@ class AttestationDocument:
                 dev_tee = TeeKind(str(item.get("tee")))
             except ValueError as exc:
                 raise MalformedEvidence("attestation document: unknown device TEE") from exc
+            if not dev_tee.is_device:
+                raise MalformedEvidence(f"attestation document: {dev_tee.value} is not a device TEE")
             devices.append(evidence_from_json(dev_tee, item.get("evidence")))
+        try:
+            claims.report_data()  # claims that cannot be canonicalised (huge ints, NaN) are refused here
+        except ValueError as exc:
+            raise MalformedEvidence("attestation document: the claims cannot be canonicalised") from exc
         return cls(claims=claims, primary=primary, devices=tuple(devices))
 
     def check_binding(
@@ -266,13 +288,13 @@ class AttestationDocument:
             )
         )
         # (5) Insecure TEE.
-        insecure = claims.insecure or claims.tee.is_insecure or any(d.tee.is_insecure for d in self.devices)
+        insecure = claims.insecure or any(d.tee.is_insecure for d in self.devices)
         if insecure and not allow_insecure:
+            modes = "; ".join(claims.insecure_modes) or "sample TEE"
             raise PolicyViolation(
-                "tee: the server uses the INSECURE sample TEE; its evidence proves nothing. "
-                "Pass --allow-insecure-sample-tee only for development."
+                f"tee: the server runs in INSECURE development mode ({modes}); its attestation proves "
+                "nothing. Pass --allow-insecure-sample-tee only for development."
             )
-        checks.append(
-            DocumentCheck(name="tee", ok=True, detail=claims.tee.value + (" (INSECURE)" if insecure else ""))
-        )
+        detail = claims.tee.value + (f" (INSECURE: {'; '.join(claims.insecure_modes)})" if insecure else "")
+        checks.append(DocumentCheck(name="tee", ok=True, detail=detail))
         return checks

@@ -21,6 +21,7 @@ import hashlib
 import json
 import secrets
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,7 +33,16 @@ from cryptography.hazmat.primitives import serialization
 from attest.binding import document_device_nonce
 from attest.document import NONCE_SIZE, AttestationDocument, DocumentCheck
 from attest.errors import MalformedEvidence, VerificationError
-from attest.verify import Outcome, Policy, VerificationResult, verify_device_evidence, verify_evidence
+from attest.evidence import TeeKind
+from attest.verify import (
+    AllOf,
+    Outcome,
+    Policy,
+    RefuseInsecure,
+    VerificationResult,
+    verify_device_evidence,
+    verify_evidence,
+)
 
 __all__ = ["ATTESTATION_PATH", "VerifiedServer", "verify_server"]
 
@@ -49,6 +59,8 @@ class VerifiedServer:
     tls_spki_sha256: str | None = None
     #: The server's certificate (PEM) whose key was attested: pin it as the only trust anchor.
     tls_certificate_pem: bytes | None = None
+    #: What was *not* checked (for example: no reference measurements were given).
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -61,6 +73,7 @@ class VerifiedServer:
             "key_release": self.document.claims.key_release,
             "runtime": dict(self.document.claims.runtime),
             "checks": [c.to_json() for c in self.checks],
+            "warnings": list(self.warnings),
         }
 
 
@@ -95,6 +108,8 @@ def verify_server(
     allow_insecure: bool = False,
     allow_no_tls: bool = False,
     policy: Policy | None = None,
+    device_policy: Policy | None = None,
+    collateral: Mapping[TeeKind, object] | None = None,
     now: datetime | None = None,
     nonce: bytes | None = None,
     timeout: float = 60.0,
@@ -102,8 +117,12 @@ def verify_server(
 ) -> VerifiedServer:
     """Fetch and verify the attestation of the server at ``base_url``.
 
-    ``policy`` is an :mod:`attest.verify` policy applied to the CPU evidence (reference values,
-    minimum TCB); without one only the cryptographic checks and the binding are made.
+    ``policy`` is an :mod:`attest.verify` policy for the CPU evidence (reference measurements,
+    minimum TCB), ``device_policy`` one for the GPU evidence (allowed driver/VBIOS);
+    :class:`attest.verify.RefuseInsecure` (no debug TD/guest) always applies to hardware
+    evidence. ``collateral`` maps a TEE to its verification collateral (TDX: DCAP collateral,
+    giving the TCB status). Without a policy, which software runs is *not* checked: the result's
+    ``warnings`` say so.
 
     Raises:
         VerificationError: the server is unreachable, or a check failed (the message names it).
@@ -138,17 +157,39 @@ def verify_server(
         allow_insecure=allow_insecure,
         allow_no_tls=allow_no_tls,
     )
+    collateral = collateral or {}
+    warnings: list[str] = []
     device_nonce = document_device_nonce(nonce)
     for device in document.devices:
         result = verify_device_evidence(
-            device, expected_runtime_data=device_nonce, now=now, allow_insecure=allow_insecure
+            device,
+            expected_runtime_data=device_nonce,
+            policy=None if device.tee.is_insecure else device_policy,
+            now=now,
+            collateral=collateral.get(device.tee),
+            allow_insecure=allow_insecure,
         )
         checks.append(DocumentCheck(name=f"device:{device.tee.value}", ok=True, detail=_summary(result)))
+    primary_tee = document.primary.tee
+    if primary_tee.is_insecure:
+        cpu_policy = policy  # allowed above only with allow_insecure; RefuseInsecure would refuse it
+    else:
+        cpu_policy = RefuseInsecure() if policy is None else AllOf([RefuseInsecure(), policy])
+        if policy is None:
+            warnings.append(
+                "no reference values: the hardware and the binding were verified, but not WHICH "
+                "software runs (pass reference measurements to check it)"
+            )
+    try:
+        report_data = document.claims.report_data()
+    except ValueError as exc:
+        raise MalformedEvidence("the attestation claims cannot be canonicalised") from exc
     result = verify_evidence(
         document.primary,
-        expected_report_data=document.claims.report_data(),
-        policy=policy,
+        expected_report_data=report_data,
+        policy=cpu_policy,
         now=now,
+        collateral=collateral.get(primary_tee),
         allow_insecure=allow_insecure,
     )
     checks.append(
@@ -160,6 +201,7 @@ def verify_server(
         checks=checks,
         tls_spki_sha256=observed_spki,
         tls_certificate_pem=None if peer_cert is None else peer_cert.public_bytes(serialization.Encoding.PEM),
+        warnings=warnings,
     )
 
 

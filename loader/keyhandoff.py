@@ -82,7 +82,8 @@ def is_descendant(pid: int, ancestor: int) -> bool:
     """Return whether process ``pid`` descends from ``ancestor`` (per ``/proc``)."""
     seen = 0
     current: int | None = pid
-    while current is not None and current > 1 and seen < 4096:
+    # The ancestor may be pid 1 (the runtime as a container's entrypoint): compare before stopping.
+    while current is not None and current > 0 and seen < 4096:
         if current == ancestor:
             return True
         current = _parent_pid(current)

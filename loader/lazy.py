@@ -541,7 +541,8 @@ class EncryptedTensor(torch.Tensor):
             if ndim > 0 and step == 1 and (dim % ndim) in (0, 1):
                 return self._window(dim % ndim, start, end)
         if func in (aten.detach.default, aten.alias.default):
-            return args[0]
+            # A view op must return a new tensor object (torch checks), still lazy.
+            return EncryptedTensor(args[0]._region, args[0]._checkpoint)
 
         def materialize(x: Any) -> Any:
             return x.materialize(str(func)) if isinstance(x, EncryptedTensor) else x

@@ -74,6 +74,10 @@ def _size(value: object, what: str) -> int:
     return value
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _get(obj: Mapping[str, Any], key: str, kind: type, what: str) -> Any:
     value = obj.get(key)
     if not isinstance(value, kind):
@@ -149,9 +153,9 @@ class ShardEntry:
             dtype = _get(t, "dtype", str, "tensor")
             shape = _get(t, "shape", list, "tensor")
             offsets = _get(t, "data_offsets", list, "tensor")
-            if dtype not in DTYPE_SIZES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            if dtype not in DTYPE_SIZES or not all(_is_count(d) for d in shape):
                 raise ModelFormatError(f"manifest: tensor {name!r} has a bad dtype or shape")
-            if len(offsets) != 2 or not all(isinstance(o, int) and o >= 0 for o in offsets):
+            if len(offsets) != 2 or not all(_is_count(o) for o in offsets):
                 raise ModelFormatError(f"manifest: tensor {name!r} has bad data offsets")
             tensors.append(
                 TensorEntry(name=name, dtype=dtype, shape=tuple(shape), begin=offsets[0], end=offsets[1])
@@ -289,6 +293,12 @@ class Manifest:
         names = [s.file for s in shards] + [p.name for p in plain] + [MANIFEST_NAME]
         if len(set(names)) != len(names) or len({s.name for s in shards}) != len(shards):
             raise ModelFormatError(f"{MANIFEST_NAME} lists a file twice")
+        # The MAC covers the members we understand; anything else would change the model identity
+        # (the digest of these bytes) without the key holder: refuse unknown members outright.
+        known = {**cls._body(key_id=key_id, chunk_size=chunk_size, salt=salt, shards=shards,
+                             plain_files=plain, version=FORMAT_VERSION), "mac": mac}  # fmt: skip
+        if rfc8785.dumps(known) != data:
+            raise ModelFormatError(f"{MANIFEST_NAME} has members this format does not define")
         return cls(
             key_id=key_id,
             chunk_size=chunk_size,

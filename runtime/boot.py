@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from attest.errors import ConfigError, Error, ModelError
-from attest.providers import detect_devices, select_attester
+from attest.providers import detect_devices, nvidia_gpus_present, select_attester
 from attest.providers.base import Attester, DeviceAttester
 from attest.secret import SecretBytes
 from loader import LOAD_FORMAT
@@ -137,6 +137,8 @@ class Runtime:
             allow_insecure=self.config.allow_insecure_sample_tee,
             allow_gpu_cc_off=self.config.allow_insecure_gpu_cc_off,
         )
+        if self.config.gpus == "none" and nvidia_gpus_present():
+            self.status.insecure_modes.append("NVIDIA GPUs present but not attested (--gpus none)")
         return attester, devices
 
     def _key_stage(self, manifest: Any, attester: Attester, devices: list[DeviceAttester]) -> Any:
@@ -331,6 +333,7 @@ class Runtime:
                 tls_spki_sha256=self._tls.spki_sha256 if self._tls else None,
                 key_release=release.receipt.to_json() if release.receipt is not None else None,
                 runtime={"name": "enclave-serve", "version": _runtime_version()},
+                insecure_modes=self.status.insecure_modes,
             )
 
             async def engine_healthy() -> bool:

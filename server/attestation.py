@@ -36,6 +36,7 @@ class AttestationService:
         tls_spki_sha256: str | None,
         key_release: Mapping[str, Any] | None,
         runtime: Mapping[str, str],
+        insecure_modes: Sequence[str] = (),
     ) -> None:
         self._attester = attester
         self._devices = tuple(devices)
@@ -43,11 +44,16 @@ class AttestationService:
         self._tls_spki_sha256 = tls_spki_sha256
         self._key_release = dict(key_release) if key_release is not None else None
         self._runtime = dict(runtime)
+        modes = list(insecure_modes)
+        if attester.insecure and not modes:
+            modes.append(f"{attester.tee.value} TEE (evidence proves nothing)")
+        modes += [f"{d.tee.value} device (evidence proves nothing)" for d in self._devices if d.insecure]
+        self._insecure_modes = tuple(dict.fromkeys(modes))
         self._lock = threading.Lock()
 
     @property
     def insecure(self) -> bool:
-        return self._attester.insecure or any(d.insecure for d in self._devices)
+        return bool(self._insecure_modes)
 
     def document(self, nonce: bytes) -> AttestationDocument:
         """Collect fresh evidence whose report data commits to the claims for ``nonce``."""
@@ -57,7 +63,7 @@ class AttestationService:
             claims = AttestationClaims(
                 nonce=nonce,
                 tee=self._attester.tee,
-                insecure=self.insecure,
+                insecure_modes=self._insecure_modes,
                 model_digest=self._model_digest,
                 tls_spki_sha256=self._tls_spki_sha256,
                 devices=tuple(

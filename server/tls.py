@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["EnclaveTls", "generate_enclave_tls"]
+__all__ = ["NO_EXPIRY", "EnclaveTls", "generate_enclave_tls"]
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -57,8 +57,13 @@ class EnclaveTls:
                 os.close(fd)
 
 
+#: "No well-defined expiration date" (RFC 5280 §4.1.2.5): clients trust the certificate through the
+#: attested key, which lives exactly as long as this process, not through its dates.
+NO_EXPIRY = dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC)
+
+
 def generate_enclave_tls(
-    *, hostnames: tuple[str, ...] = ("localhost",), now: dt.datetime | None = None, days: int = 30
+    *, hostnames: tuple[str, ...] = ("localhost",), now: dt.datetime | None = None
 ) -> EnclaveTls:
     """Create a fresh P-256 key and a self-signed certificate for ``hostnames``.
 
@@ -82,7 +87,7 @@ def generate_enclave_tls(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_after(NO_EXPIRY)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

@@ -188,6 +188,9 @@ class EvidenceAppraiser:
             return MinimumSampleSvn(self._reference.sample_min_svn)
         if evidence.tee.is_insecure:
             return None
+        if configured is None and not evidence.tee.is_device:
+            # Even without reference values, never release to a debuggable TD / SNP guest.
+            return RefuseInsecure()
         return configured
 
     @staticmethod

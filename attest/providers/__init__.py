@@ -12,7 +12,15 @@ import logging
 from attest.errors import BackendUnavailable, ConfigError
 from attest.providers.base import Attester, DeviceAttester
 
-__all__ = ["PRIMARY_TEES", "Attester", "DeviceAttester", "detect_devices", "detected_tees", "select_attester"]
+__all__ = [
+    "PRIMARY_TEES",
+    "Attester",
+    "DeviceAttester",
+    "detect_devices",
+    "detected_tees",
+    "nvidia_gpus_present",
+    "select_attester",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +89,15 @@ def select_attester(name: str, *, allow_insecure: bool = False) -> Attester:
     return cls()
 
 
+def nvidia_gpus_present() -> bool:
+    """Return whether NVML sees NVIDIA GPUs (False without the driver or nvidia-ml-py)."""
+    try:
+        from attest.providers.nvidia import NvidiaAttester
+    except ImportError:
+        return False
+    return NvidiaAttester.detect()
+
+
 def detect_devices(
     *, gpus: str = "auto", allow_insecure: bool = False, allow_gpu_cc_off: bool = False
 ) -> list[DeviceAttester]:
@@ -96,16 +113,11 @@ def detect_devices(
         BackendUnavailable: ``nvidia`` was required but no GPU is visible.
     """
     if gpus == "none":
-        try:
-            from attest.providers.nvidia import NvidiaAttester as _Nvidia
-
-            if _Nvidia.detect():
-                logger.warning(
-                    "INSECURE: NVIDIA GPUs are present but --gpus none was given: the model will run "
-                    "on GPUs that are not attested"
-                )
-        except ImportError:
-            pass
+        if nvidia_gpus_present():
+            logger.warning(
+                "INSECURE: NVIDIA GPUs are present but --gpus none was given: the model will run "
+                "on GPUs that are not attested"
+            )
         return []
     if gpus == "sample":
         if not allow_insecure:

@@ -7,14 +7,18 @@ Steps (each recorded on the result; the first failure raises)::
     (3) qe_report_binding   QE report REPORTDATA = SHA-256(attestation key || QE auth data) || 0*32
     (4) pck_chain           PCK leaf -> PCK CA -> the pinned Intel SGX Root CA, valid at ``now``
     (5) qe_report_signature the PCK leaf key signed the QE report
+    (5b) qe_identity        the QE report is Intel's TD Quoting Enclave (pinned MRSIGNER,
+                            ISVPRODID, ATTRIBUTES and MISCSELECT under Intel's masks), checked
+                            offline too: a PCK key certifies *any* enclave with the provisioning
+                            key, so without this a host could sign quotes with its own enclave
     (6) tcb                 with collateral: dcap-qvl (TCB info, QE identity, CRLs, all signed by
                             the pinned root) gives the TCB status and advisory IDs;
                             without: skipped, ``tcb_status = "unknown"``
     (7) report_data         REPORTDATA equals the expected binding, zero-padded to 64 bytes
     (8) eventlog            skipped: the CCEL event log is carried, not replayed against RTMRs
 
-What is *not* verified: without collateral, neither revocation (PCK CRL) nor the QE identity
-nor the platform TCB level; the event log is never replayed; measurement values (MRTD, RTMRs,
+What is *not* verified: without collateral, neither revocation (PCK CRL) nor the QE's TCB level
+(ISVSVN) nor the platform TCB level; the event log is never replayed; measurement values (MRTD, RTMRs,
 MRCONFIGID) are only compared by a policy (:class:`~attest.verify.policy.AllowedTdxMeasurements`).
 """
 
@@ -42,10 +46,31 @@ from attest.verify.base import Verifier, check_padded_report_data, parse_logged,
 from attest.verify.claims import TdxClaims
 from attest.verify.result import StepLog
 
-__all__ = ["INTEL_SGX_ROOT_CA", "TCB_STATUS_REVOKED", "TdxCollateral", "TdxVerifier"]
+__all__ = [
+    "INTEL_SGX_ROOT_CA",
+    "TCB_STATUS_REVOKED",
+    "TD_QE_ATTRIBUTES",
+    "TD_QE_ATTRIBUTES_MASK",
+    "TD_QE_ISVPRODID",
+    "TD_QE_MISCSELECT",
+    "TD_QE_MISCSELECT_MASK",
+    "TD_QE_MRSIGNER",
+    "TdxCollateral",
+    "TdxVerifier",
+]
 
 #: Pinned Intel SGX Root CA (attest/roots/PROVENANCE.md).
 INTEL_SGX_ROOT_CA = "intel_sgx_root_ca.der"
+
+#: Intel's TD Quoting Enclave identity (Intel PCS ``qe/identity`` for TDX, ``"id": "TD_QE"``, as
+#: signed in tests/vectors/tdx/tdx_quote_collateral.json): MRSIGNER, ISVPRODID, and ATTRIBUTES /
+#: MISCSELECT compared under Intel's masks.
+TD_QE_MRSIGNER = bytes.fromhex("dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5")
+TD_QE_ISVPRODID = 2
+TD_QE_ATTRIBUTES = bytes.fromhex("11000000000000000000000000000000")
+TD_QE_ATTRIBUTES_MASK = bytes.fromhex("fbffffffffffffff0000000000000000")
+TD_QE_MISCSELECT = 0x00000000
+TD_QE_MISCSELECT_MASK = 0xFFFFFFFF
 #: DCAP TCB status that no policy may accept (Intel PCS API v4, TCB info ``tcbStatus``).
 TCB_STATUS_REVOKED = "Revoked"
 #: Keys of dcap-qvl's QuoteCollateralV3 JSON.
@@ -209,6 +234,23 @@ class TdxVerifier(Verifier):
             hint="the quote was altered, or the PCK chain belongs to another platform",
         )
         self._pck_claims(log, sig.pck_chain_pem, chain)
+
+        # (5b) The QE is Intel's TD Quoting Enclave, not any enclave the PCK key certified.
+        qe = sig.qe_report
+        masked = bytes(a & m for a, m in zip(qe.attributes, TD_QE_ATTRIBUTES_MASK, strict=True))
+        log.check(
+            qe.mr_signer == TD_QE_MRSIGNER
+            and qe.isv_prod_id == TD_QE_ISVPRODID
+            and masked == TD_QE_ATTRIBUTES
+            and qe.misc_select & TD_QE_MISCSELECT_MASK == TD_QE_MISCSELECT,
+            "qe_identity",
+            passed=f"the QE is Intel's TD Quoting Enclave (MRSIGNER {TD_QE_MRSIGNER.hex()[:16]}…, "
+            f"ISVPRODID {TD_QE_ISVPRODID}, not debug)",
+            failed=f"the quote was produced by an enclave that is not Intel's TD Quoting Enclave "
+            f"(MRSIGNER {qe.mr_signer.hex()[:16]}…, ISVPRODID {qe.isv_prod_id}, "
+            f"ATTRIBUTES {qe.attributes.hex()})",
+            hint="the host substituted its own quoting enclave; do not trust this quote",
+        )
 
         # (6) TCB status from collateral.
         if collateral is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 __all__ = ["add_parser", "run"]
 
@@ -28,20 +29,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="DEVELOPMENT ONLY: accept a plain-HTTP server (attestation not bound to TLS)",
     )
+    p.add_argument(
+        "--reference-values",
+        type=Path,
+        metavar="FILE",
+        help="reference measurements / GPU versions (JSON, the kbs-dev format of docs/kbs.md); "
+        "without it, which software runs is not checked",
+    )
+    p.add_argument(
+        "--tdx-collateral", type=Path, metavar="FILE", help="DCAP collateral (dcap-qvl JSON) for TDX"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from attest.errors import Error
+    from attest.errors import ConfigError, Error
+    from attest.evidence import TeeKind
+    from attest.kbs.appraisal import ReferenceValues
     from attest.remote import verify_server
+    from attest.verify import TdxCollateral
 
+    cpu_policy = device_policy = None
+    collateral: dict[TeeKind, object] = {}
+    try:
+        if args.reference_values is not None:
+            reference = ReferenceValues.from_json(args.reference_values.read_bytes())
+            cpu_policy, device_policy = reference.cpu, reference.device
+        if args.tdx_collateral is not None:
+            collateral[TeeKind.TDX] = TdxCollateral.from_json(args.tdx_collateral.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot use the reference values or collateral: {exc}") from exc
     try:
         verified = verify_server(
             args.url,
             expected_model_digest=args.expect_model,
             allow_insecure=args.allow_insecure_sample_tee,
             allow_no_tls=args.allow_no_tls,
+            policy=cpu_policy,
+            device_policy=device_policy,
+            collateral=collateral,
         )
     except Error as exc:
         if args.json:
@@ -59,4 +86,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  tee          {claims.tee.value}{' (INSECURE: development only)' if claims.insecure else ''}")
     if verified.tls_spki_sha256:
         print(f"  pin TLS key  sha256 SPKI {verified.tls_spki_sha256}")
+    for warning in verified.warnings:
+        print(f"  WARNING      {warning}")
     return 0

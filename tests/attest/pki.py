@@ -164,3 +164,61 @@ def sign_nvidia_report(signed_data: bytes, key: ec.EllipticCurvePrivateKey) -> b
     """Append a raw r||s P-384 signature over ``signed_data``."""
     r, s = decode_dss_signature(key.sign(signed_data, ec.ECDSA(hashes.SHA384())))
     return signed_data + r.to_bytes(48, "big") + s.to_bytes(48, "big")
+
+
+def _raw_p256_signature(key: ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def forge_tdx_quote(
+    quote: bytes, *, qe_mr_signer: bytes | None = None, qe_isv_prod_id: int | None = None
+) -> tuple[bytes, x509.Certificate]:
+    """Re-sign a real TDX quote under a private Intel-shaped PKI, optionally with another QE.
+
+    The header and TD report stay; a fresh attestation key signs them, the QE report (with the
+    given MRSIGNER / ISVPRODID) certifies that key and is signed by a private PCK leaf. Returns
+    the quote and the private root to pass as ``TdxVerifier(root=...)``. Everything up to the QE
+    identity verifies, so a test reaches that step alone.
+    """
+    import hashlib
+    import struct
+
+    from cryptography.hazmat.primitives import serialization
+
+    from attest.formats.tdx_quote import parse_tdx_quote
+
+    parsed = parse_tdx_quote(quote)
+    root_key, inter_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = _ca(_builder("Test SGX Root CA", "Test SGX Root CA", root_key.public_key())).sign(
+        root_key, hashes.SHA256()
+    )
+    inter = _ca(_builder("Test SGX PCK Platform CA", "Test SGX Root CA", inter_key.public_key())).sign(
+        root_key, hashes.SHA256()
+    )
+    leaf = _builder("Test SGX PCK Certificate", "Test SGX PCK Platform CA", leaf_key.public_key()).sign(
+        inter_key, hashes.SHA256()
+    )
+    att_key = ec.generate_private_key(ec.SECP256R1())
+    numbers = att_key.public_key().public_numbers()
+    att_pub = numbers.x.to_bytes(32, "big") + numbers.y.to_bytes(32, "big")
+    auth = parsed.signature.qe_auth_data
+    qe = bytearray(parsed.signature.qe_report.raw)  # SGX REPORTBODY: MRSIGNER @128, ISVPRODID @256
+    if qe_mr_signer is not None:
+        qe[128:160] = qe_mr_signer
+    if qe_isv_prod_id is not None:
+        qe[256:258] = struct.pack("<H", qe_isv_prod_id)
+    qe[320:384] = hashlib.sha256(att_pub + auth).digest() + bytes(32)
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in (leaf, inter, root))
+    inner = (
+        bytes(qe)
+        + _raw_p256_signature(leaf_key, bytes(qe))
+        + struct.pack("<H", len(auth))
+        + auth
+        + struct.pack("<HI", 5, len(pem))
+        + pem
+    )
+    sig_data = (
+        _raw_p256_signature(att_key, parsed.signed_data) + att_pub + struct.pack("<HI", 6, len(inner)) + inner
+    )
+    return parsed.signed_data + struct.pack("<I", len(sig_data)) + sig_data, root

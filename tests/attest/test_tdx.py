@@ -294,3 +294,39 @@ def test_malformed_quotes(tdx_quote4: bytes, scenario: str, mutate: object, mess
     assert callable(mutate)
     with pytest.raises(MalformedEvidence, match=message):
         parse_tdx_quote(mutate(tdx_quote4))
+
+
+def _verify_forged(quote: bytes, root: Any) -> Any:
+    from attest.verify.result import StepLog
+    from attest.verify.tdx import TdxVerifier
+
+    log = StepLog(tee=TdxEvidence.tee)
+    TdxVerifier(root=root).verify(TdxEvidence(quote=quote), expected=None, now=NOW, collateral=None, log=log)
+    return log.result()
+
+
+def test_a_quote_re_signed_by_the_td_quoting_enclave_identity_passes_the_qe_check(tdx_quote4: bytes) -> None:
+    from tests.attest.pki import forge_tdx_quote
+
+    quote, root = forge_tdx_quote(tdx_quote4)
+    result = _verify_forged(quote, root)
+    assert result.step("qe_identity").outcome is Outcome.PASSED
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"qe_mr_signer": bytes(range(32))}, {"qe_isv_prod_id": 1}],
+    ids=["other-mrsigner", "sgx-qe-prodid"],
+)
+def test_quote_from_another_enclave_certified_by_the_pck_key_is_refused(
+    tdx_quote4: bytes, change: dict[str, Any]
+) -> None:
+    """A host can get any enclave with the provisioning key certified by its PCK key: the pinned
+    TD_QE identity is what stops it, even offline (no collateral)."""
+    from tests.attest.pki import forge_tdx_quote
+
+    quote, root = forge_tdx_quote(tdx_quote4, **change)
+    with pytest.raises(VerificationError, match="qe_identity") as info:
+        _verify_forged(quote, root)
+    partial = result_of(info.value)
+    assert partial is not None and partial.step("qe_report_signature").outcome is Outcome.PASSED

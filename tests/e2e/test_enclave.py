@@ -120,7 +120,7 @@ def test_verify_command_checks_nonce_tls_and_model(enclave: Enclave) -> None:
         [ES, "verify", enclave.url], capture_output=True, text=True, env=child_env(), timeout=120
     )
     assert insecure_refused.returncode == 1
-    assert "INSECURE sample TEE" in insecure_refused.stderr
+    assert "INSECURE development mode (sample TEE" in insecure_refused.stderr
 
     wrong_model = subprocess.run(
         [ES, "verify", enclave.url, "--allow-insecure-sample-tee", "--expect-model", "sha256:" + "0" * 64],
@@ -135,6 +135,7 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         a = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "11" * 32}).json()
         b = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "22" * 32}).json()
         assert a["claims"]["nonce"] == "11" * 32 and b["claims"]["nonce"] == "22" * 32
+        assert "sample TEE (evidence proves nothing)" in a["claims"]["insecure_modes"]
         assert a["evidence"]["primary"]["report_data"] != b["evidence"]["primary"]["report_data"]
         assert (
             client.get("/.well-known/enclave-serve/attestation", params={"nonce": "xyz"}).status_code == 400

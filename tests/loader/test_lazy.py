@@ -145,3 +145,14 @@ def test_scratch_buffers_are_wiped_on_close(packed: Path) -> None:
         scratches = list(checkpoint._scratches)
         assert scratches
     assert all(not s.any() for s in scratches)
+
+
+def test_aliasing_and_full_indexing_stay_lazy(packed: Path, reference: dict[str, torch.Tensor]) -> None:
+    with open_checkpoint(packed) as checkpoint:
+        lazy = dict(checkpoint.tensors())["model.layers.0.attn.q_proj.weight"]
+        for view in (lazy[...], lazy[(slice(0, lazy.shape[0]),)], torch.ops.aten.alias(lazy), lazy.detach()):
+            assert isinstance(view, EncryptedTensor) and view is not lazy
+            dst = torch.empty(view.shape, dtype=view.dtype)
+            dst.copy_(view)
+            assert torch.equal(dst, reference["model.layers.0.attn.q_proj.weight"])
+        assert checkpoint.materialized == 0

@@ -298,3 +298,30 @@ def test_no_plaintext_or_key_in_logs_or_errors(packed: Path, caplog: pytest.LogC
         for secret in secrets:
             assert secret not in text
         assert "InvalidTag" not in text and "tag" not in text.lower()
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda m: m.update(zz_extra="x"),
+        lambda m: m["shards"][0].update(note="spliced"),
+        lambda m: m["shards"][0]["tensors"][0].update(extra=1),
+        lambda m: m["shards"][0]["tensors"][0].update(
+            shape=[True] * len(m["shards"][0]["tensors"][0]["shape"])
+        ),
+    ],
+    ids=["top-level", "shard", "tensor", "bool-shape"],
+)
+def test_unknown_or_ill_typed_manifest_members_are_refused(packed: Path, mutate) -> None:  # type: ignore[no-untyped-def]
+    """Extra members would mint a new model identity for the same authenticated model."""
+    import json
+
+    import rfc8785
+
+    from attest.errors import ModelFormatError
+    from loader.manifest import Manifest
+
+    obj = json.loads((packed / "manifest.json").read_bytes())
+    mutate(obj)
+    with pytest.raises(ModelFormatError):
+        Manifest.from_bytes(rfc8785.dumps(obj))

@@ -132,3 +132,5 @@ def test_request_key_without_runtime_explains() -> None:
 def test_is_descendant() -> None:
     assert is_descendant(os.getpid(), os.getppid())
     assert not is_descendant(os.getppid(), os.getpid())
+    # As a container's entrypoint the runtime is pid 1, the ancestor of every process.
+    assert is_descendant(os.getpid(), 1)

@@ -58,7 +58,7 @@ def test_every_claim_changes_the_report_data() -> None:
         dataclasses.replace(base, tls_spki_sha256=None),
         dataclasses.replace(base, devices=()),
         dataclasses.replace(base, key_release=None),
-        dataclasses.replace(base, insecure=False),
+        dataclasses.replace(base, insecure_modes=("key from a file",)),
         dataclasses.replace(base, runtime={"name": "other"}),
     ]
     digests = {v.report_data() for v in variants} | {base.report_data()}
@@ -72,7 +72,7 @@ def test_every_claim_changes_the_report_data() -> None:
         ({"observed_tls_spki_sha256": "cc" * 32}, VerificationError, "possible interception"),
         ({"observed_tls_spki_sha256": None}, PolicyViolation, "not bound to a TLS key"),
         ({"expected_model_digest": "sha256:" + "dd" * 32}, PolicyViolation, "not the expected"),
-        ({"allow_insecure": False}, PolicyViolation, "INSECURE sample TEE"),
+        ({"allow_insecure": False}, PolicyViolation, "INSECURE development mode \\(sample TEE"),
     ],
 )
 def test_binding_failures_name_the_step(kw: dict[str, object], error: type[Exception], message: str) -> None:
@@ -108,6 +108,24 @@ def test_swapped_device_evidence_is_detected() -> None:
     ],
 )
 def test_malformed_documents_are_rejected(mutate) -> None:  # type: ignore[no-untyped-def]
+    body = service().document(NONCE).to_json()
+    mutate(body)
+    with pytest.raises(MalformedEvidence):
+        AttestationDocument.from_json(body)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: d["claims"].update(key_release={"n": 2**64}),
+        lambda d: d["claims"].update(key_release={"x": float("nan")}),
+        lambda d: d["evidence"]["devices"].append(
+            {"tee": "tdx", "evidence": {"quote": "", "cc_eventlog": None}}
+        ),
+    ],
+    ids=["huge-int", "nan", "cpu-tee-as-device"],
+)
+def test_hostile_documents_are_malformed_not_crashes(mutate) -> None:  # type: ignore[no-untyped-def]
     body = service().document(NONCE).to_json()
     mutate(body)
     with pytest.raises(MalformedEvidence):

@@ -34,3 +34,13 @@ def test_each_boot_gets_a_fresh_key() -> None:
     assert a.spki_sha256 != b.spki_sha256
     a.close()
     b.close()
+
+
+def test_certificate_does_not_expire_under_a_pinned_client() -> None:
+    """Trust comes from the attested key: a long-running server must not break pinned clients."""
+    tls = generate_enclave_tls()
+    try:
+        cert = x509.load_pem_x509_certificate(tls.cert_pem)
+        assert cert.not_valid_after_utc.year == 9999
+    finally:
+        tls.close()
