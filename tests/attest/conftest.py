@@ -45,7 +45,7 @@ def snp_collateral(snp_vcek: bytes) -> SnpCollateral:
 
 @pytest.fixture
 def snp_trustee_json() -> dict[str, Any]:
-    obj: dict[str, Any] = json.loads(vector("snp/evidence.json"))
+    obj: dict[str, Any] = json.loads(vector("kbs/evidence.json"))
     return obj
 
 

@@ -123,7 +123,7 @@ def test_inspect_snp_needs_a_chain_to_verify(capsys: pytest.CaptureFixture[str])
 
 
 def test_inspect_trustee_snp_json(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _json(capsys, ["inspect", str(VECTORS / "snp/evidence.json"), "--json", "--at", str(WINDOW_MID)])
+    out = _json(capsys, ["inspect", str(VECTORS / "kbs/evidence.json"), "--json", "--at", str(WINDOW_MID)])
     assert out["encoding"] == "trustee-json" and out["product"] == "Genoa"
     assert out["signature_valid"] is True and out["verification"]["ok"] is True
 

@@ -29,7 +29,7 @@ from tests.attest.support import HOPPER_NONCE, NOW, vector
 TDX_QUOTE = vector("tdx/tdx_quote_4.dat")
 SNP_REPORT = vector("snp/test-report.bin")
 SNP_VCEK = SnpCollateral(vek=vector("snp/test-vcek.der"))
-SNP_JSON = json.loads(vector("snp/evidence.json"))
+SNP_JSON = json.loads(vector("kbs/evidence.json"))
 NV_REPORT = binascii.unhexlify(vector("nvidia/hopperAttestationReport.txt").strip())
 NV_CHAIN = vector("nvidia/hopperCertChain.txt")
 

@@ -403,7 +403,7 @@ def _verify(pki: AmdPki, evidence: SnpEvidence, expected: bytes | None = None) -
 def _turin_evidence(
     pki: AmdPki, *, vlek: bool = False, vek_tcb: dict[str, int] = TURIN_TCB, **changes: Any
 ) -> SnpEvidence:
-    base = json.loads(vector("snp/evidence.json"))["attestation_report"]
+    base = json.loads(vector("kbs/evidence.json"))["attestation_report"]
     changes.setdefault("key_info", 1 << 2 if vlek else 0)
     report_json = turin_report_json(base, chip8=CHIP8, tcb=TURIN_TCB, **changes)
     key, vek = pki.issue_vek(vlek=vlek, tcb=vek_tcb, hwid=None if vlek else CHIP8)
