@@ -47,6 +47,7 @@ from loader.format import TensorEntry
 from loader.manifest import Manifest
 from loader.pipeline import TORCH_DTYPES, default_threads
 from loader.shard import EncryptedShard, Piece, ReadMode, shard_failure
+from loader.staging import Buffers, Slab
 from loader.stats import StatsRecorder
 
 __all__ = ["EncryptedTensor", "LazyCheckpoint"]
@@ -157,44 +158,19 @@ class _Region:
             raise AssertionError("window gather size mismatch")
 
 
-class _PinnedRing:
-    """A fixed ring of pinned host buffers from torch's CUDA host allocator (never cudaHostRegister)."""
-
-    def __init__(self, count: int, nbytes: int) -> None:
-        self.tensors = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
-        self._free = list(range(count))
-        self._cond = threading.Condition()
-        if self.tensors and not self.tensors[0].is_pinned():
-            logger.warning(
-                "torch returned unpinned staging memory (seen under NVIDIA CC); copies will be slower"
-            )
-
-    def take(self) -> int:
-        with self._cond:
-            self._cond.wait_for(lambda: bool(self._free))
-            return self._free.pop()
-
-    def put(self, slot: int) -> None:
-        with self._cond:
-            self._free.append(slot)
-            self._cond.notify()
-
-    def wipe(self) -> None:
-        for t in self.tensors:
-            t.zero_()
-
-
 class _GpuLane:
-    """One device's pinned staging ring, copy thread and stream."""
+    """One device's pinned staging ring (:class:`loader.staging.Buffers`), copy thread and stream."""
 
     def __init__(self, device: torch.device, slots: int, slot_bytes: int) -> None:
-        self.ring = _PinnedRing(slots, slot_bytes)
+        self.ring = Buffers(slab_bytes=slot_bytes, max_free=0, pin=True)
+        self.ring.make_ring(slots, slot_bytes)
         self.copier = ThreadPoolExecutor(1, thread_name_prefix=f"enclave-copy-{device}")
         self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         self.copier.shutdown(wait=True)
-        self.ring.wipe()
+        self.ring.wipe(include_handed_out=False)
+        self.ring.drop()
 
 
 class _Pieces:
@@ -404,20 +380,21 @@ class LazyCheckpoint:
         lock = threading.Lock()
         copies: list[Future[None]] = []
 
-        def copy(slot: int, d0: int, d1: int) -> None:
+        def copy(slot: Slab, d0: int, d1: int) -> None:
             # Under CC a host-to-device copy is host-synchronous: keep it off the decrypt threads.
             try:
                 with torch.cuda.stream(lane.stream):
-                    flat[d0:d1].copy_(lane.ring.tensors[slot][: d1 - d0], non_blocking=True)
+                    flat[d0:d1].copy_(slot.tensor[: d1 - d0], non_blocking=True)
                 lane.stream.synchronize()
             finally:
-                lane.ring.put(slot)
+                lane.ring.return_slot(slot)
 
         def work() -> None:
             while (piece := queue.next()) is not None:
-                slot = lane.ring.take()
+                slot = lane.ring.take_slot()
                 try:
-                    staged = lane.ring.tensors[slot].numpy()
+                    staged = slot.array
+                    assert staged is not None
                     a, b = piece.offset, piece.offset + piece.length
                     d0, d1 = region.out_offset(a), region.out_offset(b)
                     if region.full_width and lo <= a and b <= hi:
@@ -427,7 +404,7 @@ class LazyCheckpoint:
                         shard.fill(piece, tmp)
                         region.gather(tmp, a, staged[: d1 - d0])
                 except BaseException:
-                    lane.ring.put(slot)
+                    lane.ring.return_slot(slot)
                     raise
                 with lock:
                     copies.append(lane.copier.submit(copy, slot, d0, d1))

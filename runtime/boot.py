@@ -228,9 +228,7 @@ class Runtime:
     async def _boot_and_serve(self, sock: socket.socket, boot_server: BootServer) -> int:
         stage = Stage.CONFIG
         try:
-            self.status.begin(stage)
-            manifest, args = await asyncio.to_thread(self._config_stage)
-            self.status.end(stage, f"model {manifest.digest}")
+            manifest, args = await self._stage(stage, self._config_stage, lambda r: f"model {r[0].digest}")
 
             stage = Stage.ATTEST
             attester, devices = await self._stage(
@@ -250,10 +248,14 @@ class Runtime:
             stage = Stage.LOAD
             self.status.begin(stage)
             return await self._load_and_serve(sock, boot_server, args, manifest, attester, devices, release)
-        except Error as exc:
-            reason = str(exc)
+        except Exception as exc:
+            if isinstance(exc, Error):
+                reason = str(exc)
+                logger.error("boot failed at stage %s: %s", stage.value, reason)
+            else:  # a bug, not a verdict: keep the traceback in the log, only the type in the reason
+                reason = f"internal error ({type(exc).__name__}); see the log"
+                logger.exception("boot failed at stage %s: %s", stage.value, reason)
             self.status.fail(stage, reason)
-            logger.error("boot failed at stage %s: %s", stage.value, reason)
             if self._key is not None:
                 self._key.wipe()
                 self._key = None
