@@ -47,7 +47,7 @@ from loader.format import TensorEntry
 from loader.manifest import Manifest
 from loader.pipeline import TORCH_DTYPES, default_threads
 from loader.shard import EncryptedShard, Piece, ReadMode, shard_failure
-from loader.staging import Buffers, Slab
+from loader.staging import Buffers, Slab, copy_slot_to_device
 from loader.stats import StatsRecorder
 
 __all__ = ["EncryptedTensor", "LazyCheckpoint"]
@@ -381,13 +381,7 @@ class LazyCheckpoint:
         copies: list[Future[None]] = []
 
         def copy(slot: Slab, d0: int, d1: int) -> None:
-            # Under CC a host-to-device copy is host-synchronous: keep it off the decrypt threads.
-            try:
-                with torch.cuda.stream(lane.stream):
-                    flat[d0:d1].copy_(slot.tensor[: d1 - d0], non_blocking=True)
-                lane.stream.synchronize()
-            finally:
-                lane.ring.return_slot(slot)
+            copy_slot_to_device(lane.ring, slot, flat[d0:d1], lane.stream)
 
         def work() -> None:
             while (piece := queue.next()) is not None:

@@ -42,7 +42,7 @@ from attest.secret import SecretBytes
 from loader.format import TensorEntry
 from loader.manifest import Manifest, ShardEntry
 from loader.shard import EncryptedShard, Piece, ReadMode, shard_failure
-from loader.staging import ALIGNMENT, Buffers, Slab
+from loader.staging import ALIGNMENT, Buffers, Slab, copy_slot_to_device
 from loader.stats import StatsRecorder
 
 __all__ = [
@@ -297,13 +297,7 @@ class _Device:
         return self.copier.submit(self._copy, slot, dev, d0, d1)
 
     def _copy(self, slot: Slab, dev: torch.Tensor, d0: int, d1: int) -> None:
-        # Under CC a host-to-device copy is host-synchronous: keep it off the decrypt threads.
-        try:
-            with torch.cuda.stream(self.stream):
-                dev[d0:d1].copy_(slot.tensor[: d1 - d0], non_blocking=True)
-            self.stream.synchronize()
-        finally:
-            self.buffers.return_slot(slot)
+        copy_slot_to_device(self.buffers, slot, dev[d0:d1], self.stream)
 
     def zero(self, dev: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
         with torch.cuda.stream(self.stream):

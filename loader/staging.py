@@ -27,6 +27,7 @@ __all__ = [
     "ALIGNMENT",
     "Buffers",
     "Slab",
+    "copy_slot_to_device",
     "storage_refs",
 ]
 
@@ -204,3 +205,18 @@ class Buffers:
         self._ring_free.clear()
         self._abandoned.clear()
         self._device.clear()
+
+
+def copy_slot_to_device(buffers: Buffers, slot: Slab, dst: torch.Tensor, stream: Any) -> None:
+    """Copy the first ``dst.numel()`` bytes of pinned ``slot`` into the uint8 device view ``dst``,
+    wait for it on ``stream``, and return the slot to ``buffers``' ring.
+
+    Under NVIDIA CC a host-to-device copy is host-synchronous: call this from the device's one
+    copy thread, never from a decrypt thread.
+    """
+    try:
+        with torch.cuda.stream(stream):
+            dst.copy_(slot.tensor[: dst.numel()], non_blocking=True)
+        stream.synchronize()
+    finally:
+        buffers.return_slot(slot)
