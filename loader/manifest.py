@@ -7,8 +7,8 @@ The SHA-256 of the exact file bytes is the model identity (:attr:`Manifest.diges
 attestation reports and KBS policy pins. Full specification: ``docs/format.md``.
 
 Reading a manifest (:meth:`Manifest.load`) needs no key and checks structure only;
-:meth:`Manifest.authenticate` checks the MAC with the key; :meth:`Manifest.verify_plain_files`
-checks the plaintext files on disk.
+:meth:`Manifest.authenticate` checks the MAC with the key; :func:`loader.modelview.stage_model_view`
+checks the plaintext files and copies the checked bytes where vLLM reads them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,6 @@ MANIFEST_KDF_INFO = b"enclave-serve/manifest/v1"
 _MAC_PREFIX = "hmac-sha256:"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _MAX_MANIFEST = 256 << 20
-_HASH_BLOCK = 1 << 20
 
 
 def _safe_relpath(name: object, what: str) -> str:
@@ -331,7 +329,7 @@ class Manifest:
 
         Verifies that every member of the manifest was written by a holder of the key. Does not
         verify the shards or plaintext files themselves (the loader and
-        :meth:`verify_plain_files` do).
+        :func:`loader.modelview.stage_model_view` do).
 
         Raises:
             ModelDecryptionError: the MAC does not match (wrong key or tampered manifest).
@@ -352,43 +350,6 @@ class Manifest:
                 f"{MANIFEST_NAME} does not authenticate with the model key "
                 f"'{self.key_id}': wrong key, or the model directory was modified"
             )
-
-    def verify_plain_files(self, model_dir: Path) -> None:
-        """Check every plaintext file against its manifest digest, and that no other file is present.
-
-        Verifies size and SHA-256 of each listed plain file, and that the directory holds nothing
-        but the manifest, the listed plain files and the encrypted shards (an added
-        ``generation_config.json`` or chat template would change behaviour). Does not verify the
-        encrypted shards (the loader does, chunk by chunk), and is only meaningful after
-        :meth:`authenticate`.
-
-        Warning:
-            A file can change between this check and the moment vLLM reads it; keep the model
-            directory read-only (e.g. a dm-verity or image-backed mount).
-
-        Raises:
-            ModelFormatError: naming the first missing, modified or unexpected file.
-        """
-        root = Path(model_dir)
-        expected = {p.name for p in self.plain_files} | {s.file for s in self.shards} | {MANIFEST_NAME}
-        for dirpath, _dirs, files in os.walk(root):
-            for f in files:
-                rel = (Path(dirpath) / f).relative_to(root).as_posix()
-                if rel not in expected:
-                    raise ModelFormatError(f"unexpected file {rel!r} in the encrypted model directory")
-        for plain in self.plain_files:
-            path = root / plain.name
-            try:
-                with path.open("rb") as fh:
-                    h = hashlib.sha256()
-                    size = 0
-                    while block := fh.read(_HASH_BLOCK):
-                        h.update(block)
-                        size += len(block)
-            except OSError as exc:
-                raise ModelFormatError(f"plain file {plain.name!r} is missing or unreadable") from exc
-            if size != plain.size or not hmac.compare_digest("sha256:" + h.hexdigest(), plain.sha256):
-                raise ModelFormatError(f"plain file {plain.name!r} does not match the manifest (modified?)")
 
     def shard(self, name: str) -> ShardEntry:
         """Return the shard entry whose plaintext name is ``name``. Raises KeyError."""

@@ -6,8 +6,9 @@ weights are loaded. Each worker:
 
 1. reads the manifest from the model directory and checks it is the model the runtime attested
    (``manifest_digest`` in ``--model-loader-extra-config``);
-2. fetches the key from the runtime over the private handoff socket (``key_socket``): the key
-   never appears in env, argv, the extra config or a log line (vLLM logs the extra config);
+2. fetches the key from the runtime over the private handoff socket (``key_socket``) with its
+   rank's capability (``capabilities``, which reach the worker only through vLLM's spawn
+   pipes): the key never appears in env, argv, the extra config or a log line;
 3. authenticates the manifest, then streams decrypted tensors into ``model.load_weights``;
 4. checks every parameter was loaded, and reports success or the (secret-free) error back to
    the runtime on the handoff connection. On failure every parameter is zeroed.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,17 +42,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EncryptedLoaderConfig:
-    """The loader's ``--model-loader-extra-config``: a socket path and a digest, never a key."""
+    """The loader's extra config: a socket path, a digest and per-rank capabilities, never a key.
+
+    The runtime sets it on vLLM's parsed arguments after vLLM has logged them; the capabilities
+    are secret while the runtime's handoff socket is open (see :mod:`loader.keyhandoff`).
+    """
 
     key_socket: str
     manifest_digest: str
+    capabilities: tuple[str, ...] = field(repr=False)
     threads: int | None = None
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> EncryptedLoaderConfig:
         """Parse and check the extra config; raises :class:`ConfigError`."""
         extra = dict(extra or {})
-        unknown = set(extra) - {"key_socket", "manifest_digest", "threads"}
+        unknown = set(extra) - {"key_socket", "manifest_digest", "capabilities", "threads"}
         if unknown:
             raise ConfigError(f"unknown {LOAD_FORMAT} loader options: {', '.join(sorted(unknown))}")
         socket_path, digest = extra.get("key_socket"), extra.get("manifest_digest")
@@ -59,10 +65,37 @@ class EncryptedLoaderConfig:
             raise ConfigError(f"the {LOAD_FORMAT} loader needs 'key_socket' (set by enclave-serve run)")
         if not isinstance(digest, str) or not digest.startswith("sha256:"):
             raise ConfigError(f"the {LOAD_FORMAT} loader needs 'manifest_digest' (set by enclave-serve run)")
+        capabilities = extra.get("capabilities")
+        if (
+            not isinstance(capabilities, list | tuple)
+            or not capabilities
+            or not all(isinstance(c, str) for c in capabilities)
+        ):
+            raise ConfigError(f"the {LOAD_FORMAT} loader needs 'capabilities' (set by enclave-serve run)")
         threads = extra.get("threads")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ConfigError("'threads' must be a positive integer")
-        return cls(key_socket=socket_path, manifest_digest=digest, threads=threads)
+        return cls(
+            key_socket=socket_path, manifest_digest=digest, capabilities=tuple(capabilities), threads=threads
+        )
+
+    def capability(self, rank: int) -> str:
+        """Return the capability of ``rank``. Raises ConfigError for a rank the runtime did not expect."""
+        if not 0 <= rank < len(self.capabilities):
+            raise ConfigError(
+                f"worker rank {rank} is outside the {len(self.capabilities)} rank(s) the runtime expects"
+            )
+        return self.capabilities[rank]
+
+
+def _engine_rank() -> int:
+    """This worker's rank within its engine (tensor x pipeline parallel), 0 without distribution."""
+    try:
+        from vllm.distributed.parallel_state import get_world_group
+
+        return int(get_world_group().rank_in_group)
+    except (AssertionError, ImportError, RuntimeError, AttributeError):
+        return 0
 
 
 def _tp_rank_and_size() -> tuple[int, int]:
@@ -96,7 +129,13 @@ class EncryptedModelLoader(BaseModelLoader):
                 f"the model directory holds {manifest.digest}, "
                 f"not the attested {self.options.manifest_digest}"
             )
-        key, channel = request_key(self.options.key_socket, manifest_digest=manifest.digest, rank=rank)
+        engine_rank = _engine_rank()
+        key, channel = request_key(
+            self.options.key_socket,
+            manifest_digest=manifest.digest,
+            rank=engine_rank,
+            capability=self.options.capability(engine_rank),
+        )
         try:
             # Each parameter's weight_loader copies an EncryptedTensor into its slice: the chunks
             # holding exactly those rows are decrypted straight into the parameter.
@@ -138,10 +177,13 @@ def register() -> None:
     """Register the loader with vLLM (entry point; idempotent, as vLLM requires)."""
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
 
-    from runtime.logs import configure_logging
+    from attest.logs import configure_logging
+    from attest.secret import protect_process_memory
 
     # In vLLM's engine and worker processes our loggers have no handler yet.
     configure_logging(only_if_unconfigured=True)
+    # Every vLLM process (API server, engine core, workers) will hold the key or the weights.
+    protect_process_memory()
 
     if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not EncryptedModelLoader:
         register_model_loader(LOAD_FORMAT)(EncryptedModelLoader)

@@ -3,50 +3,61 @@
 ::
 
     bind the port ─ serve probes (503 "booting") while:
-      config  parse the manifest, check plaintext model files, parse the vLLM arguments
       tls     generate the in-enclave TLS key (its public key goes into every attestation)
+      config  create the guest-private directory; sort the environment by its allowlist; read
+              the manifest and side files once into the private model view; parse and check
+              vLLM's arguments; build the attested run configuration (runtime.prepare)
       attest  find the TEE and the GPUs (the sample TEE only with an explicit insecure flag)
       key     attest to the key broker, receive the model key, authenticate the manifest with it
-      load    start vLLM; its workers fetch the key over the private handoff socket and decrypt
-              the model straight into device memory, then report back
+      load    start vLLM; its workers fetch the key over the private handoff socket with their
+              rank's capability and decrypt the model straight into device memory, then report
       serve   vLLM's OpenAI API + the probes and /.well-known routes on the same port
 
 Any :class:`attest.errors.Error` stops the boot: the stage and the reason go to one log line,
 to ``/readyz`` (503 with a JSON reason) and to ``/.well-known/enclave-serve/boot``, and nothing
 else is served. The model key lives in this process only between the ``key`` and the end of
-``load``; it is then wiped.
+``load``; it is then wiped. A request for the key by anything but vLLM's workers fails the boot
+(:class:`attest.errors.KeyHandoffCompromised`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.metadata
-import json
 import logging
+import multiprocessing
+import os
 import signal
 import socket
-from argparse import Namespace
+import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from attest.errors import ConfigError, Error, ModelError
+from attest.errors import ConfigError, Error, KeyHandoffCompromised, ModelError
+from attest.keysource.base import KeyRelease, KeySource
 from attest.providers import detect_devices, nvidia_gpus_present, select_attester
 from attest.providers.base import Attester, DeviceAttester
+from attest.runconfig import RunConfiguration
 from attest.secret import SecretBytes
-from loader import LOAD_FORMAT
+from loader.keyhandoff import KeyHandoffServer, LoadReport
 from runtime.config import RunConfig
+from runtime.environment import apply_environment, decide_environment
+from runtime.prepare import Prepared, prepare, runtime_versions
+from runtime.private import PrivateDirectory
 from server.attestation import AttestationService
 from server.boot_server import BootServer
+from server.engine import VllmEngine
 from server.routes import boot_app, enclave_router
 from server.status import BootStatus, Stage
 from server.tls import EnclaveTls, generate_enclave_tls
 
-__all__ = ["EXIT_BOOT_FAILED", "Runtime", "run_blocking"]
+__all__ = ["EXIT_BOOT_FAILED", "Runtime", "print_configuration", "run_blocking"]
 
 logger = logging.getLogger(__name__)
 
 EXIT_BOOT_FAILED = 3
+#: How long the runtime waits for every worker's load report once the engine is up.
+REPORT_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
 
@@ -64,11 +75,38 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _runtime_version() -> str:
-    try:
-        return importlib.metadata.version("enclave-serve")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+def _apply_environment(private: PrivateDirectory) -> dict[str, str]:
+    """Sort this process's environment by the allowlist, apply it, return the attested view."""
+    decision = decide_environment(os.environ, private_root=str(private.root))
+    apply_environment(decision)
+    if decision.removed:
+        logger.info(
+            "environment: removed %d variable(s) enclave-serve does not use: %s",
+            len(decision.removed),
+            ", ".join(decision.removed),
+        )
+    return decision.attested
+
+
+def _kill_engine_processes() -> None:
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):
+            child.kill()
+
+
+def _keep_killing_engine_processes(until: threading.Event) -> None:
+    """Kill vLLM's processes, and any it is still spawning, until ``until`` is set.
+
+    Called from the key handoff's thread on a compromise: vLLM's start-up blocks the event loop
+    for long stretches, so the boot cannot wait for the loop to notice.
+    """
+
+    def reap() -> None:
+        while not until.is_set():
+            _kill_engine_processes()
+            until.wait(0.2)
+
+    threading.Thread(target=reap, name="kill-engine", daemon=True).start()
 
 
 class Runtime:
@@ -79,8 +117,10 @@ class Runtime:
         self.status = status or BootStatus()
         self.status.insecure_modes = config.insecure_modes
         self._attestation: AttestationService | None = None
+        self._configuration: RunConfiguration | None = None
         self._tls: EnclaveTls | None = None
         self._key: SecretBytes | None = None
+        self._private: PrivateDirectory | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -91,44 +131,20 @@ class Runtime:
         self.status.end(stage, detail(result) if detail else "")
         return result
 
+    def _wipe_key(self) -> None:
+        if self._key is not None:
+            self._key.wipe()
+            self._key = None
+
     # -- stages ----------------------------------------------------------------------------
 
-    def _config_stage(self) -> tuple[Any, Namespace]:
-        from loader.manifest import Manifest
-
-        manifest = Manifest.load(self.config.model_dir)
-        manifest.verify_plain_files(self.config.model_dir)
-        args = self._vllm_args(manifest.digest)
-        return manifest, args
-
-    def _vllm_args(self, manifest_digest: str) -> Namespace:
-        """Parse vLLM's own arguments (the user's pass-through plus what the runtime sets)."""
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-        cli_env_setup()  # type: ignore[no-untyped-call]
-        parser = make_arg_parser(FlexibleArgumentParser(prog="enclave-serve run --"))  # type: ignore[no-untyped-call]
-        # The key socket path is filled in at the load stage; neither carries a secret.
-        extra = {"key_socket": "", "manifest_digest": manifest_digest}
-        argv = [
-            "--model", str(self.config.model_dir),
-            "--load-format", LOAD_FORMAT,
-            "--model-loader-extra-config", json.dumps(extra),
-            "--host", self.config.host,
-            "--port", str(self.config.port),
-            *self.config.vllm_args,
-        ]  # fmt: skip
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as exc:
-            raise ConfigError(f"invalid vLLM arguments: {' '.join(self.config.vllm_args)}") from exc
-        if self._tls is not None:
-            args.ssl_keyfile = self._tls.keyfile
-            args.ssl_certfile = self._tls.certfile
-        validate_parsed_serve_args(args)
-        parsed: Namespace = args
-        return parsed
+    def _config_stage(self) -> Prepared:
+        self._private = PrivateDirectory.create(self.config.private_dir)
+        environment = _apply_environment(self._private)  # before anything imports vLLM
+        tls_files = (self._tls.keyfile, self._tls.certfile) if self._tls is not None else None
+        prepared = prepare(self.config, self._private, environment=environment, tls_files=tls_files)
+        self._configuration = prepared.configuration
+        return prepared
 
     def _attest_stage(self) -> tuple[Attester, list[DeviceAttester]]:
         attester = select_attester(self.config.tee, allow_insecure=self.config.allow_insecure_sample_tee)
@@ -141,37 +157,110 @@ class Runtime:
             self.status.insecure_modes.append("NVIDIA GPUs present but not attested (--gpus none)")
         return attester, devices
 
-    def _key_stage(self, manifest: Any, attester: Attester, devices: list[DeviceAttester]) -> Any:
-        from attest.keysource import CdhKeySource, KbsKeySource, ResourceUri, UnsafeFileKeySource
+    def _key_source(self, prepared: Prepared, attester: Attester, devices: list[DeviceAttester]) -> KeySource:
+        from attest.keysource import CdhKeySource, KbsKeySource, UnsafeFileKeySource
 
-        resource = ResourceUri.parse(self.config.key_id or manifest.key_id)
         cfg = self.config
-        source: Any
         if cfg.key_source == "kbs":
             assert cfg.kbs_url is not None
-            source = KbsKeySource(
+            return KbsKeySource(
                 url=cfg.kbs_url,
                 attester=attester,
                 devices=devices,
-                cacert=cfg.kbs_cacert,
+                cacert=prepared.kbs_cacert,
                 tee_key="rsa" if cfg.tee_key == "rsa" else "ec",
                 deadline_s=cfg.kbs_deadline_s,
             )
-        elif cfg.key_source == "cdh":
-            source = CdhKeySource(url=cfg.cdh_url)
-        else:
-            assert cfg.key_file is not None
-            source = UnsafeFileKeySource(path=cfg.key_file, allow_insecure=cfg.allow_insecure_key_file)
+        if cfg.key_source == "cdh":
+            return CdhKeySource(url=cfg.cdh_url)
+        assert cfg.key_file is not None
+        return UnsafeFileKeySource(path=cfg.key_file, allow_insecure=cfg.allow_insecure_key_file)
+
+    def _key_stage(self, prepared: Prepared, attester: Attester, devices: list[DeviceAttester]) -> KeyRelease:
+        source = self._key_source(prepared, attester, devices)
         try:
-            release = source.fetch(resource)
+            release = source.fetch(prepared.resource)
         finally:
             source.close()
         try:
-            manifest.authenticate(release.secret)
+            prepared.manifest.authenticate(release.secret)
         except ModelError:
             release.secret.wipe()
             raise
         return release
+
+    async def _load_stage(self, prepared: Prepared) -> tuple[VllmEngine, list[LoadReport]]:
+        """Start vLLM with the key handoff open; return the running engine and the load reports.
+
+        Raises:
+            KeyHandoffCompromised: something other than a worker asked for the key.
+            ModelError: the engine failed to start or a rank failed to load (named).
+        """
+        assert self._key is not None and self._private is not None
+        args = prepared.vllm.namespace
+        ranks = prepared.ranks
+        digest = prepared.manifest.digest
+        engine = VllmEngine(args)
+        engine.log_arguments()  # before the capabilities go in
+        closed = threading.Event()
+        with KeyHandoffServer(
+            self._key,
+            manifest_digest=digest,
+            ranks=ranks,
+            socket_dir=self._private.key_dir,
+            on_compromise=lambda _reason: _keep_killing_engine_processes(closed),
+        ) as handoff:
+            args.model_loader_extra_config = {
+                "key_socket": str(handoff.path),
+                "manifest_digest": digest,
+                "capabilities": list(handoff.capabilities),
+            }
+            try:
+                reports = await self._start_engine(engine, handoff, ranks)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await engine.stop()
+                _kill_engine_processes()
+                raise
+            finally:
+                closed.set()
+                args.model_loader_extra_config = {"key_socket": "", "manifest_digest": digest}
+        return engine, reports
+
+    async def _start_engine(
+        self, engine: VllmEngine, handoff: KeyHandoffServer, ranks: int
+    ) -> list[LoadReport]:
+        if handoff.compromise is not None:  # asked for before the engine even started
+            raise KeyHandoffCompromised(f"key handoff: {handoff.compromise}")
+        start = asyncio.create_task(engine.start())
+        while not start.done() and handoff.compromise is None:
+            await asyncio.wait({start}, timeout=0.2)
+        if handoff.compromise is not None:
+            start.cancel()
+            with contextlib.suppress(BaseException):
+                await start
+            raise KeyHandoffCompromised(f"key handoff: {handoff.compromise}")
+        try:
+            start.result()
+        except Exception as exc:
+            if handoff.compromise is not None:
+                raise KeyHandoffCompromised(f"key handoff: {handoff.compromise}") from None
+            failure = handoff.first_failure()
+            if failure is not None:
+                raise ModelError(f"rank {failure.rank} failed to load the model: {failure.error}") from None
+            raise ModelError(
+                f"the inference engine failed to start ({type(exc).__name__}: {exc}); "
+                "see the engine log above"
+            ) from None
+        reports = await asyncio.to_thread(handoff.wait_for_reports, ranks, REPORT_TIMEOUT_S)
+        if handoff.compromise is not None:
+            raise KeyHandoffCompromised(f"key handoff: {handoff.compromise}")
+        failure = handoff.first_failure()
+        if failure is not None or len(reports) < ranks:
+            raise ModelError(
+                failure.error if failure else f"only {len(reports)} of {ranks} ranks reported a load"
+            )
+        return reports
 
     # -- the whole boot --------------------------------------------------------------------
 
@@ -191,7 +280,9 @@ class Runtime:
                 self.status.begin(Stage.TLS)
                 self._tls = generate_enclave_tls(hostnames=cfg.tls_hostnames)
                 self.status.end(Stage.TLS, f"spki sha256 {self._tls.spki_sha256}")
-            router = enclave_router(status=self.status, attestation=lambda: None)
+            router = enclave_router(
+                status=self.status, attestation=lambda: None, config=lambda: self._configuration
+            )
             boot_server = BootServer(boot_app(self.status, router), sock, tls=self._tls)
             await boot_server.start()
             scheme = "https" if self._tls else "http"
@@ -218,160 +309,135 @@ class Runtime:
         finally:
             if boot_server is not None and boot_server.running:
                 await boot_server.stop()
-            if self._key is not None:
-                self._key.wipe()
-                self._key = None
+            self._wipe_key()
             if self._tls is not None:
                 self._tls.close()
+            if self._private is not None:
+                self._private.remove()
             sock.close()
 
     async def _boot_and_serve(self, sock: socket.socket, boot_server: BootServer) -> int:
         stage = Stage.CONFIG
         try:
-            manifest, args = await self._stage(stage, self._config_stage, lambda r: f"model {r[0].digest}")
-
+            prepared = await self._stage(
+                stage,
+                self._config_stage,
+                lambda p: f"model {p.manifest.digest}, config sha256:{p.configuration.sha256}",
+            )
             stage = Stage.ATTEST
             attester, devices = await self._stage(
                 stage,
                 self._attest_stage,
                 lambda r: f"tee {r[0].tee.value}, {len(r[1])} device attester(s)",
             )
-
             stage = Stage.KEY
             release = await self._stage(
                 stage,
-                lambda: self._key_stage(manifest, attester, devices),
+                lambda: self._key_stage(prepared, attester, devices),
                 lambda r: f"key released by {r.source} for {r.resource}",
             )
             self._key = release.secret
 
             stage = Stage.LOAD
             self.status.begin(stage)
-            return await self._load_and_serve(sock, boot_server, args, manifest, attester, devices, release)
+            engine, reports = await self._load_stage(prepared)
+            # The workers hold the weights; this process no longer needs the key.
+            self._wipe_key()
+            self.status.end(stage, _load_detail(reports, prepared))
         except Exception as exc:
-            if isinstance(exc, Error):
-                reason = str(exc)
-                logger.error("boot failed at stage %s: %s", stage.value, reason)
-            else:  # a bug, not a verdict: keep the traceback in the log, only the type in the reason
-                reason = f"internal error ({type(exc).__name__}); see the log"
-                logger.exception("boot failed at stage %s: %s", stage.value, reason)
-            self.status.fail(stage, reason)
-            if self._key is not None:
-                self._key.wipe()
-                self._key = None
+            self._fail(stage, exc)
             return EXIT_BOOT_FAILED
+        try:
+            return await self._serve(sock, boot_server, engine, prepared, attester, devices, release)
+        except Exception as exc:
+            self._fail(Stage.SERVE, exc)
+            return EXIT_BOOT_FAILED
+        finally:
+            await engine.stop()
 
-    async def _load_and_serve(
+    def _fail(self, stage: Stage, exc: Exception) -> None:
+        if isinstance(exc, Error):
+            reason = str(exc)
+            logger.error("boot failed at stage %s: %s", stage.value, reason)
+        else:  # a bug, not a verdict: keep the traceback in the log, only the type in the reason
+            reason = f"internal error ({type(exc).__name__}); see the log"
+            logger.exception("boot failed at stage %s: %s", stage.value, reason)
+        self.status.fail(stage, reason)
+        self._wipe_key()
+
+    async def _serve(
         self,
         sock: socket.socket,
         boot_server: BootServer,
-        args: Namespace,
-        manifest: Any,
+        engine: VllmEngine,
+        prepared: Prepared,
         attester: Attester,
         devices: list[DeviceAttester],
-        release: Any,
+        release: KeyRelease,
     ) -> int:
-        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-        from vllm.entrypoints.launchers.app import build_app
-        from vllm.entrypoints.launchers.launcher import serve_http
-        from vllm.entrypoints.serve.utils.api_utils import log_non_default_args
-
-        from loader.keyhandoff import KeyHandoffServer
-
-        assert self._key is not None
-        ranks = args.tensor_parallel_size * args.pipeline_parallel_size * args.data_parallel_size
-        handoff = KeyHandoffServer(self._key, manifest_digest=manifest.digest, max_releases=ranks)
-        with handoff:
-            args.model_loader_extra_config = {
-                "key_socket": str(handoff.path),
-                "manifest_digest": manifest.digest,
-            }
-            log_non_default_args(args)
-            try:
-                engine_cm = build_async_engine_client(args)
-                engine_client = await engine_cm.__aenter__()
-            except Exception as exc:
-                failure = handoff.first_failure()
-                if failure is not None:
-                    raise ModelError(
-                        f"rank {failure.rank} failed to load the model: {failure.error}"
-                    ) from None
-                raise ModelError(
-                    f"the inference engine failed to start ({type(exc).__name__}: {exc}); "
-                    "see the engine log above"
-                ) from None
-            try:
-                reports = await asyncio.to_thread(handoff.wait_for_reports, ranks, 30.0)
-                failure = handoff.first_failure()
-                if failure is not None or len(reports) < ranks:
-                    raise ModelError(
-                        failure.error if failure else f"only {len(reports)} of {ranks} ranks reported a load"
-                    )
-            except BaseException:
-                await engine_cm.__aexit__(None, None, None)
-                raise
-        # The workers hold the weights; this process no longer needs the key.
-        self._key.wipe()
-        self._key = None
-        per_rank = ", ".join(
-            f"rank {r.rank}: {int(r.stats.get('ciphertext_bytes', 0)) / 1e6:.3f} MB "
-            f"at {float(r.stats.get('gbps', 0.0)):.2f} GB/s"
-            for r in sorted(reports, key=lambda r: r.rank)
+        self._attestation = AttestationService(
+            attester=attester,
+            devices=devices,
+            model_digest=prepared.manifest.digest,
+            config=prepared.configuration,
+            tls_spki_sha256=self._tls.spki_sha256 if self._tls else None,
+            key_release=release.receipt.to_json() if release.receipt is not None else None,
+            runtime={"name": "enclave-serve", "version": str(runtime_versions()["version"])},
+            insecure_modes=self.status.insecure_modes,
         )
-        total_mb = manifest.plaintext_bytes / 1e6
-        self.status.end(
-            Stage.LOAD, f"{len(reports)} rank(s) decrypted parts of a {total_mb:.3f} MB model: {per_rank}"
+        router = enclave_router(
+            status=self.status,
+            attestation=lambda: self._attestation,
+            config=lambda: self._configuration,
+            engine_healthy=engine.healthy,
         )
-
-        try:
-            supported_tasks = await engine_client.get_supported_tasks()
-            app = build_app(args, supported_tasks, engine_client.model_config)
-            await init_app_state(engine_client, app.state, args, supported_tasks)
-            self._attestation = AttestationService(
-                attester=attester,
-                devices=devices,
-                model_digest=manifest.digest,
-                tls_spki_sha256=self._tls.spki_sha256 if self._tls else None,
-                key_release=release.receipt.to_json() if release.receipt is not None else None,
-                runtime={"name": "enclave-serve", "version": _runtime_version()},
-                insecure_modes=self.status.insecure_modes,
-            )
-
-            async def engine_healthy() -> bool:
-                return not engine_client.errored
-
-            app.include_router(
-                enclave_router(
-                    status=self.status, attestation=lambda: self._attestation, engine_healthy=engine_healthy
-                )
-            )
-            # Hand the port over from the boot server to vLLM's server.
-            await boot_server.stop()
-            self.status.begin(Stage.SERVE)
-            self.status.set_ready()
-            self.status.end(Stage.SERVE, "serving")
-            scheme = "https" if self._tls else "http"
-            logger.info("enclave-serve ready: %s://%s:%d/v1", scheme, self.config.host, self.config.port)
-            shutdown = await serve_http(
-                app,
-                sock=sock,
-                host=args.host,
-                port=args.port,
-                log_level=args.uvicorn_log_level,
-                access_log=not args.disable_uvicorn_access_log,
-                ssl_keyfile=args.ssl_keyfile,
-                ssl_certfile=args.ssl_certfile,
-            )
-            await shutdown
-        finally:
-            await engine_cm.__aexit__(None, None, None)
+        app = await engine.build_app([router])
+        # Hand the port over from the boot server to vLLM's server.
+        await boot_server.stop()
+        self.status.begin(Stage.SERVE)
+        self.status.set_ready()
+        self.status.end(Stage.SERVE, "serving")
+        scheme = "https" if self._tls else "http"
+        logger.info("enclave-serve ready: %s://%s:%d/v1", scheme, self.config.host, self.config.port)
+        await engine.serve(app, sock)
         return 0
+
+
+def _load_detail(reports: list[LoadReport], prepared: Prepared) -> str:
+    per_rank = ", ".join(
+        f"rank {r.rank}: {int(r.stats.get('ciphertext_bytes', 0)) / 1e6:.3f} MB "
+        f"at {float(r.stats.get('gbps', 0.0)):.2f} GB/s"
+        for r in sorted(reports, key=lambda r: r.rank)
+    )
+    total_mb = prepared.manifest.plaintext_bytes / 1e6
+    return f"{len(reports)} rank(s) decrypted parts of a {total_mb:.3f} MB model: {per_rank}"
+
+
+def print_configuration(config: RunConfig) -> RunConfiguration:
+    """Run only the ``config`` stage and return the run configuration it attests.
+
+    What a boot with the same inputs (model, options, environment, image) will claim, computed
+    without attesting, fetching a key or starting vLLM's engine.
+
+    Raises:
+        Error: the configuration would be refused at boot.
+    """
+    config.validate()
+    private = PrivateDirectory.create(config.private_dir)
+    try:
+        environment = _apply_environment(private)
+        tls_files = ("<tls key>", "<tls certificate>") if config.tls else None
+        return prepare(config, private, environment=environment, tls_files=tls_files).configuration
+    finally:
+        private.remove()
 
 
 def run_blocking(config: RunConfig) -> int:
     """Validate ``config`` and run the runtime on uvloop until it stops."""
+    from attest.secret import protect_process_memory
+
     config.validate()
+    protect_process_memory()  # before the process holds anything worth reading
     import uvloop
 
     return uvloop.run(Runtime(config).run())

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from attest.errors import Error
-from runtime.logs import configure_logging
+from attest.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
 

@@ -8,25 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from attest.errors import ConfigError
 
-__all__ = ["KEY_SOURCES", "RESERVED_VLLM_FLAGS", "RunConfig"]
+__all__ = ["DEFAULT_PRIVATE_DIR", "KEY_SOURCES", "RunConfig"]
 
 KEY_SOURCES = ("kbs", "cdh", "file")
 
-#: vLLM flags the runtime sets itself; passing them through would bypass the enclave.
-RESERVED_VLLM_FLAGS = (
-    "--model",
-    "--load-format",
-    "--model-loader-extra-config",
-    "--host",
-    "--port",
-    "--uds",
-    "--ssl-keyfile",
-    "--ssl-certfile",
-    "--enable-ssl-refresh",
-)
+#: Where the guest-private working directory is created (a tmpfs in every Linux container).
+DEFAULT_PRIVATE_DIR = Path("/dev/shm")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +43,7 @@ class RunConfig:
     tls: bool = True
     tls_hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
     exit_on_failure: bool = False
+    private_dir: Path = DEFAULT_PRIVATE_DIR
     vllm_args: tuple[str, ...] = field(default_factory=tuple)
 
     def validate(self) -> None:
@@ -86,10 +78,35 @@ class RunConfig:
             )
         if self.tee_key not in ("ec", "rsa"):
             raise ConfigError("--tee-key must be ec or rsa")
-        for arg in self.vllm_args:
-            flag = arg.split("=", 1)[0]
-            if flag in RESERVED_VLLM_FLAGS:
-                raise ConfigError(f"{flag} is set by enclave-serve itself and cannot be passed to vLLM")
+        # The vLLM options are checked on vLLM's parsed namespace at the config stage
+        # (runtime.vllm_args), not here by spelling.
+
+    def attested_settings(self, *, resource: str, kbs_ca_sha256: str | None) -> dict[str, Any]:
+        """Return the runtime's own settings as they go into the attested configuration.
+
+        ``resource`` is the key resource the runtime will fetch; ``kbs_ca_sha256`` the digest of
+        the pinned KBS CA bundle it read. Listen address and port are left out (they place the
+        server on the network, which the host controls anyway, and change nothing it runs).
+        """
+        return {
+            "tee": self.tee,
+            "gpus": self.gpus,
+            "allow_insecure_sample_tee": self.allow_insecure_sample_tee,
+            "allow_insecure_gpu_cc_off": self.allow_insecure_gpu_cc_off,
+            "key_source": self.key_source,
+            "key_resource": resource,
+            "kbs_url": self.kbs_url if self.key_source == "kbs" else None,
+            "kbs_ca_sha256": kbs_ca_sha256 if self.key_source == "kbs" else None,
+            "tee_key": self.tee_key if self.key_source == "kbs" else None,
+            "kbs_deadline_s": self.kbs_deadline_s if self.key_source == "kbs" else None,
+            "cdh_url": self.cdh_url if self.key_source == "cdh" else None,
+            "key_file": str(self.key_file) if self.key_source == "file" and self.key_file else None,
+            "allow_insecure_key_file": self.allow_insecure_key_file,
+            "tls": self.tls,
+            "tls_hostnames": list(self.tls_hostnames) if self.tls else [],
+            "exit_on_failure": self.exit_on_failure,
+            "insecure_modes": self.insecure_modes,
+        }
 
     @property
     def insecure_modes(self) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 from attest.binding import document_device_nonce
 from attest.document import AttestationClaims, AttestationDocument, DeviceClaim, device_evidence_digest
 from attest.providers.base import Attester, DeviceAttester
+from attest.runconfig import RunConfiguration
 
 __all__ = ["AttestationService"]
 
@@ -33,6 +34,7 @@ class AttestationService:
         attester: Attester,
         devices: Sequence[DeviceAttester],
         model_digest: str,
+        config: RunConfiguration,
         tls_spki_sha256: str | None,
         key_release: Mapping[str, Any] | None,
         runtime: Mapping[str, str],
@@ -41,6 +43,7 @@ class AttestationService:
         self._attester = attester
         self._devices = tuple(devices)
         self._model_digest = model_digest
+        self._config = config
         self._tls_spki_sha256 = tls_spki_sha256
         self._key_release = dict(key_release) if key_release is not None else None
         self._runtime = dict(runtime)
@@ -65,6 +68,7 @@ class AttestationService:
                 tee=self._attester.tee,
                 insecure_modes=self._insecure_modes,
                 model_digest=self._model_digest,
+                config_sha256=self._config.sha256,
                 tls_spki_sha256=self._tls_spki_sha256,
                 devices=tuple(
                     DeviceClaim(tee=ev.tee.value, evidence_sha384=device_evidence_digest(ev))

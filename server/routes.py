@@ -5,6 +5,9 @@
 * ``GET /readyz`` — readiness: 200 ``{"ready": true, ...}`` once serving and the engine is
   healthy, else 503 with ``{"ready": false, "status", "stage", "reason"}``.
 * ``GET /.well-known/enclave-serve/boot`` — every boot stage with its timing and outcome.
+* ``GET /.well-known/enclave-serve/config`` — the exact bytes of the run configuration
+  (:mod:`attest.runconfig`) whose SHA-256 every attestation document claims; 503 until the
+  ``config`` stage has built it.
 * ``GET /.well-known/enclave-serve/attestation?nonce=<64 hex>`` — a fresh attestation document
   (see :mod:`attest.document`); 400 without a valid nonce, 503 until the model is loaded.
 
@@ -20,10 +23,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from attest.document import NONCE_SIZE
 from attest.errors import Error
+from attest.runconfig import RunConfiguration
 from server.attestation import AttestationService
 from server.status import BootStatus
 
@@ -51,6 +55,7 @@ def enclave_router(
     *,
     status: BootStatus,
     attestation: Callable[[], AttestationService | None],
+    config: Callable[[], RunConfiguration | None] = lambda: None,
     engine_healthy: HealthCheck | None = None,
 ) -> APIRouter:
     """Return the probes and ``/.well-known`` routes, reading state through the callables."""
@@ -76,6 +81,14 @@ def enclave_router(
     @router.get(f"{WELL_KNOWN_PREFIX}/boot")
     async def boot() -> dict[str, Any]:
         return status.to_json()
+
+    @router.get(f"{WELL_KNOWN_PREFIX}/config")
+    async def run_configuration() -> Response:
+        current = config()
+        if current is None:
+            return JSONResponse(_not_ready_body(status), status_code=503)
+        # The exact canonical bytes: their SHA-256 is the attested claim.
+        return Response(current.raw, media_type="application/json", headers={"Cache-Control": "no-cache"})
 
     @router.get(f"{WELL_KNOWN_PREFIX}/attestation")
     async def attestation_document(

@@ -99,7 +99,8 @@ class TeeKeyPair:
     def decrypt(self, response: JweResponse) -> SecretBytes:
         """Decrypt a KBS resource response and return the plaintext.
 
-        Verified: the JWE's ``alg`` is this key's algorithm, ``enc`` is ``A256GCM``, the key
+        Verified: the JWE is not compressed (no ``zip``), its ``alg`` is this key's algorithm,
+        ``enc`` is ``A256GCM``, the key
         unwraps and the GCM tag authenticates the ciphertext and the protected header. Not
         verified: who encrypted it (JWE has no sender authentication; the binding of this key
         to the attestation is what makes only the KBS able to target it).
@@ -109,6 +110,10 @@ class TeeKeyPair:
         """
         try:
             header = response.header()
+            if "zip" in header:
+                # RFC 7516 §4.1.3: Trustee never compresses; a compressed payload is only ever a
+                # decompression bomb (jwcrypto CVE-2024-28102) or an oracle. Refuse before opening.
+                raise KeyUnwrapError("the KBS response is compressed ('zip'); Trustee never does that")
             if header.get("alg") != self.alg or header.get("enc") != A256GCM:
                 raise KeyUnwrapError(
                     "the KBS response is not encrypted to this enclave's TEE key "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 __all__ = ["add_parser", "run"]
@@ -77,6 +78,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="exit with status 3 when boot fails (default: stay up and report the reason)",
     )
+    p.add_argument(
+        "--private-dir",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="memory-backed directory (tmpfs) for the runtime's private files (default /dev/shm)",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="run only the config stage: print the run configuration this boot would attest "
+        "(canonical JSON on stdout, its sha256 on stderr) and exit",
+    )
     p.set_defaults(func=run)
 
 
@@ -106,6 +119,15 @@ def run(args: argparse.Namespace) -> int:
         tls=args.tls,
         tls_hostnames=tuple(dict.fromkeys(hostnames)),
         exit_on_failure=args.exit_on_failure,
+        private_dir=args.private_dir,
         vllm_args=tuple(vllm_args),
     )
+    if args.print_config:
+        from runtime.boot import print_configuration
+
+        configuration = print_configuration(config)
+        sys.stdout.buffer.write(configuration.raw + b"\n")
+        sys.stdout.flush()
+        print(f"config sha256:{configuration.sha256}", file=sys.stderr)
+        return 0
     return run_blocking(config)

@@ -20,6 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--expect-model", metavar="DIGEST", help="required model identity (sha256:... manifest digest)"
     )
     p.add_argument(
+        "--expect-config",
+        metavar="DIGEST",
+        help="required run configuration (sha256:... of /.well-known/enclave-serve/config; "
+        "'enclave-serve run ... --print-config' computes it)",
+    )
+    p.add_argument(
         "--allow-insecure-sample-tee",
         action="store_true",
         help="DEVELOPMENT ONLY: accept the sample TEE (its evidence proves nothing)",
@@ -60,10 +66,16 @@ def run(args: argparse.Namespace) -> int:
             collateral[TeeKind.TDX] = TdxCollateral.from_json(args.tdx_collateral.read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot use the reference values or collateral: {exc}") from exc
+    expected_config = args.expect_config
+    if expected_config is not None:
+        expected_config = expected_config.removeprefix("sha256:")
+        if len(expected_config) != 64 or expected_config.strip("0123456789abcdef"):
+            raise ConfigError("--expect-config must be sha256: followed by 64 lowercase hex digits")
     try:
         verified = verify_server(
             args.url,
             expected_model_digest=args.expect_model,
+            expected_config_sha256=expected_config,
             allow_insecure=args.allow_insecure_sample_tee,
             allow_no_tls=args.allow_no_tls,
             policy=cpu_policy,
@@ -83,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     for check in verified.checks:
         print(f"  ok  {check.name:<16} {check.detail}")
     print(f"  model        {claims.model_digest}")
+    print(f"  config       sha256:{claims.config_sha256}")
     print(f"  tee          {claims.tee.value}{' (INSECURE: development only)' if claims.insecure else ''}")
     if verified.tls_spki_sha256:
         print(f"  pin TLS key  sha256 SPKI {verified.tls_spki_sha256}")

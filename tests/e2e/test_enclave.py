@@ -6,7 +6,6 @@ on CI machines); everything above the hardware call is the production path.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -17,7 +16,17 @@ import openai
 import pytest
 
 from attest.client import attested_openai
-from tests.e2e.conftest import ES, KEY_ID, Enclave, Launcher, Workspace, child_env, wait_ready
+from tests.e2e.conftest import (
+    ES,
+    KEY_ID,
+    Enclave,
+    Launcher,
+    Workspace,
+    assert_nothing_served,
+    child_env,
+    key_forms,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -135,6 +144,8 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         a = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "11" * 32}).json()
         b = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "22" * 32}).json()
         assert a["claims"]["nonce"] == "11" * 32 and b["claims"]["nonce"] == "22" * 32
+        assert a["format"] == "enclave-serve/attestation/v2"
+        assert a["claims"]["config"] == b["claims"]["config"]
         assert "sample TEE (evidence proves nothing)" in a["claims"]["insecure_modes"]
         assert a["evidence"]["primary"]["report_data"] != b["evidence"]["primary"]["report_data"]
         assert (
@@ -147,12 +158,6 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         assert any("sample TEE" in m for m in boot["insecure_modes"])
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").json()["ready"] is True
-
-
-def _key_forms(key_file: Path) -> list[bytes]:
-    raw = key_file.read_bytes()
-    forms = [raw, raw.hex().encode(), base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"=")]
-    return [f for f in forms if len(f) >= 16]
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -175,7 +180,7 @@ def _process_tree(pid: int) -> list[int]:
 
 
 def test_key_never_in_logs_env_argv_or_files(enclave: Enclave) -> None:
-    forms = _key_forms(enclave.ws.key_file)
+    forms = key_forms(enclave.ws.key_file)
     tree = _process_tree(enclave.proc.popen.pid)
     assert len(tree) >= 2, "expected the runtime and its vLLM engine processes"
     for pid in tree:
@@ -185,23 +190,21 @@ def test_key_never_in_logs_env_argv_or_files(enclave: Enclave) -> None:
     log = enclave.proc.log.read_bytes()
     assert b"enclave-serve ready" in log
     assert not any(f in log for f in forms), "key material in the runtime log"
-    for path in enclave.ws.encrypted.rglob("*"):
-        if path.is_file():
-            assert not any(f in path.read_bytes() for f in forms), f"key material in {path}"
+    # The per-rank capabilities travel only in vLLM's spawn pipes: never in a logged argument.
+    assert b"capabilities" not in log and b"key_socket': '/" not in log
+    for model_dir in (enclave.ws.encrypted, enclave.ws.served):
+        for path in model_dir.rglob("*"):
+            if path.is_file():
+                assert not any(f in path.read_bytes() for f in forms), f"key material in {path}"
 
 
-def _assert_nothing_served(url: str) -> None:
-    with httpx.Client(verify=False, base_url=url, timeout=10) as client:
-        for method, path in (
-            ("GET", "/v1/models"),
-            ("POST", "/v1/chat/completions"),
-            ("GET", "/.well-known/enclave-serve/attestation?nonce=" + "ab" * 32),
-        ):
-            r = client.request(
-                method, path, json={"model": "tiny", "messages": []} if method == "POST" else None
-            )
-            assert r.status_code == 503, (path, r.status_code, r.text)
-        assert client.get("/livez").status_code == 200
+def test_runtime_and_vllm_processes_cannot_dump_core(enclave: Enclave) -> None:
+    tree = _process_tree(enclave.proc.popen.pid)
+    assert len(tree) >= 3, "expected the runtime, vLLM's engine core and its worker"
+    for pid in tree:
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max core file size"))
+        assert line.split()[4:6] == ["0", "0"], (pid, line)
 
 
 def test_wrong_key_refuses_to_serve(workspace: Workspace, launcher: Launcher, tmp_path: Path) -> None:
@@ -212,10 +215,10 @@ def test_wrong_key_refuses_to_serve(workspace: Workspace, launcher: Launcher, tm
     body = wait_ready(url, proc, want_failure=True)
     assert body["stage"] == "key"
     assert "manifest" in body["reason"].lower()
-    _assert_nothing_served(url)
+    assert_nothing_served(url)
     log = proc.text()
     assert sum("boot failed at stage key" in line for line in log.splitlines()) == 1
-    assert not any(f in log.encode() for f in _key_forms(workspace.key_file) + _key_forms(wrong_key))
+    assert not any(f in log.encode() for f in key_forms(workspace.key_file) + key_forms(wrong_key))
 
 
 def test_flipped_byte_in_shard_refuses_to_serve(
@@ -236,7 +239,7 @@ def test_flipped_byte_in_shard_refuses_to_serve(
     body = wait_ready(url, proc, want_failure=True)
     assert body["stage"] == "load"
     assert shard.name in body["reason"]
-    _assert_nothing_served(url)
+    assert_nothing_served(url)
     assert sum("boot failed at stage load" in line for line in proc.text().splitlines()) == 1
 
 
@@ -267,6 +270,9 @@ def test_tensor_parallel_ranks_each_get_the_key_and_decrypt_only_their_part(
         assert load["detail"].startswith("2 rank(s) decrypted parts")
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
+        config = client.get("/.well-known/enclave-serve/config").json()
+        assert config["vllm"]["options"]["tensor_parallel_size"] == 2
+        assert config["environment"]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     from loader.manifest import Manifest
 
     total = Manifest.load(small_chunks).plaintext_bytes

@@ -134,3 +134,17 @@ def test_rsa1_5_and_unknown_curves_are_refused() -> None:
 def test_tee_key_repr_never_shows_private_material(ec_key: TeeKeyPair) -> None:
     assert "redacted" in repr(ec_key)
     assert "d" not in json.loads(json.dumps(ec_key.public_key.to_json()))
+
+
+def test_compressed_jwe_is_refused_before_it_is_opened(ec_key: TeeKeyPair) -> None:
+    """``zip: DEF`` (the CVE-2024-28102 decompression bomb vector) never reaches jwcrypto."""
+    public = jwk.JWK(**{"kty": "EC", "crv": "P-256", "x": ec_key.public_key.x, "y": ec_key.public_key.y})
+    token = jwe.JWE(PAYLOAD, protected=json.dumps({"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "zip": "DEF"}))
+    token.add_recipient(public)
+    response = JweResponse.from_json(token.serialize().encode())
+    # The JWE itself is valid: jwcrypto (with zip allowed) would inflate and return the payload.
+    opened = jwe.JWE()
+    opened.deserialize(token.serialize(), key=ec_key._jwk)
+    assert opened.payload == PAYLOAD
+    with pytest.raises(KeyUnwrapError, match="compressed"):
+        ec_key.decrypt(response)

@@ -18,6 +18,7 @@ import loader.packer
 from attest.errors import ConfigError, ModelFormatError
 from attest.secret import SecretBytes
 from loader.manifest import Manifest
+from loader.modelview import stage_model_view
 from loader.packer import generate_model_key, pack_model
 from loader.pipeline import decrypted_tensors
 from tests.loader.conftest import CHUNK, KEY, KEY_ID, as_bytes
@@ -114,7 +115,7 @@ def test_skips_files_that_may_be_plaintext_weights(
         "tokenizer.json",
         "generation_config.json",
     }
-    manifest.verify_plain_files(tmp_path / "out")
+    stage_model_view(tmp_path / "out", manifest, tmp_path / "view")
 
 
 @pytest.mark.parametrize(

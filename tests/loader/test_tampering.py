@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from attest.errors import ModelDecryptionError, ModelFormatError
 from loader.format import GCM_TAG_SIZE, ShardHeader, chunk_aad, chunk_nonce, derive_shard_keys
 from loader.manifest import MANIFEST_NAME, Manifest
+from loader.modelview import stage_model_view
 from loader.packer import pack_model
 from loader.pipeline import decrypted_tensors
 from loader.shard import EncryptedShard
@@ -247,10 +248,10 @@ def test_manifest_edited_by_hand_is_not_canonical(packed: Path) -> None:
 
 
 @pytest.mark.parametrize("change", ["modified", "deleted", "added"])
-def test_plain_file_tampering_is_named(packed: Path, change: str) -> None:
+def test_plain_file_tampering_is_named(packed: Path, change: str, tmp_path: Path) -> None:
     manifest = Manifest.load(packed)
     manifest.authenticate(KEY)
-    manifest.verify_plain_files(packed)
+    stage_model_view(packed, manifest, tmp_path / "view-before")
     if change == "modified":
         (packed / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 65}')
         name = "config.json"
@@ -261,7 +262,7 @@ def test_plain_file_tampering_is_named(packed: Path, change: str) -> None:
         (packed / "chat_template.jinja").write_text("{{ messages }}")
         name = "chat_template.jinja"
     with pytest.raises(ModelFormatError, match=name):
-        manifest.verify_plain_files(packed)
+        stage_model_view(packed, manifest, tmp_path / "view-after")
 
 
 def test_failure_zeroes_everything_already_written(packed: Path, reference: dict[str, torch.Tensor]) -> None:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from attest.secret import SecretBytes
 from loader.manifest import Manifest
+from loader.modelview import stage_model_view
 from loader.packer import pack_model
 from loader.pipeline import decrypted_tensors
 from tests.loader.conftest import as_bytes
@@ -55,13 +56,13 @@ def test_packer_reproduces_the_vector_bytes(tmp_path: Path) -> None:
     )
 
 
-def test_loader_decrypts_the_vector() -> None:
+def test_loader_decrypts_the_vector(tmp_path: Path) -> None:
     gen = _generator()
     key = SecretBytes(gen.KEY)  # type: ignore[attr-defined]
     model = VECTORS / "encrypted"
     manifest = Manifest.load(model)
     manifest.authenticate(key)
-    manifest.verify_plain_files(model)
+    stage_model_view(model, manifest, tmp_path / "view")
     out = {n: t.clone() for n, t in decrypted_tensors(model, manifest, key)}
     ref = load_file(VECTORS / "source" / "model.safetensors")
     assert sorted(out) == sorted(ref)

@@ -25,9 +25,6 @@ def cfg(tmp_path: Path, **kw: object) -> RunConfig:
         ({"key_source": "file"}, "--key-file is required"),
         ({"key_source": "kbs", "kbs_url": None}, "--kbs-url is required"),
         ({"key_source": "vault"}, "unknown key source"),
-        ({"vllm_args": ("--load-format", "safetensors")}, "--load-format is set by enclave-serve"),
-        ({"vllm_args": ("--model-loader-extra-config={}",)}, "--model-loader-extra-config"),
-        ({"vllm_args": ("--ssl-keyfile", "/tmp/k")}, "--ssl-keyfile"),
     ],
 )
 def test_unsafe_or_inconsistent_configs_are_refused(

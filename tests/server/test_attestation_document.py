@@ -11,11 +11,20 @@ from attest.binding import document_device_nonce
 from attest.document import AttestationDocument
 from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
 from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from attest.runconfig import RunConfiguration
 from server.attestation import AttestationService
 
 NONCE = bytes(range(32))
 DIGEST = "sha256:" + "aa" * 32
 SPKI = "bb" * 32
+CONFIG = RunConfiguration.build(
+    manifest_digest=DIGEST,
+    runtime={"name": "enclave-serve", "version": "test"},
+    settings={"tee": "sample"},
+    vllm_options={"max_model_len": 512},
+    environment={"HF_HUB_OFFLINE": "1"},
+    private_filesystem="tmpfs",
+)
 
 
 def service(**kw: object) -> AttestationService:
@@ -23,6 +32,7 @@ def service(**kw: object) -> AttestationService:
         "attester": UnsafeSampleAttester(allow_insecure=True),
         "devices": [UnsafeSampleDeviceAttester(allow_insecure=True)],
         "model_digest": DIGEST,
+        "config": CONFIG,
         "tls_spki_sha256": SPKI,
         "key_release": {"source": "kbs", "resource": "kbs:///r/t/x"},
         "runtime": {"name": "enclave-serve", "version": "test"},
@@ -47,7 +57,8 @@ def test_report_data_commits_to_claims_and_devices_to_derived_nonce() -> None:
     checks = doc.check_binding(
         nonce=NONCE, observed_tls_spki_sha256=SPKI, expected_model_digest=DIGEST, allow_insecure=True
     )
-    assert [c.name for c in checks] == ["nonce", "devices", "tls", "model", "tee"]
+    assert [c.name for c in checks] == ["nonce", "devices", "tls", "model", "config", "tee"]
+    assert doc.claims.config_sha256 == CONFIG.sha256
 
 
 def test_every_claim_changes_the_report_data() -> None:
@@ -55,6 +66,7 @@ def test_every_claim_changes_the_report_data() -> None:
     variants = [
         dataclasses.replace(base, nonce=bytes(32)),
         dataclasses.replace(base, model_digest="sha256:" + "cc" * 32),
+        dataclasses.replace(base, config_sha256="cc" * 32),
         dataclasses.replace(base, tls_spki_sha256=None),
         dataclasses.replace(base, devices=()),
         dataclasses.replace(base, key_release=None),
@@ -72,6 +84,7 @@ def test_every_claim_changes_the_report_data() -> None:
         ({"observed_tls_spki_sha256": "cc" * 32}, VerificationError, "possible interception"),
         ({"observed_tls_spki_sha256": None}, PolicyViolation, "not bound to a TLS key"),
         ({"expected_model_digest": "sha256:" + "dd" * 32}, PolicyViolation, "not the expected"),
+        ({"expected_config_sha256": "dd" * 32}, PolicyViolation, "config: the server runs configuration"),
         ({"allow_insecure": False}, PolicyViolation, "INSECURE development mode \\(sample TEE"),
     ],
 )
@@ -99,7 +112,9 @@ def test_swapped_device_evidence_is_detected() -> None:
 @pytest.mark.parametrize(
     "mutate",
     [
-        lambda d: d.update(format="enclave-serve/attestation/v0"),
+        lambda d: d.update(format="enclave-serve/attestation/v1"),
+        lambda d: d["claims"].pop("config"),
+        lambda d: d["claims"].update(config={"sha256": "not hex"}),
         lambda d: d["claims"].update(purpose="something-else"),
         lambda d: d["claims"].pop("model"),
         lambda d: d["evidence"].update(tee="tdx"),
@@ -130,3 +145,29 @@ def test_hostile_documents_are_malformed_not_crashes(mutate) -> None:  # type: i
     mutate(body)
     with pytest.raises(MalformedEvidence):
         AttestationDocument.from_json(body)
+
+
+def test_run_configuration_is_canonical_and_strict() -> None:
+    again = RunConfiguration.from_bytes(CONFIG.raw)
+    assert again.sha256 == CONFIG.sha256 and again.manifest_digest == DIGEST
+    body = CONFIG.to_json()
+    assert set(body) == {"format", "model", "runtime", "settings", "vllm", "environment", "private"}
+    import json
+
+    import rfc8785
+
+    for bad in (
+        json.dumps(body).encode(),  # not canonical
+        rfc8785.dumps({**body, "extra": {}}),
+        rfc8785.dumps({k: v for k, v in body.items() if k != "environment"}),
+        rfc8785.dumps({**body, "format": "enclave-serve/config/v0"}),
+        rfc8785.dumps({**body, "settings": []}),
+        b"\xff",
+    ):
+        with pytest.raises(MalformedEvidence):
+            RunConfiguration.from_bytes(bad)
+    with pytest.raises(ValueError, match="canonical"):
+        RunConfiguration.build(
+            manifest_digest=DIGEST, runtime={}, settings={"x": float("nan")}, vllm_options={},
+            environment={}, private_filesystem="tmpfs",
+        )  # fmt: skip

