@@ -5,15 +5,15 @@ Modules, each owning one thing:
 * :mod:`attest.kbs.wire`: the messages, field for field as ``kbs-types`` (shared by both sides).
 * :mod:`attest.kbs.uri`: ``kbs:///repo/type/tag`` resource URIs.
 * :mod:`attest.kbs.teekey`: the ephemeral TEE key and JWE decryption (jwcrypto).
-* :mod:`attest.kbs.jwe`: JWE responses built exactly as Trustee builds them (server side).
+* :mod:`attest.kbs.dev.jwe`: JWE responses built exactly as Trustee builds them (server side).
 * :mod:`attest.kbs.client`: :class:`KbsClient`, the handshake and resource fetches.
 * :mod:`attest.kbs.admin`: the admin API (``kbs-client set-resource`` / ``set-resource-policy``).
 * :mod:`attest.kbs.token`: the EAR-shaped attestation token.
 * :mod:`attest.kbs.retry`: bounded retries under a deadline.
-* :mod:`attest.kbs.policy`, :mod:`attest.kbs.appraisal`, :mod:`attest.kbs.devserver`: kbs-dev.
+* :mod:`attest.kbs.dev.policy`, :mod:`attest.kbs.dev.appraisal`, :mod:`attest.kbs.dev.server`: kbs-dev.
 
 The dev server is not imported here (it pulls in FastAPI and uvicorn); import
-:mod:`attest.kbs.devserver` explicitly.
+:mod:`attest.kbs.dev.server` explicitly.
 """
 
 from __future__ import annotations

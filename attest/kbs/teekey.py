@@ -18,8 +18,15 @@ from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
 from attest.errors import KeyUnwrapError
-from attest.kbs.jwe import A256GCM, ECDH_ES_A256KW, RSA_OAEP_256
-from attest.kbs.wire import EcTeePubKey, JweResponse, RsaTeePubKey, b64url_encode
+from attest.kbs.wire import (
+    A256GCM,
+    ECDH_ES_A256KW,
+    RSA_OAEP_256,
+    EcTeePubKey,
+    JweResponse,
+    RsaTeePubKey,
+    b64url_encode,
+)
 from attest.secret import SecretBytes
 
 __all__ = ["RSA_KEY_BITS", "TeeKeyKind", "TeeKeyPair"]

@@ -24,13 +24,16 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, Valid
 from attest.binding import HashAlgorithm, kbs_device_runtime_data, kbs_primary_runtime_data
 
 __all__ = [
+    "A256GCM",
     "ATTEST_PATH",
     "AUTH_PATH",
     "DEFAULT_HASH_ALGORITHM",
+    "ECDH_ES_A256KW",
     "KBS_PREFIX",
     "KBS_TEES",
     "PROTOCOL_VERSION",
     "RESOURCE_POLICY_PATH",
+    "RSA_OAEP_256",
     "SELECTED_HASH_ALGORITHM_KEY",
     "SESSION_COOKIE",
     "SUPPORTED_HASH_ALGORITHMS_KEY",
@@ -54,6 +57,11 @@ __all__ = [
     "b64url_encode",
     "parse_tee_pubkey",
 ]
+
+#: JWE algorithm names (RFC 7518 §4.6, §4.3, §5.3), as the constants of ``trustee:kbs/src/jwe/mod.rs``.
+ECDH_ES_A256KW = "ECDH-ES+A256KW"
+RSA_OAEP_256 = "RSA-OAEP-256"
+A256GCM = "A256GCM"
 
 #: RCAR protocol version; Trustee requires an exact match (``trustee:kbs/src/attestation/backend.rs``
 #: ``VERSION_REQ = "=0.4.0"``; guest-components ``KBS_PROTOCOL_VERSION``).

@@ -98,9 +98,10 @@ def _read_resources(specs: list[str]) -> dict[str, bytes]:
 
 def run(args: argparse.Namespace) -> int:
     """Start kbs-dev and serve until interrupted."""
-    from attest.kbs.appraisal import EvidenceAppraiser, ReferenceValues
-    from attest.kbs.devserver import DevKbsConfig, ResourceStore, serve
-    from attest.kbs.policy import ResourcePolicy
+    from attest.kbs.dev.appraisal import EvidenceAppraiser
+    from attest.kbs.dev.policy import ResourcePolicy
+    from attest.kbs.dev.server import DevKbsConfig, ResourceStore, serve
+    from attest.verify.reference import ReferenceValues
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")

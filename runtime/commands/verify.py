@@ -50,11 +50,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
+    from attest.client.remote import verify_server
     from attest.errors import ConfigError, Error
     from attest.evidence import TeeKind
-    from attest.kbs.appraisal import ReferenceValues
-    from attest.remote import verify_server
     from attest.verify import TdxCollateral
+    from attest.verify.reference import ReferenceValues
 
     cpu_policy = device_policy = None
     collateral: dict[TeeKind, object] = {}

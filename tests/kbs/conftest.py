@@ -7,8 +7,8 @@ from contextlib import AbstractContextManager
 
 import pytest
 
-from attest.kbs.devserver import DevKbsConfig, ResourceStore
-from attest.kbs.policy import PolicyRule, ResourcePolicy
+from attest.kbs.dev.policy import PolicyRule, ResourcePolicy
+from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.teekey import TeeKeyPair
 from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from attest.secret import SecretBytes

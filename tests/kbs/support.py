@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from attest.evidence import SampleEvidence
-from attest.kbs.devserver import DevKbsConfig, create_app
+from attest.kbs.dev.server import DevKbsConfig, create_app
 from attest.providers.base import Attester
 
 ADMIN_TOKEN = b"test-admin-token-0123456789abcdef"

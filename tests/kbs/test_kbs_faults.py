@@ -18,8 +18,8 @@ from attest.errors import (
     ResourceNotFound,
 )
 from attest.kbs.client import KbsClient
-from attest.kbs.devserver import DevKbsConfig, ResourceStore
-from attest.kbs.jwe import seal
+from attest.kbs.dev.jwe import seal
+from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.retry import RetryPolicy
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.wire import ErrorType

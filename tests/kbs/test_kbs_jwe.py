@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwe, jwk
 
 from attest.errors import KeyUnwrapError
-from attest.kbs.jwe import concat_kdf, protected_header_json, seal
+from attest.kbs.dev.jwe import concat_kdf, protected_header_json, seal
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.wire import EcTeePubKey, JweResponse, RsaTeePubKey, b64url_decode, b64url_encode
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from attest.kbs.appraisal import ReferenceValues
-from attest.kbs.policy import PolicyDenied, PolicyRule, ResourcePolicy
+from attest.kbs.dev.policy import PolicyDenied, PolicyRule, ResourcePolicy
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.token import SubmodClaims, TokenClaims
 from attest.kbs.wire import Attestation, CompositeEvidence, RuntimeData
+from attest.verify.reference import ReferenceValues
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "kbs"
 MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"

@@ -14,7 +14,7 @@ from attest.binding import HashAlgorithm
 from attest.errors import KeyAccessDenied, KeyBrokerProtocolError, ResourceNotFound
 from attest.kbs.admin import KbsAdminClient
 from attest.kbs.client import KbsClient
-from attest.kbs.devserver import DevKbsConfig, ResourceStore
+from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.token import peek_claims
 from attest.kbs.wire import Attestation, CompositeEvidence, RuntimeData

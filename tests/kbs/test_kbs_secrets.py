@@ -10,7 +10,7 @@ import pytest
 
 from attest.errors import Error, KeyAccessDenied, KeyUnwrapError, ResourceNotFound
 from attest.kbs.client import KbsClient
-from attest.kbs.jwe import seal
+from attest.kbs.dev.jwe import seal
 from attest.kbs.teekey import TeeKeyPair
 from attest.keysource import KbsKeySource, ResourceUri
 from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester

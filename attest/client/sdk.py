@@ -1,6 +1,6 @@
 """An OpenAI client that refuses to talk to an unattested server.
 
-:func:`attested_openai` first runs :func:`attest.remote.verify_server`; only if every check
+:func:`attested_openai` first runs :func:`attest.client.remote.verify_server`; only if every check
 passes does it return an ``openai.OpenAI`` (or ``AsyncOpenAI``) whose HTTP client trusts
 exactly the certificate whose public key the enclave attested, and nothing else. A prompt can
 therefore only ever reach the TLS endpoint inside the verified enclave: a different server
@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 
+from attest.client.remote import VerifiedServer, verify_server
 from attest.errors import PolicyViolation
 from attest.evidence import TeeKind
-from attest.remote import VerifiedServer, verify_server
 from attest.verify import Policy
 
 __all__ = ["attested_openai", "pinned_ssl_context"]

@@ -27,6 +27,9 @@ from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from attest.kbs.wire import (
+    A256GCM,
+    ECDH_ES_A256KW,
+    RSA_OAEP_256,
     EcTeePubKey,
     JweResponse,
     RsaTeePubKey,
@@ -44,10 +47,6 @@ __all__ = [
     "seal",
 ]
 
-#: Algorithm names (RFC 7518 §4.6, §4.3, §5.3), as constants in ``jwe/mod.rs``.
-ECDH_ES_A256KW = "ECDH-ES+A256KW"
-RSA_OAEP_256 = "RSA-OAEP-256"
-A256GCM = "A256GCM"
 
 # Curve name -> (cryptography curve, coordinate length in bytes) (``jwe/mod.rs``: 32 / 66).
 _CURVES: dict[str, tuple[ec.EllipticCurve, int]] = {

@@ -42,9 +42,9 @@ from pydantic import JsonValue
 from starlette.concurrency import run_in_threadpool
 
 from attest.binding import HashAlgorithm
-from attest.kbs.appraisal import AppraisalFailed, EvidenceAppraiser
-from attest.kbs.jwe import seal
-from attest.kbs.policy import PolicyDenied, ResourcePolicy
+from attest.kbs.dev.appraisal import AppraisalFailed, EvidenceAppraiser
+from attest.kbs.dev.jwe import seal
+from attest.kbs.dev.policy import PolicyDenied, ResourcePolicy
 from attest.kbs.token import TokenIssuer, TokenRejected
 from attest.kbs.uri import validate_resource_path
 from attest.kbs.wire import (
