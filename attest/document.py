@@ -9,6 +9,8 @@ data commits (see :mod:`attest.binding`) to :class:`AttestationClaims`:
 * the SHA-384 of every device (GPU) evidence object, collected with a nonce derived from the
   client's nonce,
 * the model identity (the encrypted model's manifest digest),
+* the digest of the CoCo init-data the runtime was launched with (:mod:`attest.initdata`), which
+  the verifier checks against the register the hardware evidence carries,
 * the SHA-256 of the run configuration (:mod:`attest.runconfig`), whose exact bytes the server
   publishes at ``/.well-known/enclave-serve/config``: which options, environment and settings
   the runtime runs with,
@@ -82,6 +84,8 @@ class AttestationClaims:
     model_digest: str
     config_sha256: str
     tls_spki_sha256: str | None
+    #: ``"<algorithm>:<hex>"`` of the CoCo init-data the runtime was launched with, or None.
+    init_data: str | None = None
     devices: tuple[DeviceClaim, ...] = ()
     key_release: Mapping[str, Any] | None = None
     runtime: Mapping[str, str] = field(default_factory=dict)
@@ -106,6 +110,7 @@ class AttestationClaims:
             "insecure_modes": list(self.insecure_modes),
             "model": {"manifest_digest": self.model_digest},
             "config": {"sha256": self.config_sha256},
+            "init_data": None if self.init_data is None else {"digest": self.init_data},
             "tls": None if self.tls_spki_sha256 is None else {"spki_sha256": self.tls_spki_sha256},
             "devices": [d.to_json() for d in self.devices],
             "key_release": None if self.key_release is None else dict(self.key_release),
@@ -133,6 +138,7 @@ class AttestationClaims:
                 insecure_modes=tuple(modes),
                 model_digest=str(obj["model"]["manifest_digest"]),
                 config_sha256=str(obj["config"]["sha256"]),
+                init_data=None if obj["init_data"] is None else str(obj["init_data"]["digest"]),
                 tls_spki_sha256=None if tls is None else str(tls["spki_sha256"]),
                 devices=tuple(
                     DeviceClaim(tee=str(d["tee"]), evidence_sha384=str(d["evidence_sha384"]))

@@ -14,8 +14,9 @@ readiness 503 with a JSON reason, and an exit code.
     │   ├── BackendUnavailable          the TEE, device or library is not present
     │   ├── EvidenceCollectionError     the hardware refused or returned nonsense
     │   ├── MalformedEvidence           bytes/JSON that do not parse as the claimed format
-    │   └── VerificationError           evidence parsed but does not verify or bind
-    │       └── PolicyViolation         evidence verified but a policy refused it
+    │   ├── VerificationError           evidence parsed but does not verify or bind
+    │   │   └── PolicyViolation         evidence verified but a policy refused it
+    │   └── VerificationUnavailable     the check could not be made (unreachable, unusable collateral)
     ├── KeyRetrievalError               key release (attest/kbs, attest/keysource)
     │   ├── KeyBrokerUnreachable        network fault, timeout, 5xx after retries
     │   ├── KeyBrokerProtocolError      the broker answered outside the protocol
@@ -51,6 +52,7 @@ __all__ = [
     "PolicyViolation",
     "ResourceNotFound",
     "VerificationError",
+    "VerificationUnavailable",
 ]
 
 
@@ -100,6 +102,11 @@ class VerificationError(AttestationError):
 
 class PolicyViolation(VerificationError):
     """Evidence verified, but a policy (reference values, TCB, insecure TEE) refused it."""
+
+
+class VerificationUnavailable(AttestationError):
+    """The verification could not be carried out: the server is unreachable or answers errors,
+    or the collateral is unusable. Not a verdict about the server (``verify`` exits 2)."""
 
 
 class KeyRetrievalError(Error):

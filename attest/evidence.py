@@ -113,16 +113,27 @@ class SampleEvidence:
     tee: ClassVar[TeeKind] = TeeKind.SAMPLE
     svn: str = "1"
     report_data: bytes
+    #: The init-data register the sample TEE pretends to have (``--sample-init-data``); an
+    #: enclave-serve extension that Trustee's sample verifier ignores.
+    init_data: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"svn": self.svn, "report_data": base64.b64encode(self.report_data).decode()}
+        out = {"svn": self.svn, "report_data": base64.b64encode(self.report_data).decode()}
+        if self.init_data is not None:
+            out["init_data"] = base64.b64encode(self.init_data).decode()
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> SampleEvidence:
         svn = obj.get("svn")
         if not isinstance(svn, str):
             raise MalformedEvidence("sample evidence: 'svn' must be a string")
-        return cls(svn=svn, report_data=b64decode_strict(obj.get("report_data"), "sample report_data"))
+        init = obj.get("init_data")
+        return cls(
+            svn=svn,
+            report_data=b64decode_strict(obj.get("report_data"), "sample report_data"),
+            init_data=None if init is None else b64decode_strict(init, "sample init_data"),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,9 +33,10 @@ import threading
 from collections.abc import Callable
 from typing import TypeVar
 
-from attest.errors import ConfigError, Error, KeyHandoffCompromised, ModelError
+from attest.errors import AttestationError, ConfigError, Error, KeyHandoffCompromised, ModelError
+from attest.evidence import TeeKind
 from attest.keysource.base import KeyRelease, KeySource
-from attest.providers import detect_devices, nvidia_gpus_present, select_attester
+from attest.providers import detect_devices, init_data_register, nvidia_gpus_present, select_attester
 from attest.providers.base import Attester, DeviceAttester
 from attest.runconfig import RunConfiguration
 from attest.secret import SecretBytes
@@ -146,8 +147,32 @@ class Runtime:
         self._configuration = prepared.configuration
         return prepared
 
-    def _attest_stage(self) -> tuple[Attester, list[DeviceAttester]]:
-        attester = select_attester(self.config.tee, allow_insecure=self.config.allow_insecure_sample_tee)
+    def _attest_stage(self, prepared: Prepared) -> tuple[Attester, list[DeviceAttester]]:
+        init = prepared.init_data
+        sample_register = (
+            init.register(TeeKind.SAMPLE) if init is not None and self.config.tee == "sample" else None
+        )
+        attester = select_attester(
+            self.config.tee,
+            allow_insecure=self.config.allow_insecure_sample_tee,
+            sample_init_data=sample_register,
+        )
+        if init is not None and not attester.insecure:
+            # The host supplies the init-data file: only the hardware register makes it the one
+            # this TEE was launched with (and so the pins the runtime enforced the real ones).
+            register = init_data_register(attester)
+            if register is None or not init.matches(attester.tee, register):
+                shown = "nothing" if register is None else register.hex()
+                raise AttestationError(
+                    f"the init-data given is not the one this {attester.tee.value} guest was launched "
+                    f"with: the register holds {shown}, the file's {init.algorithm} digest gives "
+                    f"{init.register(attester.tee).hex()}"
+                )
+        elif init is None and not attester.insecure:
+            logger.warning(
+                "no init-data given (--init-data): the runtime enforces no pins, and verifiers that pin "
+                "an init-data digest will refuse this enclave"
+            )
         devices = detect_devices(
             gpus=self.config.gpus,
             allow_insecure=self.config.allow_insecure_sample_tee,
@@ -168,6 +193,7 @@ class Runtime:
                 attester=attester,
                 devices=devices,
                 cacert=prepared.kbs_cacert,
+                init_data=None if prepared.init_data is None else prepared.init_data.raw,
                 tee_key="rsa" if cfg.tee_key == "rsa" else "ec",
                 deadline_s=cfg.kbs_deadline_s,
             )
@@ -327,7 +353,7 @@ class Runtime:
             stage = Stage.ATTEST
             attester, devices = await self._stage(
                 stage,
-                self._attest_stage,
+                lambda: self._attest_stage(prepared),
                 lambda r: f"tee {r[0].tee.value}, {len(r[1])} device attester(s)",
             )
             stage = Stage.KEY
@@ -380,6 +406,7 @@ class Runtime:
             devices=devices,
             model_digest=prepared.manifest.digest,
             config=prepared.configuration,
+            init_data=None if prepared.init_data is None else prepared.init_data.digest_text,
             tls_spki_sha256=self._tls.spki_sha256 if self._tls else None,
             key_release=release.receipt.to_json() if release.receipt is not None else None,
             runtime={"name": "enclave-serve", "version": str(runtime_versions()["version"])},

@@ -24,6 +24,9 @@ COMMANDS = (
     "kbs_dev",
     "kbs",
     "verify",
+    "policy",
+    "initdata",
+    "measure",
     "evidence",
     "inspect",
 )

@@ -44,6 +44,8 @@ class RunConfig:
     tls_hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
     exit_on_failure: bool = False
     private_dir: Path = DEFAULT_PRIVATE_DIR
+    init_data: Path | None = None
+    sample_init_data: Path | None = None
     vllm_args: tuple[str, ...] = field(default_factory=tuple)
 
     def validate(self) -> None:
@@ -78,8 +80,17 @@ class RunConfig:
             )
         if self.tee_key not in ("ec", "rsa"):
             raise ConfigError("--tee-key must be ec or rsa")
+        if self.sample_init_data is not None and self.tee != "sample":
+            raise ConfigError("--sample-init-data is for the sample TEE; on TDX/SNP pass --init-data")
+        if self.sample_init_data is not None and self.init_data is not None:
+            raise ConfigError("pass --init-data or --sample-init-data, not both")
         # The vLLM options are checked on vLLM's parsed namespace at the config stage
         # (runtime.vllm_args), not here by spelling.
+
+    @property
+    def init_data_file(self) -> Path | None:
+        """The init-data file given (``--init-data`` or, for the sample TEE, ``--sample-init-data``)."""
+        return self.init_data if self.init_data is not None else self.sample_init_data
 
     def attested_settings(self, *, resource: str, kbs_ca_sha256: str | None) -> dict[str, Any]:
         """Return the runtime's own settings as they go into the attested configuration.

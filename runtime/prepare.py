@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError
+from attest.errors import ConfigError, MalformedEvidence
+from attest.initdata import InitData, WorkloadPins
 from attest.kbs.uri import ResourceUri
 from attest.runconfig import RunConfiguration
 from loader.manifest import Manifest
@@ -45,6 +46,9 @@ class Prepared:
     configuration: RunConfiguration
     #: The private copy of the pinned KBS CA bundle, if one was given.
     kbs_cacert: Path | None = None
+    #: The CoCo init-data the runtime was given, whose pins it enforced (the attest stage checks
+    #: it against the hardware register).
+    init_data: InitData | None = None
 
     @property
     def ranks(self) -> int:
@@ -89,6 +93,32 @@ def _copy_ca_bundle(source: Path, private: PrivateDirectory) -> tuple[Path, str]
     return copy, hashlib.sha256(data).hexdigest()
 
 
+def _load_init_data(path: Path) -> InitData:
+    try:
+        with path.open("rb") as f:
+            data = f.read(_MAX_CA_BUNDLE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the init-data {path}: {exc.strerror}") from exc
+    try:
+        return InitData.load(data)
+    except MalformedEvidence as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _enforce_pins(pins: WorkloadPins, *, model: str, resource: str, args: tuple[str, ...]) -> None:
+    if pins.model != model:
+        raise ConfigError(
+            f"the init-data pins model {pins.model}, but the model directory holds {model}: refusing it"
+        )
+    if pins.key_resource is not None and pins.key_resource != resource:
+        raise ConfigError(f"the init-data pins key resource {pins.key_resource}, not {resource}")
+    if pins.vllm_args is not None and pins.vllm_args != args:
+        raise ConfigError(
+            "the vLLM options differ from the ones the init-data pins "
+            f"(pinned: {' '.join(pins.vllm_args) or '(none)'}; given: {' '.join(args) or '(none)'})"
+        )
+
+
 def prepare(
     config: RunConfig,
     private: PrivateDirectory,
@@ -107,11 +137,18 @@ def prepare(
         ModelFormatError: the manifest or a side file is missing, malformed or modified.
     """
     manifest = Manifest.load(config.model_dir)
-    view = stage_model_view(config.model_dir, manifest, private.model_view)
+    init = None if config.init_data_file is None else _load_init_data(config.init_data_file)
     try:
         resource = ResourceUri.parse(config.key_id or manifest.key_id)
     except ValueError as exc:
         raise ConfigError(f"the key resource is not a kbs:/// URI: {exc}") from exc
+    try:
+        pins = None if init is None else init.pins
+    except MalformedEvidence as exc:
+        raise ConfigError(str(exc)) from exc
+    if pins is not None:
+        _enforce_pins(pins, model=manifest.digest, resource=str(resource), args=tuple(config.vllm_args))
+    view = stage_model_view(config.model_dir, manifest, private.model_view)
     cacert, ca_sha256 = None, None
     if config.key_source == "kbs" and config.kbs_cacert is not None:
         cacert, ca_sha256 = _copy_ca_bundle(config.kbs_cacert, private)
@@ -138,6 +175,16 @@ def prepare(
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
+    if pins is not None and pins.config_sha256 is not None and pins.config_sha256 != configuration.sha256:
+        raise ConfigError(
+            f"the run configuration is sha256:{configuration.sha256}, not the sha256:{pins.config_sha256} "
+            "the init-data pins ('enclave-serve run ... --print-config' shows what differs)"
+        )
     return Prepared(
-        manifest=manifest, resource=resource, vllm=vllm, configuration=configuration, kbs_cacert=cacert
+        manifest=manifest,
+        resource=resource,
+        vllm=vllm,
+        configuration=configuration,
+        kbs_cacert=cacert,
+        init_data=init,
     )

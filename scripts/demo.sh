@@ -40,17 +40,44 @@ if [ ! -f "$DEMO/tiny-encrypted/manifest.json" ] || [ ! -f "$DEMO/model.key" ]; 
 fi
 [ -f "$DEMO/admin.token" ] || (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' > "$DEMO/admin.token")
 
-# 2. The provider's development KBS, holding the model key (accepts sample evidence: INSECURE).
+VLLM_ARGS=(--enforce-eager --max-model-len 512 --max-num-seqs 4 --dtype bfloat16 --served-model-name tiny)
+export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
+DIGEST=$("$VENV/bin/python" -c "import hashlib;print('sha256:'+hashlib.sha256(open('$DEMO/tiny-encrypted/manifest.json','rb').read()).hexdigest())")
+KBS_URL="http://127.0.0.1:$KBS_PORT"
+
+# 2. The provider pins the workload (docs/policy.md): the run configuration the enclave will
+#    attest, CoCo init-data pinning model, key, options and configuration, and the workload policy
+#    the KBS enforces (the sample TEE: insecure_development).
+CONFIG=$("$ES" run "$DEMO/tiny-encrypted" --tee sample --gpus none --allow-insecure-sample-tee \
+  --kbs-url "$KBS_URL" --print-config -- "${VLLM_ARGS[@]}" 2>&1 >/dev/null | sed -n 's/^config sha256://p' | tail -1)
+"$ES" initdata --kbs-url "$KBS_URL" --allow-insecure-agent-policy --expect-model "$DIGEST" \
+  --key-id "$KEY_ID" --config-sha256 "$CONFIG" -o "$DEMO/initdata.toml" -- "${VLLM_ARGS[@]}" >/dev/null
+INIT=$("$VENV/bin/python" -c "from attest.initdata import InitData;print(InitData.from_bytes(open('$DEMO/initdata.toml','rb').read()).digest_text)")
+cat > "$DEMO/policy.toml" <<POLICY
+version = 1
+insecure_development = true  # DEVELOPMENT ONLY: the sample TEE proves nothing
+[tee]
+allowed = ["sample"]
+[workload]
+model = ["$DIGEST"]
+config = ["sha256:$CONFIG"]
+init_data = ["$INIT"]
+POLICY
+
+# 3. The provider's development KBS, holding the model key, releasing it only under the policy
+#    (accepts sample evidence: INSECURE).
 "$ES" kbs-dev --host 127.0.0.1 --port "$KBS_PORT" --admin-token-file "$DEMO/admin.token" \
   --allow-insecure-sample-evidence --resource "enclave-serve/model-key/tiny=$DEMO/model.key" \
+  --resource-policy "enclave-serve/model-key/tiny=$DEMO/policy.toml" \
   >"$DEMO/kbs.log" 2>&1 &
 echo $! > "$DEMO/kbs.pid"
 
-# 3. The enclave: sample TEE (INSECURE, development only), key from the KBS, vLLM on the CPU.
-HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 "$ES" run "$DEMO/tiny-encrypted" \
+# 4. The enclave: sample TEE (INSECURE, development only) launched with the init-data, key from
+#    the KBS, vLLM on the CPU.
+"$ES" run "$DEMO/tiny-encrypted" \
   --host 127.0.0.1 --port "$PORT" --tee sample --gpus none --allow-insecure-sample-tee \
-  --kbs-url "http://127.0.0.1:$KBS_PORT" \
-  -- --enforce-eager --max-model-len 512 --max-num-seqs 4 --dtype bfloat16 --served-model-name tiny \
+  --kbs-url "$KBS_URL" --sample-init-data "$DEMO/initdata.toml" \
+  -- "${VLLM_ARGS[@]}" \
   >"$DEMO/runtime.log" 2>&1 &
 echo $! > "$DEMO/runtime.pid"
 
@@ -66,7 +93,6 @@ for _ in $(seq 300); do
 done
 case "$body" in *'"ready":true'*) ;; *) echo "timed out waiting for readiness: $body"; exit 1 ;; esac
 
-DIGEST=$("$VENV/bin/python" -c "import json,hashlib;print('sha256:'+hashlib.sha256(open('$DEMO/tiny-encrypted/manifest.json','rb').read()).hexdigest())")
 cat <<MSG
 
 enclave-serve demo is up (INSECURE sample TEE: development only).
@@ -75,14 +101,14 @@ enclave-serve demo is up (INSECURE sample TEE: development only).
   readiness         curl -k https://127.0.0.1:$PORT/readyz
   boot stages       curl -k https://127.0.0.1:$PORT/.well-known/enclave-serve/boot
 
-Verify the server (fresh nonce, TLS key binding, model identity):
-  $ES verify https://127.0.0.1:$PORT --allow-insecure-sample-tee --expect-model $DIGEST
+Verify the server against the provider's policy (fresh nonce, TLS key binding, init-data,
+model, configuration), step by step:
+  $ES verify https://127.0.0.1:$PORT --policy $DEMO/policy.toml --allow-insecure-sample-tee
 
 Use it from the OpenAI SDK, through a client that verifies first and pins the attested TLS key:
   $VENV/bin/python - <<'PY'
 from attest.client import attested_openai
-client = attested_openai("https://127.0.0.1:$PORT", allow_insecure=True,
-                         expected_model_digest="$DIGEST")
+client = attested_openai("https://127.0.0.1:$PORT", policy="$DEMO/policy.toml", allow_insecure=True)
 reply = client.chat.completions.create(model="tiny", max_tokens=16,
                                        messages=[{"role": "user", "content": "Hello!"}])
 print(reply.choices[0].message.content)

@@ -36,6 +36,7 @@ class AttestationService:
         model_digest: str,
         config: RunConfiguration,
         tls_spki_sha256: str | None,
+        init_data: str | None = None,
         key_release: Mapping[str, Any] | None,
         runtime: Mapping[str, str],
         insecure_modes: Sequence[str] = (),
@@ -44,6 +45,7 @@ class AttestationService:
         self._devices = tuple(devices)
         self._model_digest = model_digest
         self._config = config
+        self._init_data = init_data
         self._tls_spki_sha256 = tls_spki_sha256
         self._key_release = dict(key_release) if key_release is not None else None
         self._runtime = dict(runtime)
@@ -69,6 +71,7 @@ class AttestationService:
                 insecure_modes=self._insecure_modes,
                 model_digest=self._model_digest,
                 config_sha256=self._config.sha256,
+                init_data=self._init_data,
                 tls_spki_sha256=self._tls_spki_sha256,
                 devices=tuple(
                     DeviceClaim(tee=ev.tee.value, evidence_sha384=device_evidence_digest(ev))

@@ -1,16 +1,23 @@
 """An OpenAI client that refuses to talk to an unattested server.
 
-:func:`attested_openai` first runs :func:`attest.client.remote.verify_server`; only if every check
-passes does it return an ``openai.OpenAI`` (or ``AsyncOpenAI``) whose HTTP client trusts
-exactly the certificate whose public key the enclave attested, and nothing else. A prompt can
-therefore only ever reach the TLS endpoint inside the verified enclave: a different server
-(or an interceptor) fails the TLS handshake before any request byte is sent.
+:func:`attested_openai` first runs :func:`attest.client.remote.verify_server` against a workload
+policy; only if every step passes does it return an ``openai.OpenAI`` (or ``AsyncOpenAI``) whose
+HTTP client trusts exactly the certificate whose public key the enclave attested, and nothing
+else. A prompt can therefore only ever reach the TLS endpoint inside the verified enclave: a
+different server (or an interceptor) fails the TLS handshake before any request byte is sent.
+
+A policy is required (:class:`attest.verify.workload.WorkloadPolicy`, or the path of a policy
+file): without one, which software runs is unchecked, and the function raises unless the loudly
+named ``allow_unpinned_software=True`` is given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Mapping
+from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,9 +25,9 @@ import httpx
 from attest.client.remote import VerifiedServer, verify_server
 from attest.errors import PolicyViolation
 from attest.evidence import TeeKind
-from attest.verify import Policy
+from attest.verify.workload import WorkloadPolicy
 
-__all__ = ["attested_openai", "pinned_ssl_context"]
+__all__ = ["attested_async_openai", "attested_openai", "pinned_ssl_context"]
 
 
 def pinned_ssl_context(verified: VerifiedServer) -> ssl.SSLContext:
@@ -38,36 +45,45 @@ def pinned_ssl_context(verified: VerifiedServer) -> ssl.SSLContext:
     return ctx
 
 
+def _policy(policy: WorkloadPolicy | str | PathLike[str] | None) -> WorkloadPolicy | None:
+    if policy is None or isinstance(policy, WorkloadPolicy):
+        return policy
+    return WorkloadPolicy.load(Path(policy))
+
+
 def attested_openai(
     base_url: str,
     *,
+    policy: WorkloadPolicy | str | PathLike[str] | None,
+    allow_unpinned_software: bool = False,
+    allow_insecure: bool = False,
     expected_model_digest: str | None = None,
     expected_config_sha256: str | None = None,
-    allow_insecure: bool = False,
-    policy: Policy | None = None,
-    device_policy: Policy | None = None,
     collateral: Mapping[TeeKind, object] | None = None,
     api_key: str = "EMPTY",
     asynchronous: bool = False,
     timeout: float = 600.0,
     **openai_kwargs: Any,
 ) -> Any:
-    """Verify the server at ``base_url`` (no ``/v1``), then return a pinned OpenAI client.
+    """Verify the server at ``base_url`` (no ``/v1``) against ``policy``, then return a pinned client.
 
     The returned client has a ``verified`` attribute holding the :class:`VerifiedServer`.
 
     Raises:
-        VerificationError, PolicyViolation, MalformedEvidence: the server is not trustworthy.
+        ServerRefused: a step failed (``exc.verdict`` lists every step), including a missing
+            policy without ``allow_unpinned_software``.
+        VerificationUnavailable: the server could not be reached.
+        PolicyFileError: ``policy`` names a file that is not a valid policy.
     """
     import openai
 
     verified = verify_server(
         base_url,
+        policy=_policy(policy),
+        allow_unpinned_software=allow_unpinned_software,
+        allow_insecure=allow_insecure,
         expected_model_digest=expected_model_digest,
         expected_config_sha256=expected_config_sha256,
-        allow_insecure=allow_insecure,
-        policy=policy,
-        device_policy=device_policy,
         collateral=collateral,
     )
     ctx = pinned_ssl_context(verified)
@@ -90,3 +106,11 @@ def attested_openai(
         )
     client.verified = verified
     return client
+
+
+async def attested_async_openai(base_url: str, **kwargs: Any) -> Any:
+    """The async form: verify in a worker thread, return a pinned ``openai.AsyncOpenAI``.
+
+    Takes the arguments of :func:`attested_openai` (``policy`` is required the same way).
+    """
+    return await asyncio.to_thread(attested_openai, base_url, asynchronous=True, **kwargs)

@@ -55,6 +55,7 @@ from attest.kbs.wire import (
     Challenge,
     CompositeEvidence,
     ErrorType,
+    InitData,
     JweResponse,
     Request,
     RuntimeData,
@@ -109,6 +110,9 @@ class KbsClient:
     ``tee_key`` is ``"ec"`` (P-256, ``ECDH-ES+A256KW``, the default), ``"rsa"``
     (``RSA-OAEP-256``) or a ready :class:`TeeKeyPair`. ``clock``/``sleep`` drive deadlines and
     backoff. Pass ``http_client`` to supply the transport (then ``cacert`` must be None).
+    ``init_data`` is the exact CoCo init-data TOML this TEE was launched with: sent with every
+    ``/attest`` as ``{"format": "toml", "body": ...}``, as CoCo's attestation agent does, so the
+    KBS can check its digest against the evidence and read its claims.
 
     .. warning::
        With an ``http://`` URL the token and session cookie travel in clear (resources stay
@@ -129,8 +133,10 @@ class KbsClient:
         http_client: httpx.Client | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        init_data: bytes | None = None,
     ) -> None:
         self.url = normalize_base_url(url, what="KBS")
+        self._init_data = init_data
         if http_client is not None and cacert is not None:
             raise ValueError("pass cacert or http_client, not both (configure TLS on the client you pass)")
         if token_transport not in ("cookie", "bearer"):
@@ -237,6 +243,9 @@ class KbsClient:
         additional = additional_evidence_string(device_evidence)
         primary = self._attester.collect(runtime.primary_digest(additional, hash_alg))
         attestation = Attestation(
+            init_data=None
+            if self._init_data is None
+            else InitData(format="toml", body=self._init_data.decode("utf-8")),
             runtime_data=runtime,
             tee_evidence=CompositeEvidence(
                 primary_evidence=primary.to_json(), additional_evidence=additional

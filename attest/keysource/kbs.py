@@ -44,8 +44,10 @@ class KbsKeySource(KeySource):
         retry: RetryPolicy | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        init_data: bytes | None = None,
     ) -> None:
         self._client = KbsClient(
+            init_data=init_data,
             url=url,
             attester=attester,
             devices=devices,

@@ -10,6 +10,7 @@ import importlib
 import logging
 
 from attest.errors import BackendUnavailable, ConfigError
+from attest.evidence import TeeKind
 from attest.providers.base import Attester, DeviceAttester
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "DeviceAttester",
     "detect_devices",
     "detected_tees",
+    "init_data_register",
     "nvidia_gpus_present",
     "select_attester",
 ]
@@ -57,11 +59,15 @@ def detected_tees() -> dict[str, bool]:
     return found
 
 
-def select_attester(name: str, *, allow_insecure: bool = False) -> Attester:
+def select_attester(
+    name: str, *, allow_insecure: bool = False, sample_init_data: bytes | None = None
+) -> Attester:
     """Return the primary attester called ``name``, or detect one for ``"auto"``.
 
     Raises:
         ConfigError: unknown name, or ``sample`` without ``allow_insecure``.
+
+    ``sample_init_data`` is the init-data register the sample TEE claims (development only).
         BackendUnavailable: the named TEE is not present, or ``auto`` found none.
     """
     if name == "auto":
@@ -83,10 +89,34 @@ def select_attester(name: str, *, allow_insecure: bool = False) -> Attester:
                 f"the {name} TEE is insecure and proves nothing; it needs an explicit "
                 "--allow-insecure-sample-tee flag (development only)"
             )
-        return cls(allow_insecure=True)  # type: ignore[call-arg]
+        return cls(allow_insecure=True, init_data=sample_init_data)  # type: ignore[call-arg]
     if not cls.detect():
         raise BackendUnavailable(f"{name} was requested but this machine does not provide it")
     return cls()
+
+
+def init_data_register(attester: Attester) -> bytes | None:
+    """Read the init-data register of this TEE from a fresh local report.
+
+    TDX: MRCONFIGID of a quote; SNP: HOST_DATA of a report; sample: the value it was given.
+    The report data is all zeros: the report is only read here, never sent anywhere.
+
+    Raises:
+        EvidenceCollectionError: the TEE did not produce a report.
+        MalformedEvidence: the report does not parse.
+    """
+    from attest.evidence import SampleEvidence
+    from attest.formats.snp_report import SnpEvidence, parse_snp_report
+    from attest.formats.tdx_quote import TdxEvidence, parse_tdx_quote
+
+    evidence = attester.collect(bytes(64) if attester.tee is not TeeKind.SAMPLE else bytes(48))
+    if isinstance(evidence, TdxEvidence):
+        return parse_tdx_quote(evidence.quote).body.mr_config_id
+    if isinstance(evidence, SnpEvidence):
+        return parse_snp_report(evidence.report).host_data
+    if isinstance(evidence, SampleEvidence):
+        return evidence.init_data
+    return None
 
 
 def nvidia_gpus_present() -> bool:

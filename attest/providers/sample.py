@@ -21,6 +21,9 @@ _WARNING = (
 class UnsafeSampleAttester(Attester):
     """Produce Trustee *sample* evidence ``{"svn": "1", "report_data": b64(report_data)}``.
 
+    ``init_data`` is the register value the sample TEE claims (``--sample-init-data``), carried
+    as an extra ``init_data`` member, the way TDX carries it in MRCONFIGID.
+
     .. warning::
        **Fundamentally insecure.** Anyone can produce this evidence for any report data. It
        exists so the whole chain can run on a machine without a TEE. It is never chosen by
@@ -31,10 +34,13 @@ class UnsafeSampleAttester(Attester):
     tee: ClassVar[TeeKind] = TeeKind.SAMPLE
     insecure: ClassVar[bool] = True
 
-    def __init__(self, *, allow_insecure: bool = False, svn: str = "1") -> None:
+    def __init__(
+        self, *, allow_insecure: bool = False, svn: str = "1", init_data: bytes | None = None
+    ) -> None:
         if not allow_insecure:
             raise ValueError("the sample TEE is insecure; pass allow_insecure=True to use it")
         self._svn = svn
+        self._init_data = init_data
         logger.warning(_WARNING)
 
     @classmethod
@@ -47,7 +53,7 @@ class UnsafeSampleAttester(Attester):
             raise ValueError("report data is longer than 64 bytes")
         logger.warning(_WARNING)
         # Trustee's sample attester encodes the report data as given (unpadded).
-        return SampleEvidence(svn=self._svn, report_data=bytes(report_data))
+        return SampleEvidence(svn=self._svn, report_data=bytes(report_data), init_data=self._init_data)
 
 
 class UnsafeSampleDeviceAttester(DeviceAttester):

@@ -47,6 +47,8 @@ class TdxClaims:
     advisory_ids: tuple[str, ...] = ()
     fmspc: str | None = None
     pck_ca: str | None = None
+    #: The platform's PPID from the PCK certificate (encrypted by Intel's key on most platforms).
+    ppid: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Return the claims with DCAP field names (``mrtd``, ``rtmr0``..``rtmr3``, ...)."""
@@ -77,6 +79,7 @@ class TdxClaims:
             advisory_ids=list(self.advisory_ids),
             fmspc=self.fmspc,
             pck_ca=self.pck_ca,
+            ppid=None if self.ppid is None else self.ppid.hex(),
         )
         return out
 
@@ -187,7 +190,12 @@ class SampleClaims:
 
     svn: int
     report_data: bytes
+    init_data: bytes | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Return ``{"svn", "report_data"}``."""
-        return {"svn": self.svn, "report_data": self.report_data.hex()}
+        """Return ``{"svn", "report_data", "init_data"}``."""
+        return {
+            "svn": self.svn,
+            "report_data": self.report_data.hex(),
+            "init_data": None if self.init_data is None else self.init_data.hex(),
+        }

@@ -56,7 +56,11 @@ class _SampleVerifier(Verifier):
             log.fail(
                 "svn", f"svn {svn_text!r} is not a decimal integer", hint="the sample evidence is malformed"
             )
-        log.claims = SampleClaims(svn=int(svn_text), report_data=evidence.report_data)
+        log.claims = SampleClaims(
+            svn=int(svn_text),
+            report_data=evidence.report_data,
+            init_data=getattr(evidence, "init_data", None),
+        )
         log.passed("svn", f"svn {int(svn_text)}")
         if expected is None:
             log.skipped("report_data", f"not checked: the caller passed {self.expected_name}=None")

@@ -304,10 +304,11 @@ class TdxVerifier(Verifier):
         try:
             ext = dcap_qvl.parse_pck_extension_from_pem(pem)
             fmspc: str | None = bytes(ext.fmspc).hex().upper()
+            ppid: bytes | None = bytes(ext.ppid) or None
         except (ValueError, RuntimeError):
-            fmspc = None
+            fmspc, ppid = None, None
         issuer = _x509.common_name(chain[1]) if len(chain) > 1 else ""
-        log.update_claims(fmspc=fmspc, pck_ca=_PCK_CA_NAMES.get(issuer))
+        log.update_claims(fmspc=fmspc, pck_ca=_PCK_CA_NAMES.get(issuer), ppid=ppid)
 
     def _check_tcb(self, log: StepLog, raw_quote: bytes, collateral: TdxCollateral, now: datetime) -> None:
         import dcap_qvl

@@ -51,6 +51,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--policy-file", type=Path, help="initial resource policy (kbs-dev JSON, docs/kbs.md)"
     )
     parser.add_argument(
+        "--resource-policy",
+        action="append",
+        default=[],
+        metavar="REPO/TYPE/TAG=POLICY_FILE",
+        help="release this resource only to evidence that satisfies the workload policy "
+        "(TOML, docs/policy.md); repeatable",
+    )
+    parser.add_argument(
         "--session-timeout", type=float, default=300.0, help="session lifetime, seconds (300)"
     )
     parser.add_argument("--token-lifetime", type=float, default=300.0, help="token lifetime, seconds (300)")
@@ -96,6 +104,25 @@ def _read_resources(specs: list[str]) -> dict[str, bytes]:
     return resources
 
 
+def _read_workload_policies(specs: list[str]) -> dict[str, object]:
+    from attest.kbs.uri import validate_resource_path
+    from attest.verify.workload import PolicyFileError, WorkloadPolicy
+
+    policies: dict[str, object] = {}
+    for spec in specs:
+        path, sep, file = spec.partition("=")
+        if not sep or not file:
+            raise ConfigError(f"--resource-policy {spec!r}: expected REPO/TYPE/TAG=POLICY_FILE")
+        try:
+            validate_resource_path(path)
+            policies[path] = WorkloadPolicy.load(Path(file))
+        except PolicyFileError as exc:
+            raise ConfigError(f"--resource-policy {spec!r}: {exc}") from exc
+        except ValueError as exc:
+            raise ConfigError(f"--resource-policy {spec!r}: {exc}") from exc
+    return policies
+
+
 def run(args: argparse.Namespace) -> int:
     """Start kbs-dev and serve until interrupted."""
     from attest.kbs.dev.appraisal import EvidenceAppraiser
@@ -131,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             hash_algorithm=HashAlgorithm(args.hash_algorithm),
             session_timeout_s=args.session_timeout,
             token_lifetime_s=args.token_lifetime,
+            workload_policies=_read_workload_policies(args.resource_policy),  # type: ignore[arg-type]
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

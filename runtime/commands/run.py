@@ -38,6 +38,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="DEVELOPMENT ONLY: allow the sample TEE/device, whose evidence proves nothing",
     )
     g.add_argument(
+        "--init-data",
+        type=Path,
+        metavar="FILE",
+        help="the CoCo init-data this pod was launched with (its TOML, or the annotation value: "
+        "base64 of gzip), e.g. from a Downward API volume; checked against MRCONFIGID/HOST_DATA, "
+        "and its enclave-serve.toml pins are enforced",
+    )
+    g.add_argument(
+        "--sample-init-data",
+        type=Path,
+        metavar="FILE",
+        help="DEVELOPMENT ONLY (--tee sample): the init-data the sample TEE pretends to be launched with",
+    )
+    g.add_argument(
         "--allow-insecure-gpu-cc-off",
         action="store_true",
         help="DEVELOPMENT ONLY: accept NVIDIA GPUs whose confidential-computing mode is off",
@@ -120,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         tls_hostnames=tuple(dict.fromkeys(hostnames)),
         exit_on_failure=args.exit_on_failure,
         private_dir=args.private_dir,
+        init_data=args.init_data,
+        sample_init_data=args.sample_init_data,
         vllm_args=tuple(vllm_args),
     )
     if args.print_config:

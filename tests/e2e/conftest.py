@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -175,8 +176,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     )
 
 
-def start_kbs(ws: Workspace, name: str, key_file: Path) -> tuple[str, Proc]:
-    port = free_port()
+def start_kbs(
+    ws: Workspace, name: str, key_file: Path, *extra: str, port: int | None = None
+) -> tuple[str, Proc]:
+    port = port if port is not None else free_port()
     proc = start(
         name,
         [
@@ -191,6 +194,7 @@ def start_kbs(ws: Workspace, name: str, key_file: Path) -> tuple[str, Proc]:
             "--allow-insecure-sample-evidence",
             "--resource",
             f"enclave-serve/model-key/tiny={key_file}",
+            *extra,
         ],
         ws.root,
     )
@@ -249,6 +253,7 @@ class Enclave:
     kbs_url: str
     kbs: Proc
     ws: Workspace
+    provider: Provider
 
 
 @pytest.fixture(scope="session")
@@ -297,17 +302,102 @@ def wait_stage_done(url: str, proc: Proc, stage: str, *, timeout: float = BOOT_T
     raise AssertionError(f"{proc.name}: stage {stage} not done after {timeout}s\n{proc.text()[-4000:]}")
 
 
+def print_config(model_dir: Path, kbs_url: str, *extra: str, vllm_extra: tuple[str, ...] = ()) -> bytes:
+    """Run ``enclave-serve run … --print-config`` as the shared enclave is run; return the bytes."""
+    out = subprocess.run(
+        [ES, "run", str(model_dir), "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee",
+         "--kbs-url", kbs_url, *extra, "--print-config", "--", *VLLM_ARGS, *vllm_extra],
+        capture_output=True, env=child_env(), timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr.decode()
+    raw = out.stdout.rstrip(b"\n")
+    assert f"config sha256:{hashlib.sha256(raw).hexdigest()}".encode() in out.stderr
+    return raw
+
+
+def write_init_data(ws: Workspace, name: str, *, model: str, config_sha256: str | None, kbs_url: str) -> Path:
+    """``enclave-serve initdata`` for the tiny model (allow-all agent policy: the sample TEE)."""
+    path = ws.root / f"{name}.toml"
+    argv = [ES, "initdata", "--kbs-url", kbs_url, "--allow-insecure-agent-policy", "--expect-model", model,
+            "--key-id", KEY_ID, "-o", str(path)]  # fmt: skip
+    if config_sha256 is not None:
+        argv += ["--config-sha256", config_sha256]
+    subprocess.run([*argv, "--", *VLLM_ARGS], check=True, env=child_env(), capture_output=True, timeout=120)
+    return path
+
+
+def write_policy(path: Path, *, model: str, config_sha256: str, init_data: str) -> Path:
+    """The provider's workload policy for the sample TEE (insecure_development)."""
+    path.write_text(
+        "version = 1\n"
+        "insecure_development = true\n"
+        '[tee]\nallowed = ["sample"]\n'
+        f'[workload]\nmodel = ["{model}"]\nconfig = ["sha256:{config_sha256}"]\ninit_data = ["{init_data}"]\n'
+    )
+    return path
+
+
+@dataclass
+class Provider:
+    """What the model provider set up for the shared enclave: init-data and the workload policy."""
+
+    kbs_port: int
+    init_data: Path
+    init_data_digest: str
+    config_sha256: str
+    policy: Path
+
+    @property
+    def kbs_url(self) -> str:
+        return f"http://127.0.0.1:{self.kbs_port}"
+
+
 @pytest.fixture(scope="session")
-def enclave(workspace: Workspace, plaintext_vllm: tuple[str, Proc]) -> Iterator[Enclave]:
+def provider(workspace: Workspace) -> Provider:
+    """The provider's set-up, as docs/policy.md describes it: the run configuration computed
+    ahead (``--print-config``; it names the KBS, so its port is chosen first), init-data pinning
+    the model, key, options and configuration, and the workload policy pinning all of it."""
+    from attest.initdata import InitData
+
+    kbs_port = free_port()
+    kbs_url = f"http://127.0.0.1:{kbs_port}"
+    config_sha256 = hashlib.sha256(print_config(workspace.encrypted, kbs_url)).hexdigest()
+    init_data = write_init_data(
+        workspace, "initdata", model=workspace.manifest_digest, config_sha256=config_sha256, kbs_url=kbs_url
+    )
+    digest = InitData.from_bytes(init_data.read_bytes()).digest_text
+    policy = write_policy(
+        workspace.root / "provider-policy.toml",
+        model=workspace.manifest_digest, config_sha256=config_sha256, init_data=digest,
+    )  # fmt: skip
+    return Provider(
+        kbs_port=kbs_port,
+        init_data=init_data,
+        init_data_digest=digest,
+        config_sha256=config_sha256,
+        policy=policy,
+    )
+
+
+@pytest.fixture(scope="session")
+def enclave(workspace: Workspace, provider: Provider, plaintext_vllm: tuple[str, Proc]) -> Iterator[Enclave]:
+    """The shared enclave: kbs-dev releases the key only to evidence satisfying the provider's
+    workload policy; the runtime is launched with the provider's init-data (the sample TEE
+    carries its digest)."""
     shutil.copytree(workspace.encrypted, workspace.served)
-    kbs_url, kbs = start_kbs(workspace, "kbs", workspace.key_file)
-    url, proc = start_runtime(workspace, "runtime", workspace.served, kbs_url)
+    kbs_url, kbs = start_kbs(
+        workspace, "kbs", workspace.key_file,
+        "--resource-policy", f"enclave-serve/model-key/tiny={provider.policy}", port=provider.kbs_port,
+    )  # fmt: skip
+    url, proc = start_runtime(
+        workspace, "runtime", workspace.served, kbs_url, "--sample-init-data", str(provider.init_data)
+    )
     try:
         # The host's move: rewrite a side file once the runtime has checked it.
         wait_stage_done(url, proc, "config")
         (workspace.served / "chat_template.jinja").write_text(HOSTILE_TEMPLATE)
         wait_ready(url, proc)
-        yield Enclave(url=url, proc=proc, kbs_url=kbs_url, kbs=kbs, ws=workspace)
+        yield Enclave(url=url, proc=proc, kbs_url=kbs_url, kbs=kbs, ws=workspace, provider=provider)
     finally:
         proc.stop()
         kbs.stop()
@@ -336,13 +426,13 @@ class Launcher:
         self.ws = ws
         self.procs: list[Proc] = []
 
-    def kbs(self, name: str, key_file: Path) -> str:
-        url, proc = start_kbs(self.ws, name, key_file)
+    def kbs(self, name: str, key_file: Path, *extra: str) -> str:
+        url, proc = start_kbs(self.ws, name, key_file, *extra)
         self.procs.append(proc)
         return url
 
-    def runtime(self, name: str, model_dir: Path, kbs_url: str, **kw: Any) -> tuple[str, Proc]:
-        url, proc = start_runtime(self.ws, name, model_dir, kbs_url, **kw)
+    def runtime(self, name: str, model_dir: Path, kbs_url: str, *extra: str, **kw: Any) -> tuple[str, Proc]:
+        url, proc = start_runtime(self.ws, name, model_dir, kbs_url, *extra, **kw)
         self.procs.append(proc)
         return url, proc
 

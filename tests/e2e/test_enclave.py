@@ -34,9 +34,7 @@ PROMPTS = ["The enclave proves", "Hello, how are you", "Confidential computing p
 
 
 def test_openai_sdk_chat_and_stream_through_attested_client(enclave: Enclave) -> None:
-    client = attested_openai(
-        enclave.url, allow_insecure=True, expected_model_digest=enclave.ws.manifest_digest
-    )
+    client = attested_openai(enclave.url, policy=enclave.provider.policy, allow_insecure=True)
     assert client.verified.document.claims.model_digest == enclave.ws.manifest_digest
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
@@ -62,7 +60,7 @@ def test_attested_client_refuses_other_tls_key(enclave: Enclave, tmp_path: Path)
     """The pinned client trusts only the attested certificate: a fresh one fails the handshake."""
     from server.tls import generate_enclave_tls
 
-    client = attested_openai(enclave.url, allow_insecure=True)
+    client = attested_openai(enclave.url, policy=enclave.provider.policy, allow_insecure=True)
     other = generate_enclave_tls()
     import ssl
 
@@ -103,11 +101,11 @@ def test_greedy_tokens_equal_plaintext_vllm(enclave: Enclave, plaintext_url: str
     assert len(set(_greedy_token_ids(plaintext_url, PROMPTS[0]))) > 1
 
 
-def test_verify_command_checks_nonce_tls_and_model(enclave: Enclave) -> None:
+def test_verify_command_checks_nonce_tls_model_and_the_policy(enclave: Enclave) -> None:
+    policy = str(enclave.provider.policy)
     ok = subprocess.run(
-        [ES, "verify", enclave.url, "--allow-insecure-sample-tee",
-         "--expect-model", enclave.ws.manifest_digest,
-         "--json"],
+        [ES, "verify", enclave.url, "--policy", policy, "--allow-insecure-sample-tee",
+         "--expect-model", enclave.ws.manifest_digest, "--json"],
         capture_output=True, text=True, env=child_env(), timeout=120,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
@@ -115,28 +113,31 @@ def test_verify_command_checks_nonce_tls_and_model(enclave: Enclave) -> None:
     assert result["verified"] is True
     assert result["model_digest"] == enclave.ws.manifest_digest
     assert result["insecure"] is True
-    assert {c["name"] for c in result["checks"]} >= {
-        "nonce",
-        "devices",
-        "tls",
-        "model",
-        "tee",
-        "evidence:sample",
-    }
+    assert result["init_data"] == enclave.provider.init_data_digest
+    names = [c["name"] for c in result["steps"]]
+    assert set(names) >= {"nonce", "devices", "tls", "model", "tee", "evidence:sample", "init_data",
+                          "policy:tee", "policy:workload.model", "policy:workload.config",
+                          "policy:workload.init_data"}  # fmt: skip
+    assert all(c["ok"] for c in result["steps"])
     assert result["key_release"] is not None
 
     insecure_refused = subprocess.run(
-        [ES, "verify", enclave.url], capture_output=True, text=True, env=child_env(), timeout=120
+        [ES, "verify", enclave.url, "--policy", policy],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
     )
     assert insecure_refused.returncode == 1
-    assert "INSECURE development mode (sample TEE" in insecure_refused.stderr
+    assert "INSECURE development mode (sample TEE" in insecure_refused.stdout
 
     wrong_model = subprocess.run(
-        [ES, "verify", enclave.url, "--allow-insecure-sample-tee", "--expect-model", "sha256:" + "0" * 64],
+        [ES, "verify", enclave.url, "--policy", policy, "--allow-insecure-sample-tee",
+         "--expect-model", "sha256:" + "0" * 64],
         capture_output=True, text=True, env=child_env(), timeout=120,
     )  # fmt: skip
     assert wrong_model.returncode == 1
-    assert "not the expected" in wrong_model.stderr
+    assert "not the expected" in wrong_model.stdout
 
 
 def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:

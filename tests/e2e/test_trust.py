@@ -24,13 +24,13 @@ from attest.runconfig import RunConfiguration
 from tests.e2e.conftest import (
     ES,
     HOSTILE_TEMPLATE,
-    VLLM_ARGS,
     Enclave,
     Launcher,
     Workspace,
     assert_nothing_served,
     child_env,
     key_forms,
+    print_config,
     wait_ready,
 )
 
@@ -61,15 +61,7 @@ def test_chat_template_rewritten_after_the_config_stage_is_not_rendered(enclave:
 
 
 def _print_config(model: Path, kbs_url: str, *vllm_extra: str) -> bytes:
-    out = subprocess.run(
-        [ES, "run", str(model), "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee",
-         "--kbs-url", kbs_url, "--print-config", "--", *VLLM_ARGS, *vllm_extra],
-        capture_output=True, env=child_env(), timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr.decode()
-    raw = out.stdout.rstrip(b"\n")
-    assert f"config sha256:{hashlib.sha256(raw).hexdigest()}".encode() in out.stderr
-    return raw
+    return print_config(model, kbs_url, vllm_extra=vllm_extra)
 
 
 def test_configuration_endpoint_is_the_attested_claim_and_stable_across_restarts(enclave: Enclave) -> None:
@@ -89,17 +81,18 @@ def test_configuration_endpoint_is_the_attested_claim_and_stable_across_restarts
     assert hashlib.sha256(other_option).hexdigest() != digest
 
     pinned = subprocess.run(
-        [ES, "verify", enclave.url, "--allow-insecure-sample-tee",
+        [ES, "verify", enclave.url, "--policy", str(enclave.provider.policy), "--allow-insecure-sample-tee",
          "--expect-config", f"sha256:{digest}", "--json"],
         capture_output=True, text=True, env=child_env(), timeout=120,
     )  # fmt: skip
     assert pinned.returncode == 0, pinned.stderr
     assert json.loads(pinned.stdout)["config_sha256"] == digest
     other = subprocess.run(
-        [ES, "verify", enclave.url, "--allow-insecure-sample-tee", "--expect-config", "sha256:" + "0" * 64],
+        [ES, "verify", enclave.url, "--policy", str(enclave.provider.policy), "--allow-insecure-sample-tee",
+         "--expect-config", "sha256:" + "0" * 64],
         capture_output=True, text=True, env=child_env(), timeout=120,
     )  # fmt: skip
-    assert other.returncode == 1 and "config: the server runs configuration" in other.stderr
+    assert other.returncode == 1 and "config: the server runs configuration" in other.stdout
 
 
 @pytest.mark.parametrize(

@@ -21,16 +21,20 @@ resource policy's job (:mod:`attest.kbs.dev.policy`), as in Trustee.
 
 from __future__ import annotations
 
+import base64
 import time
+import tomllib
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import JsonValue
 
 from attest.binding import HashAlgorithm
-from attest.errors import AttestationError
+from attest.errors import AttestationError, MalformedEvidence
 from attest.evidence import Evidence, TeeKind, evidence_from_json
+from attest.initdata import InitData
 from attest.kbs.token import RUNTIME_DATA_CLAIMS, SubmodClaims
 from attest.kbs.wire import Attestation, WireFormatError
 from attest.verify import (
@@ -43,12 +47,38 @@ from attest.verify import (
     verify_evidence,
 )
 from attest.verify.reference import ReferenceValues
+from attest.verify.workload import init_data_register_of
 
-__all__ = ["AppraisalFailed", "EvidenceAppraiser"]
+__all__ = ["Appraisal", "AppraisalFailed", "EvidenceAppraiser"]
 
 
 class AppraisalFailed(Exception):
     """The evidence does not verify or does not bind the session; ``str()`` is the reason."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Appraisal:
+    """What one ``/attest`` established: the EAR submodules and the verified results behind them."""
+
+    submods: dict[str, SubmodClaims]
+    primary: VerificationResult
+    devices: tuple[VerificationResult, ...] = ()
+    #: The init-data sent with the request, checked against the primary evidence's register.
+    init_data: InitData | None = None
+    init_data_register: bytes | None = None
+
+
+def _init_data_claims(init: InitData) -> dict[str, JsonValue]:
+    out: dict[str, JsonValue] = {}
+    for name, text in init.data.items():
+        if name in ("aa.toml", "cdh.toml"):
+            try:
+                out[name] = _jsonable(tomllib.loads(text))
+                continue
+            except tomllib.TOMLDecodeError:
+                pass
+        out[name] = text
+    return out
 
 
 class EvidenceAppraiser:
@@ -60,15 +90,16 @@ class EvidenceAppraiser:
         self._reference = reference or ReferenceValues()
         self._clock = clock
 
-    def appraise(
-        self, attestation: Attestation, *, tee: str, hash_alg: HashAlgorithm
-    ) -> dict[str, SubmodClaims]:
+    def appraise(self, attestation: Attestation, *, tee: str, hash_alg: HashAlgorithm) -> Appraisal:
         """Verify every piece of evidence in ``attestation`` for a session opened for ``tee``.
 
-        The caller has already checked that the nonce is the session's.
+        The caller has already checked that the nonce is the session's. Init-data sent with the
+        request must be what the primary evidence's register holds (as Trustee's verifiers
+        check); its ``data`` becomes ``init_data_claims`` of ``cpu0``.
 
         Raises:
-            AppraisalFailed: malformed, unbound, unverifiable or refused evidence.
+            AppraisalFailed: malformed, unbound, unverifiable or refused evidence, or init-data
+                that is not the evidence's.
         """
         runtime = attestation.runtime_data
         additional = attestation.tee_evidence.additional_evidence
@@ -76,30 +107,62 @@ class EvidenceAppraiser:
         result = self._verify(
             primary, runtime.primary_digest(additional, hash_alg), self._policy(primary, self._reference.cpu)
         )
+        init, register = self._init_data(attestation, result)
         runtime_claims: dict[str, JsonValue] = {
             "nonce": runtime.nonce,
             "tee-pubkey": runtime.tee_pubkey.to_json(),
         }
-        submods = {
-            "cpu0": SubmodClaims(
-                status=_status(result),
-                annotated_evidence={tee: _claims(result), RUNTIME_DATA_CLAIMS: runtime_claims},
-            )
-        }
+        annotated: dict[str, JsonValue] = {tee: _claims(result), RUNTIME_DATA_CLAIMS: runtime_claims}
+        if init is not None and register is not None:
+            # Trustee: "init_data" is the register value (hex; sample: base64), "init_data_claims"
+            # the data table (aa.toml and cdh.toml parsed, other entries as strings).
+            shown = base64.b64encode(register).decode() if primary.tee is TeeKind.SAMPLE else register.hex()
+            annotated["init_data"] = shown
+            annotated["init_data_claims"] = _init_data_claims(init)
+        submods = {"cpu0": SubmodClaims(status=_status(result), annotated_evidence=annotated)}
         try:
             devices = attestation.tee_evidence.additional_map()
         except WireFormatError as exc:
             raise AppraisalFailed(str(exc)) from None
         device_digest = runtime.device_digest(hash_alg)
+        device_results: list[VerificationResult] = []
         for index, (device_tee, obj) in enumerate(sorted(devices.items())):
             evidence = self._parse(device_tee, obj, device=True)
             device_result = self._verify(
                 evidence, device_digest, self._policy(evidence, self._reference.device), device=True
             )
+            device_results.append(device_result)
             submods[f"gpu{index}"] = SubmodClaims(
                 status=_status(device_result), annotated_evidence={device_tee: _claims(device_result)}
             )
-        return submods
+        return Appraisal(
+            submods=submods,
+            primary=result,
+            devices=tuple(device_results),
+            init_data=init,
+            init_data_register=register,
+        )
+
+    @staticmethod
+    def _init_data(
+        attestation: Attestation, result: VerificationResult
+    ) -> tuple[InitData | None, bytes | None]:
+        register = init_data_register_of(result)
+        sent = attestation.init_data
+        if sent is None:
+            return None, register
+        if sent.format != "toml":
+            raise AppraisalFailed(f"init-data format {sent.format!r} is not supported (only toml)")
+        try:
+            init = InitData.from_bytes(sent.body.encode("utf-8"))
+        except MalformedEvidence as exc:
+            raise AppraisalFailed(f"init-data: {exc}") from None
+        if register is None or not init.matches(result.tee, register):
+            raise AppraisalFailed(
+                "the init-data is not what the evidence carries (its digest differs from the "
+                f"{result.tee.value} register)"
+            )
+        return init, register
 
     def _policy(self, evidence: Evidence, configured: Policy | None) -> Policy | None:
         if evidence.tee is TeeKind.SAMPLE:

@@ -42,7 +42,8 @@ from pydantic import JsonValue
 from starlette.concurrency import run_in_threadpool
 
 from attest.binding import HashAlgorithm
-from attest.kbs.dev.appraisal import AppraisalFailed, EvidenceAppraiser
+from attest.errors import MalformedEvidence
+from attest.kbs.dev.appraisal import Appraisal, AppraisalFailed, EvidenceAppraiser
 from attest.kbs.dev.jwe import seal
 from attest.kbs.dev.policy import PolicyDenied, ResourcePolicy
 from attest.kbs.token import TokenIssuer, TokenRejected
@@ -62,6 +63,7 @@ from attest.kbs.wire import (
     WireFormatError,
 )
 from attest.secret import SecretBytes
+from attest.verify.workload import WorkloadFacts, WorkloadPolicy
 
 __all__ = ["DevKbsConfig", "ResourceStore", "create_app", "serve"]
 
@@ -130,6 +132,8 @@ class DevKbsConfig:
     clock: Callable[[], float] = time.time
     random_bytes: Callable[[int], bytes] = os.urandom
     token_issuer: TokenIssuer | None = None
+    #: Resource path -> the workload policy its release also requires (``--resource-policy``).
+    workload_policies: Mapping[str, WorkloadPolicy] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.admin_token) < 16:
@@ -164,6 +168,7 @@ class _Session:
     nonce: str
     expires: float
     token: str | None = None
+    appraisal: Appraisal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,12 +265,13 @@ class _Kbs:
                 )
             tee = session.tee
         try:
-            submods = self.config.appraiser.appraise(
+            appraisal = self.config.appraiser.appraise(
                 attestation, tee=tee, hash_alg=self.config.hash_algorithm
             )
         except AppraisalFailed as exc:
             logger.warning("kbs-dev: refused %s evidence: %s", tee, exc)
             raise _attest_failed(f"verify TEE evidence failed: {exc}") from None
+        submods = appraisal.submods
         token = self.issuer.issue(submods)
         with self.lock:
             session = self.sessions.get(session_id)
@@ -276,6 +282,7 @@ class _Kbs:
             ):
                 raise _attest_failed("session not found")
             session.token = token
+            session.appraisal = appraisal
             logger.info("kbs-dev: a %s session attested (%s)", tee, ", ".join(sorted(submods)))
             return self._token_response(session_id, session)
 
@@ -313,8 +320,12 @@ class _Kbs:
             raise _KbsError(401, ErrorType.TOKEN_VERIFIER, f"Token Verifier error: {exc}") from None
         with self.lock:
             policy = self.policy
+            appraisal = next((s.appraisal for s in self.sessions.values() if s.token == token), None)
         try:
             policy.evaluate(path, claims, sample_permitted=self.config.allow_insecure_sample_evidence)
+            workload = self.config.workload_policies.get(path)
+            if workload is not None:
+                self._check_workload(path, workload, appraisal)
         except PolicyDenied as exc:
             logger.warning("kbs-dev: policy refused %s: %s", path, exc)
             raise _KbsError(401, ErrorType.POLICY_DENY, f"Access denied by policy: {exc}") from None
@@ -330,6 +341,38 @@ class _Kbs:
             raise _KbsError(401, ErrorType.JWE, f"JWE failed: {exc}") from None
         logger.info("kbs-dev: released %s", path)
         return JSONResponse(jwe.to_json())
+
+    def _check_workload(self, path: str, policy: WorkloadPolicy, appraisal: Appraisal | None) -> None:
+        """Apply the workload policy of ``path`` to what the session's attestation established.
+
+        The model, configuration and runtime come from the init-data's enclave-serve pins (the
+        init-data was checked against the evidence's register at ``/attest``): the key goes only
+        to a runtime that will load the pinned model with the pinned configuration.
+
+        Raises:
+            PolicyDenied: naming every failed rule.
+        """
+        if appraisal is None:
+            raise PolicyDenied("workload policy: the session's attestation is no longer known; attest again")
+        try:
+            pins = None if appraisal.init_data is None else appraisal.init_data.pins
+        except MalformedEvidence as exc:
+            raise PolicyDenied(f"workload policy: {exc}") from None
+        facts = WorkloadFacts(
+            primary=appraisal.primary,
+            devices=appraisal.devices,
+            model_digest=None if pins is None else pins.model,
+            config_sha256=None if pins is None else pins.config_sha256,
+            runtime_version=None,
+            config_covers_runtime=pins is not None and pins.config_sha256 is not None,
+            init_data_register=appraisal.init_data_register,
+            allow_insecure=self.config.allow_insecure_sample_evidence,
+        )
+        failed = [o for o in policy.evaluate(facts) if not o.ok]
+        if failed:
+            raise PolicyDenied(
+                f"workload policy for {path}: " + "; ".join(f"{o.rule}: {o.detail}" for o in failed)
+            )
 
     def _token_of(self, call: _Call) -> str:
         session_id = call.cookies.get(SESSION_COOKIE)

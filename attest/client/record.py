@@ -1,0 +1,120 @@
+"""Write a workload policy from a deployment the user trusts (``enclave-serve policy record``).
+
+:func:`record_policy` turns a :class:`~attest.client.verdict.Verdict` of a server verified
+*without* a policy (hardware genuine, binding intact) into the policy that pins exactly what it
+runs: its TEE, launch measurements, init-data, GPUs, model, configuration and runtime version,
+with the secure defaults for everything the evidence cannot set (TCB ``UpToDate`` with
+collateral, no debug, no migration, SEPT_VE_DISABLE, VMPL 0, the observed SNP TCB as floor).
+
+.. warning::
+   A recorded policy is only as good as the deployment it was recorded from: review it
+   (``enclave-serve policy show``) before giving it to users or to the key broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attest.client.verdict import Verdict
+from attest.evidence import TeeKind
+from attest.verify.claims import NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
+from attest.verify.workload import (
+    GpuRules,
+    SnpRules,
+    TdxRules,
+    WorkloadPolicy,
+    WorkloadRules,
+    init_data_register_of,
+)
+
+__all__ = ["RecordedPolicy", "record_policy"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordedPolicy:
+    """A recorded policy and what the recording could not pin well (to show the user)."""
+
+    policy: WorkloadPolicy
+    notes: tuple[str, ...] = ()
+
+
+def _init_digest(tee: TeeKind, register: bytes) -> tuple[str, bytes]:
+    # The register holds the digest padded or truncated; sha256 on TDX leaves 16 zero bytes.
+    if tee is TeeKind.SNP:
+        return "sha256", register
+    if register[32:] == bytes(16):
+        return "sha256", register[:32]
+    return "sha384", register
+
+
+def record_policy(verdict: Verdict) -> RecordedPolicy:
+    """Return the policy pinning what the verified server runs.
+
+    Raises:
+        ValueError: the verdict is not of a verified server.
+    """
+    if not verdict.ok or verdict.document is None or verdict.config is None or verdict.primary is None:
+        raise ValueError("record a policy only from a server that verified (hardware and binding)")
+    claims = verdict.document.claims
+    primary = verdict.primary
+    notes: list[str] = []
+    register = init_data_register_of(primary)
+    init_data = None
+    if claims.init_data is not None:
+        alg, _, hexpart = claims.init_data.partition(":")
+        init_data = ((alg, bytes.fromhex(hexpart)),)
+    elif register is not None and any(register):
+        init_data = (_init_digest(primary.tee, register),)
+    elif primary.tee is not TeeKind.SAMPLE:
+        init_data = (("sha384", bytes(48)),)
+        notes.append(
+            "the server was launched WITHOUT init-data (the register is zero): nothing pins its container, "
+            "arguments or environment; launch it with 'enclave-serve initdata' output before production"
+        )
+    tdx = snp = None
+    c = primary.claims
+    if isinstance(c, TdxClaims):
+        tdx = TdxRules(mrtd=(c.mrtd,), rtmr=((c.rtmrs[0],), (c.rtmrs[1],), (c.rtmrs[2],), None))
+        notes.append("RTMR3 is not pinned: CoCo extends it at run time (init-data, containers)")
+        if c.tcb_status != "UpToDate":
+            notes.append(
+                f"the TCB status seen was {c.tcb_status}; the policy requires UpToDate verified with DCAP "
+                "collateral (give --tdx-collateral when verifying)"
+            )
+    elif isinstance(c, SnpClaims):
+        t = c.reported_tcb
+        floors = {"bootloader": t.bootloader, "tee": t.tee, "snp": t.snp, "microcode": t.microcode}
+        if t.fmc is not None:
+            floors["fmc"] = t.fmc
+        snp = SnpRules(measurement=(c.measurement,), min_tcb=floors, vmpl=c.vmpl)
+    gpus = [g for d in verdict.devices if isinstance(d.claims, NvidiaClaims) for g in d.claims.gpus]
+    samples = [d for d in verdict.devices if isinstance(d.claims, SampleClaims)]
+    gpu = None
+    if gpus:
+        gpu = GpuRules(
+            count=len(gpus),
+            arch=tuple(sorted({g.arch.upper() for g in gpus})),
+            driver=tuple(sorted({g.driver_version or "" for g in gpus})),
+            vbios=tuple(sorted({(g.vbios_version or "").lower() for g in gpus})),
+        )
+    elif samples:
+        gpu = GpuRules(count=len(samples))
+    runtime = verdict.config.to_json()["runtime"]
+    policy = WorkloadPolicy(
+        tees=(primary.tee.value,),
+        workload=WorkloadRules(
+            model=(claims.model_digest,),
+            config=("sha256:" + claims.config_sha256,),
+            init_data=init_data,
+            runtime_version=(str(runtime["version"]),),
+        ),
+        tdx=tdx,
+        snp=snp,
+        gpu=gpu,
+        insecure_development=primary.insecure,
+    )
+    if primary.insecure:
+        notes.append("INSECURE: recorded from the sample TEE; the policy says insecure_development = true")
+    # The policy must parse back to itself (what `policy show` and verifiers will read).
+    again = WorkloadPolicy.from_toml(policy.to_toml())
+    return RecordedPolicy(policy=again, notes=tuple(notes))

@@ -1,0 +1,759 @@
+"""One workload policy for both sides of mutual attestation (``docs/policy.md``).
+
+The model provider's key broker and the end user's ``verify`` pin the same things with the same
+file: which TEE, which launch measurements (the firmware, kernel and agent the hardware
+measured), which CoCo init-data (whose digest the hardware carries in MRCONFIGID / HOST_DATA and
+which pins the container image, its arguments and environment through the agent policy), the
+TCB floors and TD/guest attributes, optionally which machines, which GPUs, which model, which
+run configuration and which runtime version.
+
+A policy is parsed once (:meth:`WorkloadPolicy.from_toml`, strict: an unknown key, an empty
+list, a missing required rule or an empty file all refuse) and applied to
+:class:`WorkloadFacts`, what a verifier has already *established* cryptographically: the verified
+evidence of the CPU TEE and of every device, and the workload identity (model, configuration,
+init-data) either from the attested claims (the user's side) or from the init-data pins (the key
+broker's side). :meth:`WorkloadPolicy.evaluate` applies every rule and returns each outcome, so
+a refusal can show everything that failed, not only the first; :meth:`WorkloadPolicy.check`
+raises on the first failure.
+
+Verify and validate stay apart: nothing here checks a signature or fetches collateral
+(:func:`attest.verify.verify_evidence` did); everything here compares verified claims with the
+policy's values.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from attest.errors import PolicyViolation
+from attest.evidence import TeeKind
+from attest.initdata import register_for_digest
+from attest.verify.claims import TCB_STATUS_UNKNOWN, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
+from attest.verify.result import VerificationResult
+
+__all__ = [
+    "POLICY_VERSION",
+    "GpuRules",
+    "PolicyFileError",
+    "RuleOutcome",
+    "SnpRules",
+    "TdxRules",
+    "WorkloadFacts",
+    "WorkloadPolicy",
+    "WorkloadRules",
+    "init_data_register_of",
+]
+
+#: The policy file format this build reads and writes.
+POLICY_VERSION = 1
+
+# TDX module ABI, TDINFO.ATTRIBUTES (Intel TDX Module Base Spec, "TD Attributes").
+TDX_ATTR_DEBUG = 1 << 0
+TDX_ATTR_SEPT_VE_DISABLE = 1 << 28
+TDX_ATTR_MIGRATABLE = 1 << 29
+# SEV-SNP ABI spec, Table 9 "Guest Policy Structure".
+SNP_POLICY_SMT = 1 << 16
+SNP_POLICY_MIGRATE_MA = 1 << 18
+SNP_POLICY_DEBUG = 1 << 19
+
+_TEES = {"tdx", "snp", "sample"}
+_TCB_STATUSES = {
+    "UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate", "OutOfDateConfigurationNeeded", TCB_STATUS_UNKNOWN,
+}  # fmt: skip
+
+
+class PolicyFileError(ValueError):
+    """The policy file is not a valid, complete policy; ``str()`` says what to fix."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleOutcome:
+    """One rule applied to the facts."""
+
+    rule: str
+    ok: bool
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        """Return ``{"rule", "ok", "detail"}``."""
+        return {"rule": self.rule, "ok": self.ok, "detail": self.detail}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadFacts:
+    """What a verifier established about one enclave before the policy is applied.
+
+    ``primary`` and ``devices`` are results of :mod:`attest.verify` (signatures, chains and
+    binding already checked). ``model_digest``, ``config_sha256`` and ``runtime_version`` come
+    from the attested claims (user side) or from the init-data's pins (key broker side); None
+    means the side could not learn it, which any rule about it refuses. ``init_data_register`` is
+    the value the hardware register holds (TDX MRCONFIGID, SNP HOST_DATA, the sample evidence's
+    field). ``allow_insecure`` is the caller's explicit development flag.
+    """
+
+    primary: VerificationResult
+    devices: tuple[VerificationResult, ...] = ()
+    model_digest: str | None = None
+    config_sha256: str | None = None
+    runtime_version: str | None = None
+    #: The key broker's side knows no runtime version, but a pinned configuration digest
+    #: includes it: the runtime-version rule is then covered by the configuration rule.
+    config_covers_runtime: bool = False
+    init_data_register: bytes | None = None
+    allow_insecure: bool = False
+
+
+def _strings(obj: Mapping[str, Any], key: str, where: str, *, required: bool) -> tuple[str, ...] | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise PolicyFileError(f"[{where}] {key} is required (a partial policy refuses everything)")
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise PolicyFileError(f"[{where}] {key} must be a non-empty list of strings")
+    return tuple(value)
+
+
+def _hexes(
+    obj: Mapping[str, Any], key: str, where: str, size: int, *, required: bool
+) -> tuple[bytes, ...] | None:
+    values = _strings(obj, key, where, required=required)
+    if values is None:
+        return None
+    out = []
+    for v in values:
+        try:
+            raw = bytes.fromhex(v)
+        except ValueError:
+            raise PolicyFileError(f"[{where}] {key}: {v!r} is not hex") from None
+        if len(raw) != size:
+            raise PolicyFileError(f"[{where}] {key}: {v!r} is {len(raw)} bytes, expected {size}")
+        out.append(raw)
+    return tuple(out)
+
+
+def _bool(obj: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    value = obj.get(key, default)
+    if not isinstance(value, bool):
+        raise PolicyFileError(f"[{where}] {key} must be true or false")
+    return value
+
+
+def _int(obj: Mapping[str, Any], key: str, where: str, default: int | None) -> int | None:
+    value = obj.get(key, default)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise PolicyFileError(f"[{where}] {key} must be a non-negative integer")
+    return value
+
+
+def _table(obj: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PolicyFileError(f"{key} must be a table ([{key}])")
+    return value
+
+
+def _known(obj: Mapping[str, Any], where: str, keys: Iterable[str]) -> None:
+    unknown = sorted(set(obj) - set(keys))
+    if unknown:
+        raise PolicyFileError(f"[{where}] has unknown key(s) {', '.join(unknown)} (typo?)")
+
+
+def _digest(value: str, where: str, key: str) -> str:
+    prefix, _, hexpart = value.partition(":")
+    if prefix != "sha256" or len(hexpart) != 64 or hexpart.strip("0123456789abcdef"):
+        raise PolicyFileError(f"[{where}] {key}: {value!r} must be sha256:<64 lowercase hex>")
+    return value
+
+
+def _init_digest(value: str) -> tuple[str, bytes]:
+    alg, _, hexpart = value.partition(":")
+    sizes = {"sha256": 32, "sha384": 48, "sha512": 64}
+    try:
+        raw = bytes.fromhex(hexpart)
+    except ValueError:
+        raw = b""
+    if alg not in sizes or len(raw) != sizes[alg]:
+        raise PolicyFileError(
+            f"[workload] init_data: {value!r} must be sha256:, sha384: or sha512: and the hex digest"
+        )
+    return alg, raw
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TdxRules:
+    """``[tdx]``: launch measurements, TCB and TD attributes."""
+
+    mrtd: tuple[bytes, ...]
+    rtmr: tuple[tuple[bytes, ...] | None, ...]  # rtmr0..rtmr3, None = not pinned
+    tcb_status: tuple[str, ...] = ("UpToDate",)
+    require_collateral: bool = True
+    allow_migratable: bool = False
+    require_sept_ve_disable: bool = True
+    ppid: tuple[bytes, ...] | None = None
+
+    KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "tcb_status", "require_collateral",
+            "allow_migratable", "require_sept_ve_disable", "ppid")  # fmt: skip
+
+    @classmethod
+    def parse(cls, obj: Mapping[str, Any]) -> TdxRules:
+        """Parse ``[tdx]``. Raises PolicyFileError."""
+        _known(obj, "tdx", cls.KEYS)
+        statuses = _strings(obj, "tcb_status", "tdx", required=False) or ("UpToDate",)
+        bad = sorted(set(statuses) - _TCB_STATUSES)
+        if bad:
+            raise PolicyFileError(f"[tdx] tcb_status: unknown status(es) {', '.join(bad)}")
+        mrtd = _hexes(obj, "mrtd", "tdx", 48, required=True)
+        assert mrtd is not None
+        return cls(
+            mrtd=mrtd,
+            rtmr=tuple(_hexes(obj, f"rtmr{i}", "tdx", 48, required=i < 3) for i in range(4)),
+            tcb_status=statuses,
+            require_collateral=_bool(obj, "require_collateral", "tdx", True),
+            allow_migratable=_bool(obj, "allow_migratable", "tdx", False),
+            require_sept_ve_disable=_bool(obj, "require_sept_ve_disable", "tdx", True),
+            ppid=_hexes(obj, "ppid", "tdx", 16, required=False),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnpRules:
+    """``[snp]``: launch measurement, TCB floor, guest policy and VMPL."""
+
+    measurement: tuple[bytes, ...]
+    min_tcb: Mapping[str, int]
+    vmpl: int = 0
+    allow_migration: bool = False
+    allow_smt: bool = True
+    chip_id: tuple[bytes, ...] | None = None
+
+    KEYS = ("measurement", "min_tcb", "vmpl", "allow_migration", "allow_smt", "chip_id")
+    TCB_KEYS = ("bootloader", "tee", "snp", "microcode", "fmc")
+
+    @classmethod
+    def parse(cls, obj: Mapping[str, Any]) -> SnpRules:
+        """Parse ``[snp]``. Raises PolicyFileError."""
+        _known(obj, "snp", cls.KEYS)
+        measurement = _hexes(obj, "measurement", "snp", 48, required=True)
+        assert measurement is not None
+        tcb = _table(obj, "min_tcb")
+        if tcb is None:
+            raise PolicyFileError(
+                "[snp] min_tcb is required, e.g. {bootloader = 10, tee = 0, snp = 23, microcode = 213}"
+            )
+        _known(tcb, "snp.min_tcb", cls.TCB_KEYS)
+        if not {"bootloader", "tee", "snp", "microcode"} <= set(tcb):
+            raise PolicyFileError("[snp] min_tcb needs bootloader, tee, snp and microcode")
+        floors = {k: _int(tcb, k, "snp.min_tcb", None) for k in tcb}
+        vmpl = _int(obj, "vmpl", "snp", 0)
+        return cls(
+            measurement=measurement,
+            min_tcb={k: int(v) for k, v in floors.items() if v is not None},
+            vmpl=0 if vmpl is None else vmpl,
+            allow_migration=_bool(obj, "allow_migration", "snp", False),
+            allow_smt=_bool(obj, "allow_smt", "snp", True),
+            chip_id=_hexes(obj, "chip_id", "snp", 64, required=False),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GpuRules:
+    """``[gpu]``: how many GPUs, which architecture and firmware."""
+
+    count: int
+    arch: tuple[str, ...] | None = None
+    driver: tuple[str, ...] | None = None
+    vbios: tuple[str, ...] | None = None
+
+    KEYS = ("count", "arch", "driver", "vbios")
+
+    @classmethod
+    def parse(cls, obj: Mapping[str, Any]) -> GpuRules:
+        """Parse ``[gpu]``. Raises PolicyFileError."""
+        _known(obj, "gpu", cls.KEYS)
+        count = _int(obj, "count", "gpu", None)
+        if count is None:
+            raise PolicyFileError("[gpu] count is required (the number of GPUs the enclave must attest)")
+        driver = _strings(obj, "driver", "gpu", required=count > 0)
+        vbios = _strings(obj, "vbios", "gpu", required=count > 0)
+        arch = _strings(obj, "arch", "gpu", required=False)
+        return cls(
+            count=count,
+            arch=None if arch is None else tuple(a.upper() for a in arch),
+            driver=driver,
+            vbios=None if vbios is None else tuple(v.lower() for v in vbios),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadRules:
+    """``[workload]``: the software identity."""
+
+    model: tuple[str, ...]
+    config: tuple[str, ...]
+    init_data: tuple[tuple[str, bytes], ...] | None = None
+    runtime_version: tuple[str, ...] | None = None
+
+    KEYS = ("model", "config", "init_data", "runtime_version")
+
+    @classmethod
+    def parse(cls, obj: Mapping[str, Any], *, hardware: bool) -> WorkloadRules:
+        """Parse ``[workload]``; ``init_data`` is required when a hardware TEE is allowed."""
+        _known(obj, "workload", cls.KEYS)
+        model = _strings(obj, "model", "workload", required=True)
+        config = _strings(obj, "config", "workload", required=True)
+        assert model is not None and config is not None
+        init = _strings(obj, "init_data", "workload", required=hardware)
+        return cls(
+            model=tuple(_digest(m, "workload", "model") for m in model),
+            config=tuple(_digest(c if ":" in c else "sha256:" + c, "workload", "config") for c in config),
+            init_data=None if init is None else tuple(_init_digest(v) for v in init),
+            runtime_version=_strings(obj, "runtime_version", "workload", required=False),
+        )
+
+
+def _hex_in(value: bytes, allowed: Sequence[bytes]) -> bool:
+    return any(value == a for a in allowed)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkloadPolicy:
+    """A parsed policy file. Build with :meth:`from_toml` or :meth:`load`."""
+
+    tees: tuple[str, ...]
+    workload: WorkloadRules
+    tdx: TdxRules | None = None
+    snp: SnpRules | None = None
+    gpu: GpuRules | None = None
+    insecure_development: bool = False
+    source: str = field(default="", compare=False)
+
+    # -- parsing ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_toml(cls, text: str | bytes, *, source: str = "") -> WorkloadPolicy:
+        """Parse a policy file.
+
+        Raises:
+            PolicyFileError: not TOML, another version, an unknown key, or a rule missing
+                (an empty or partial policy never passes).
+        """
+        try:
+            obj = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise PolicyFileError(f"the policy is not TOML: {exc}") from None
+        if not obj:
+            raise PolicyFileError("the policy is empty; an empty policy accepts nothing")
+        _known(
+            obj, "(top level)", ("version", "insecure_development", "tee", "workload", "tdx", "snp", "gpu")
+        )
+        if obj.get("version") != POLICY_VERSION:
+            raise PolicyFileError(f"version must be {POLICY_VERSION} (got {obj.get('version')!r})")
+        tee = _table(obj, "tee")
+        if tee is None:
+            raise PolicyFileError("[tee] allowed is required: which TEEs may run the workload")
+        _known(tee, "tee", ("allowed",))
+        tees = _strings(tee, "allowed", "tee", required=True)
+        assert tees is not None
+        bad = sorted(set(tees) - _TEES)
+        if bad:
+            raise PolicyFileError(f"[tee] allowed: unknown TEE(s) {', '.join(bad)} (tdx, snp, sample)")
+        insecure = _bool(obj, "insecure_development", "(top level)", False)
+        if "sample" in tees and not insecure:
+            raise PolicyFileError(
+                "[tee] allows the sample TEE, which proves nothing: add insecure_development = true "
+                "(development only)"
+            )
+        hardware = bool(set(tees) - {"sample"})
+        workload = _table(obj, "workload")
+        if workload is None:
+            raise PolicyFileError("[workload] is required: model and config pin the software")
+        workload_rules = WorkloadRules.parse(workload, hardware=hardware)
+        sections: dict[str, Any] = {}
+        for name, parser in (("tdx", TdxRules.parse), ("snp", SnpRules.parse)):
+            table = _table(obj, name)
+            if name in tees and table is None:
+                raise PolicyFileError(f"[tee] allows {name} but the policy has no [{name}] rules")
+            if table is not None and name not in tees:
+                raise PolicyFileError(f"[{name}] is given but [tee] allowed does not include {name}")
+            sections[name] = None if table is None else parser(table)
+        gpu = _table(obj, "gpu")
+        return cls(
+            tees=tees,
+            workload=workload_rules,
+            tdx=sections["tdx"],
+            snp=sections["snp"],
+            gpu=None if gpu is None else GpuRules.parse(gpu),
+            insecure_development=insecure,
+            source=source,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> WorkloadPolicy:
+        """Read and parse a policy file. Raises PolicyFileError (also for an unreadable file)."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise PolicyFileError(f"cannot read the policy {path}: {exc.strerror}") from None
+        return cls.from_toml(data, source=str(path))
+
+    # -- applying --------------------------------------------------------------------------
+
+    def evaluate(self, facts: WorkloadFacts) -> list[RuleOutcome]:
+        """Apply every rule to ``facts`` and return each outcome, in order."""
+        out: list[RuleOutcome] = []
+
+        def rule(name: str, check: Callable[[], str]) -> None:
+            try:
+                out.append(RuleOutcome(rule=name, ok=True, detail=check()))
+            except PolicyViolation as exc:
+                out.append(RuleOutcome(rule=name, ok=False, detail=str(exc)))
+
+        rule("tee", lambda: self._check_tee(facts))
+        claims = facts.primary.claims
+        if isinstance(claims, TdxClaims) and self.tdx is not None:
+            self._tdx_rules(rule, claims, self.tdx)
+        elif isinstance(claims, SnpClaims) and self.snp is not None:
+            self._snp_rules(rule, claims, self.snp)
+        rule("workload.init_data", lambda: self._check_init_data(facts))
+        rule("gpu", lambda: self._check_gpus(facts))
+        w = self.workload
+        rule("workload.model", lambda: _one_of("model", facts.model_digest, w.model))
+        rule("workload.config", lambda: _one_of("configuration", _config(facts.config_sha256), w.config))
+        if w.runtime_version is not None and facts.runtime_version is None and facts.config_covers_runtime:
+            rule("workload.runtime_version", lambda: "covered by the pinned configuration digest")
+        elif w.runtime_version is not None:
+            versions = w.runtime_version
+            rule(
+                "workload.runtime_version",
+                lambda: _one_of("runtime version", facts.runtime_version, versions),
+            )
+        return out
+
+    def check(self, facts: WorkloadFacts) -> list[RuleOutcome]:
+        """Apply every rule; return the outcomes if all passed.
+
+        Raises:
+            PolicyViolation: naming every failed rule; ``exc.outcomes`` holds all outcomes.
+        """
+        outcomes = self.evaluate(facts)
+        failed = [o for o in outcomes if not o.ok]
+        if failed:
+            exc = PolicyViolation("; ".join(f"{o.rule}: {o.detail}" for o in failed))
+            exc.outcomes = outcomes  # type: ignore[attr-defined]
+            raise exc
+        return outcomes
+
+    def _check_tee(self, facts: WorkloadFacts) -> str:
+        tee = facts.primary.tee.value
+        if tee not in self.tees:
+            raise PolicyViolation(f"the enclave runs in {tee}, not one of {', '.join(self.tees)}")
+        if facts.primary.insecure:
+            if not (self.insecure_development and facts.allow_insecure):
+                raise PolicyViolation(
+                    "the sample TEE proves nothing: it passes only with insecure_development = true in "
+                    "the policy AND the explicit --allow-insecure-sample-tee flag"
+                )
+            return f"{tee} (INSECURE: development only, allowed by the policy and the flag)"
+        return f"{tee} is allowed"
+
+    def _tdx_rules(self, rule: Callable[[str, Callable[[], str]], None], c: TdxClaims, r: TdxRules) -> None:
+        attributes = int.from_bytes(c.td_attributes, "little")
+        rule("tdx.mrtd", lambda: _register("MRTD", c.mrtd, r.mrtd))
+        for i, allowed in enumerate(r.rtmr):
+            if allowed is not None:
+                rule(f"tdx.rtmr{i}", lambda i=i, allowed=allowed: _register(f"RTMR{i}", c.rtmrs[i], allowed))  # type: ignore[misc]
+
+        def tcb() -> str:
+            if c.tcb_status not in r.tcb_status:
+                hint = (
+                    " (no DCAP collateral was given, so the TCB was not checked)"
+                    if c.tcb_status == TCB_STATUS_UNKNOWN
+                    else ""
+                )
+                raise PolicyViolation(
+                    f"TCB status {c.tcb_status} is not allowed (allowed: {', '.join(r.tcb_status)}){hint}"
+                )
+            advisories = f", advisories {', '.join(c.advisory_ids)}" if c.advisory_ids else ""
+            return f"TCB status {c.tcb_status}{advisories}"
+
+        def collateral() -> str:
+            if r.require_collateral and c.tcb_status == TCB_STATUS_UNKNOWN:
+                raise PolicyViolation(
+                    "DCAP collateral is required (revocation and TCB level are unchecked without it); "
+                    "pass --tdx-collateral or set require_collateral = false"
+                )
+            return (
+                "TCB verified with DCAP collateral" if c.tcb_status != TCB_STATUS_UNKNOWN else "not required"
+            )
+
+        rule("tdx.tcb_status", tcb)
+        rule("tdx.collateral", collateral)
+        rule(
+            "tdx.debug",
+            lambda: _flag_off("the TD is debuggable (ATTRIBUTES.DEBUG)", attributes & TDX_ATTR_DEBUG),
+        )
+
+        def migratable() -> str:
+            if attributes & TDX_ATTR_MIGRATABLE and not r.allow_migratable:
+                raise PolicyViolation(
+                    "the TD is migratable (ATTRIBUTES.MIGRATABLE); set allow_migratable = true to accept"
+                )
+            return "not migratable" if not attributes & TDX_ATTR_MIGRATABLE else "migratable (allowed)"
+
+        def sept() -> str:
+            if r.require_sept_ve_disable and not attributes & TDX_ATTR_SEPT_VE_DISABLE:
+                raise PolicyViolation(
+                    "the TD does not set ATTRIBUTES.SEPT_VE_DISABLE (EPT-violation #VE can be injected)"
+                )
+            return "SEPT_VE_DISABLE set" if attributes & TDX_ATTR_SEPT_VE_DISABLE else "not required"
+
+        rule("tdx.migratable", migratable)
+        rule("tdx.sept_ve_disable", sept)
+        if r.ppid is not None:
+            ppid = r.ppid
+            rule("tdx.ppid", lambda: _machine("PPID", c.ppid, ppid))
+
+    def _snp_rules(self, rule: Callable[[str, Callable[[], str]], None], c: SnpClaims, r: SnpRules) -> None:
+        rule("snp.measurement", lambda: _register("MEASUREMENT", c.measurement, r.measurement))
+
+        def tcb() -> str:
+            low = []
+            for name, floor in r.min_tcb.items():
+                value = getattr(c.reported_tcb, name)
+                if value is None or value < floor:
+                    low.append(f"{name} {value} < {floor}")
+            if low:
+                raise PolicyViolation(f"reported TCB below the floor: {', '.join(low)}")
+            return "reported TCB " + ", ".join(f"{k} {getattr(c.reported_tcb, k)}" for k in r.min_tcb)
+
+        rule("snp.min_tcb", tcb)
+        rule("snp.debug", lambda: _flag_off("the guest policy allows debugging", c.policy & SNP_POLICY_DEBUG))
+
+        def migration() -> str:
+            if c.policy & SNP_POLICY_MIGRATE_MA and not r.allow_migration:
+                raise PolicyViolation("the guest policy allows a migration agent (MIGRATE_MA)")
+            return "no migration agent"
+
+        def smt() -> str:
+            if c.policy & SNP_POLICY_SMT and not r.allow_smt:
+                raise PolicyViolation("the guest policy allows SMT")
+            return "SMT " + ("allowed" if c.policy & SNP_POLICY_SMT else "off")
+
+        def vmpl() -> str:
+            if c.vmpl != r.vmpl:
+                raise PolicyViolation(f"the report comes from VMPL {c.vmpl}, not {r.vmpl}")
+            return f"VMPL {c.vmpl}"
+
+        rule("snp.migration", migration)
+        rule("snp.smt", smt)
+        rule("snp.vmpl", vmpl)
+        if r.chip_id is not None:
+            chip = r.chip_id
+            rule("snp.chip_id", lambda: _machine("CHIP_ID", c.chip_id, chip))
+
+    def _check_init_data(self, facts: WorkloadFacts) -> str:
+        allowed = self.workload.init_data
+        if allowed is None:
+            return "not pinned (sample TEE policy)"
+        register = facts.init_data_register
+        if register is None:
+            raise PolicyViolation("the evidence carries no init-data digest")
+        tee = facts.primary.tee
+        for alg, digest in allowed:
+            if register == register_for_digest(tee, digest):
+                return f"{alg}:{digest.hex()} ({_register_name(tee)})"
+        raise PolicyViolation(
+            f"{_register_name(tee)} {register.hex()} is not the digest of an allowed init-data"
+        )
+
+    def _check_gpus(self, facts: WorkloadFacts) -> str:
+        gpus = [g for d in facts.devices if isinstance(d.claims, NvidiaClaims) for g in d.claims.gpus]
+        samples = [d for d in facts.devices if isinstance(d.claims, SampleClaims)]
+        r = self.gpu
+        if r is None:
+            if gpus or samples:
+                found = len(gpus) + len(samples)
+                raise PolicyViolation(
+                    f"the enclave attests {found} device(s) but the policy has no [gpu] rules"
+                )
+            return "no GPUs, none expected"
+        if samples and not (self.insecure_development and facts.allow_insecure):
+            raise PolicyViolation("sample device evidence proves nothing (insecure_development and the flag)")
+        if len(gpus) + len(samples) != r.count:
+            raise PolicyViolation(
+                f"the enclave attests {len(gpus) + len(samples)} GPU(s), the policy expects {r.count}"
+            )
+        for gpu in gpus:
+            if r.arch is not None and gpu.arch.upper() not in r.arch:
+                raise PolicyViolation(f"GPU {gpu.uuid} is {gpu.arch}, not one of {', '.join(r.arch)}")
+            if r.driver is not None and gpu.driver_version not in r.driver:
+                raise PolicyViolation(
+                    f"GPU {gpu.uuid} runs driver {gpu.driver_version}, not one of {', '.join(r.driver)}"
+                )
+            if r.vbios is not None and (gpu.vbios_version or "").lower() not in r.vbios:
+                raise PolicyViolation(
+                    f"GPU {gpu.uuid} has VBIOS {gpu.vbios_version}, not one of {', '.join(r.vbios)}"
+                )
+        versions = sorted({f"{g.arch} driver {g.driver_version} VBIOS {g.vbios_version}" for g in gpus})
+        return f"{r.count} GPU(s)" + (f": {'; '.join(versions)}" if versions else " (sample devices)")
+
+    # -- presenting ------------------------------------------------------------------------
+
+    def explain(self) -> list[str]:
+        """Return the policy as sentences, one per rule (``enclave-serve policy show``)."""
+        lines = [f"TEE: {' or '.join(self.tees)}"]
+        if self.insecure_development:
+            lines.append(
+                "INSECURE DEVELOPMENT POLICY: the sample TEE passes (with --allow-insecure-sample-tee)"
+            )
+        w = self.workload
+        lines.append(f"model: one of {', '.join(w.model)}")
+        lines.append(f"run configuration: one of {', '.join(w.config)}")
+        if w.init_data is not None:
+            lines.append("init-data: one of " + ", ".join(f"{a}:{d.hex()}" for a, d in w.init_data))
+        if w.runtime_version is not None:
+            lines.append(f"runtime version: one of {', '.join(w.runtime_version)}")
+        if self.tdx is not None:
+            t = self.tdx
+            lines.append(f"TDX MRTD: one of {len(t.mrtd)} value(s); RTMRs pinned: "
+                         + ", ".join(f"rtmr{i}" for i, v in enumerate(t.rtmr) if v is not None))  # fmt: skip
+            lines.append(f"TDX TCB status: {', '.join(t.tcb_status)}; collateral "
+                         + ("required" if t.require_collateral else "optional"))  # fmt: skip
+            migration = "migratable allowed" if t.allow_migratable else "not migratable"
+            sept = "required" if t.require_sept_ve_disable else "optional"
+            lines.append(f"TDX attributes: not debuggable; {migration}; SEPT_VE_DISABLE {sept}")
+            if t.ppid is not None:
+                lines.append(f"TDX machines (PPID): {len(t.ppid)} allowed")
+        if self.snp is not None:
+            s = self.snp
+            lines.append(f"SNP MEASUREMENT: one of {len(s.measurement)} value(s)")
+            lines.append("SNP minimum reported TCB: " + ", ".join(f"{k} {v}" for k, v in s.min_tcb.items()))
+            agent = "migration agent allowed" if s.allow_migration else "no migration agent"
+            lines.append(f"SNP guest: not debuggable; VMPL {s.vmpl}; {agent}")
+            if s.chip_id is not None:
+                lines.append(f"SNP machines (CHIP_ID): {len(s.chip_id)} allowed")
+        if self.gpu is None:
+            lines.append("GPUs: none")
+        else:
+            g = self.gpu
+            parts = [f"{g.count} GPU(s)"]
+            if g.arch:
+                parts.append(f"architecture {', '.join(g.arch)}")
+            if g.driver:
+                parts.append(f"driver {', '.join(g.driver)}")
+            if g.vbios:
+                parts.append(f"VBIOS {', '.join(g.vbios)}")
+            lines.append("GPUs: " + "; ".join(parts))
+        return lines
+
+    def to_toml(self) -> str:
+        """Return the policy as TOML (what ``policy record`` writes)."""
+        out = [f"version = {POLICY_VERSION}"]
+        if self.insecure_development:
+            out.append("insecure_development = true  # DEVELOPMENT ONLY: the sample TEE proves nothing")
+        out += ["", "[tee]", f"allowed = {_list(self.tees)}", "", "[workload]"]
+        w = self.workload
+        out.append(f"model = {_list(w.model)}")
+        out.append(f"config = {_list(w.config)}")
+        if w.init_data is not None:
+            out.append(f"init_data = {_list(f'{a}:{d.hex()}' for a, d in w.init_data)}")
+        if w.runtime_version is not None:
+            out.append(f"runtime_version = {_list(w.runtime_version)}")
+        if self.tdx is not None:
+            t = self.tdx
+            out += ["", "[tdx]", f"mrtd = {_list(v.hex() for v in t.mrtd)}"]
+            out += [
+                f"rtmr{i} = {_list(v.hex() for v in vals)}"
+                for i, vals in enumerate(t.rtmr)
+                if vals is not None
+            ]
+            out.append(f"tcb_status = {_list(t.tcb_status)}")
+            out.append(f"require_collateral = {_bool_text(t.require_collateral)}")
+            out.append(f"allow_migratable = {_bool_text(t.allow_migratable)}")
+            out.append(f"require_sept_ve_disable = {_bool_text(t.require_sept_ve_disable)}")
+            if t.ppid is not None:
+                out.append(f"ppid = {_list(v.hex() for v in t.ppid)}")
+        if self.snp is not None:
+            s = self.snp
+            out += ["", "[snp]", f"measurement = {_list(v.hex() for v in s.measurement)}"]
+            out.append("min_tcb = { " + ", ".join(f"{k} = {v}" for k, v in s.min_tcb.items()) + " }")
+            out.append(f"vmpl = {s.vmpl}")
+            out.append(f"allow_migration = {_bool_text(s.allow_migration)}")
+            out.append(f"allow_smt = {_bool_text(s.allow_smt)}")
+            if s.chip_id is not None:
+                out.append(f"chip_id = {_list(v.hex() for v in s.chip_id)}")
+        if self.gpu is not None:
+            g = self.gpu
+            out += ["", "[gpu]", f"count = {g.count}"]
+            for key in ("arch", "driver", "vbios"):
+                value = getattr(g, key)
+                if value is not None:
+                    out.append(f"{key} = {_list(value)}")
+        return "\n".join(out) + "\n"
+
+
+def init_data_register_of(result: VerificationResult) -> bytes | None:
+    """Return the init-data register of verified primary evidence (MRCONFIGID, HOST_DATA)."""
+    claims = result.claims
+    if isinstance(claims, TdxClaims):
+        return claims.mr_config_id
+    if isinstance(claims, SnpClaims):
+        return claims.host_data
+    if isinstance(claims, SampleClaims):
+        return claims.init_data
+    return None
+
+
+def _list(values: Iterable[str]) -> str:
+    import json
+
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def _bool_text(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _config(value: str | None) -> str | None:
+    return None if value is None else (value if value.startswith("sha256:") else "sha256:" + value)
+
+
+def _one_of(what: str, value: str | None, allowed: Sequence[str]) -> str:
+    if value is None:
+        raise PolicyViolation(f"the {what} is not known on this side (nothing attests or pins it)")
+    if value not in allowed:
+        raise PolicyViolation(f"the {what} is {value}, not one the policy allows")
+    return value
+
+
+def _register(name: str, value: bytes, allowed: Sequence[bytes]) -> str:
+    if not _hex_in(value, allowed):
+        raise PolicyViolation(f"{name} {value.hex()} is not one of the {len(allowed)} allowed value(s)")
+    return f"{name} {value.hex()[:16]}… matches"
+
+
+def _machine(name: str, value: bytes | None, allowed: Sequence[bytes]) -> str:
+    if value is None or not _hex_in(value, allowed):
+        shown = "unknown" if value is None else value.hex()
+        raise PolicyViolation(f"{name} {shown} is not an allowed machine")
+    return f"{name} {value.hex()[:16]}… is allowed"
+
+
+def _flag_off(problem: str, bit: int) -> str:
+    if bit:
+        raise PolicyViolation(problem)
+    return "off"
+
+
+def _register_name(tee: TeeKind) -> str:
+    return {TeeKind.TDX: "MRCONFIGID", TeeKind.SNP: "HOST_DATA"}.get(tee, "init_data")

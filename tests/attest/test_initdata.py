@@ -1,0 +1,94 @@
+"""CoCo init-data: exact-bytes digests, register placement, the annotation form, enclave-serve's pins."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from attest.errors import MalformedEvidence
+from attest.evidence import TeeKind
+from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, WorkloadPins, register_for_digest
+
+VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "initdata"
+CAA_SHA384 = (
+    "4bebff2869bcdd3e9848fd8bca681ffb9bd9e018e343aa664c960fb4834129ac5b7fed3ca94b2da609906f1e94924b17"
+)
+CAA_DOC_STATED = (  # the same text without its final newline (see PROVENANCE.md)
+    "52af3178dd7ad4bf551e629b84b45bfd1fbe1434b980120267181ae3575ea20ca9013b8eadf31d27eed7ff2552d500ef"
+)
+MODEL = "sha256:" + "ab" * 32
+
+
+def test_the_cloud_api_adaptor_annotation_digests_its_exact_bytes() -> None:
+    init = InitData.load((VECTORS / "caa-annotation.b64").read_bytes())
+    assert len(init.raw) == 4557 and init.algorithm == "sha384"
+    assert set(init.data) == {"aa.toml", "cdh.toml", "policy.rego"}
+    assert init.digest.hex() == CAA_SHA384
+    assert hashlib.sha384(init.raw.rstrip(b"\n")).hexdigest() == CAA_DOC_STATED  # one byte, other digest
+    assert init.register(TeeKind.TDX).hex() == CAA_SHA384  # 48 bytes: the digest itself
+    assert init.register(TeeKind.SNP).hex() == CAA_SHA384[:64]  # truncated to 32
+    assert init.pins is None
+
+
+def test_digests_are_zero_padded_or_truncated_into_the_register() -> None:
+    d32, d64 = bytes(range(32)), bytes(range(64))
+    assert register_for_digest(TeeKind.TDX, d32) == d32 + bytes(16)
+    assert register_for_digest(TeeKind.SNP, d32) == d32
+    assert register_for_digest(TeeKind.TDX, d64) == d64[:48]
+    assert register_for_digest(TeeKind.SNP, d64) == d64[:32]
+    with pytest.raises(ValueError, match="carries no init-data"):
+        register_for_digest(TeeKind.NVIDIA, d32)
+
+
+def test_built_init_data_round_trips_through_the_annotation_and_carries_the_pins() -> None:
+    pins = WorkloadPins(model=MODEL, key_resource="kbs:///a/b/c", vllm_args=("--max-model-len", "512"),
+                        config_sha256="cd" * 32)  # fmt: skip
+    init = InitData.build(
+        entries=[("policy.rego", "package agent_policy\n"), (ENCLAVE_SERVE_ENTRY, pins.to_toml())]
+    )
+    again = InitData.from_annotation(init.annotation())
+    assert again.raw == init.raw and again.digest == init.digest
+    assert again.pins == pins
+    assert init.to_wire() == {"format": "toml", "body": init.raw.decode()}
+    assert init.matches(TeeKind.TDX, init.register(TeeKind.TDX))
+    assert not init.matches(TeeKind.TDX, bytes(48))
+    sha256 = InitData.build(entries=[(ENCLAVE_SERVE_ENTRY, pins.to_toml())], algorithm="sha256")
+    assert sha256.digest == hashlib.sha256(sha256.raw).digest()
+    assert sha256.register(TeeKind.TDX) == sha256.digest + bytes(16)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b'version = "0.2.0"\nalgorithm = "sha384"\n', "version"),
+        (b'version = "0.1.0"\nalgorithm = "sha-384"\n', "algorithm"),
+        (b'version = "0.1.0"\nalgorithm = "md5"\n', "algorithm"),
+        (b'version = "0.1.0"\nalgorithm = "sha384"\n[data]\nx = 1\n', "strings"),
+        (b"not = [toml", "not TOML"),
+        (b"\xff\xfe", "not TOML"),
+    ],
+)
+def test_malformed_init_data_is_refused(raw: bytes, message: str) -> None:
+    with pytest.raises(MalformedEvidence, match=message):
+        InitData.from_bytes(raw)
+
+
+def test_a_bad_annotation_is_refused() -> None:
+    with pytest.raises(MalformedEvidence, match="not base64 of gzip"):
+        InitData.from_annotation("H4sI!!!")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('model = "sha256:abc"\n', "model must be"),
+        (f'model = "{MODEL}"\nextra = 1\n', "unknown key"),
+        (f'model = "{MODEL}"\nvllm_args = "--x"\n', "list of strings"),
+        (f'model = "{MODEL}"\nconfig_sha256 = "zz"\n', "64 hex"),
+    ],
+)
+def test_malformed_pins_are_refused(text: str, message: str) -> None:
+    with pytest.raises(MalformedEvidence, match=message):
+        WorkloadPins.from_toml(text)
