@@ -3,6 +3,7 @@
 #   make test   set up .venv and run the whole test suite
 #   make lint   ruff, mypy (strict) and the package layering contract (import-linter)
 #   make bench  decrypt-to-tensor benchmark (bench/load.py)
+#   make gpu-check  on a machine with an NVIDIA GPU: GPU tests, GPU load benchmark, CUDA e2e (docs/gpu.md)
 #   make lock   re-resolve requirements/*.lock (hash-pinned) after a dependency change
 
 PYTHON ?= python3
@@ -19,7 +20,7 @@ PIP_VERSION := 26.3
 BASE_IMAGE_TAG ?= docker.io/vllm/vllm-openai:v0.33.0
 BASE_IMAGE_FILE := requirements/base-image.digest
 
-.PHONY: install demo demo-stop test test-fast lint bench lock pin-base-image image clean
+.PHONY: install demo demo-stop test test-fast lint bench gpu-check lock pin-base-image image clean
 
 ifeq ($(EXTRAS),cpu$(comma)test)
 $(STAMP): pyproject.toml $(LOCK)
@@ -74,6 +75,10 @@ pin-base-image:
 image:
 	test -s $(BASE_IMAGE_FILE) || { echo "run 'make pin-base-image' first" >&2; exit 1; }
 	podman build --build-arg BASE_IMAGE=$$(cat $(BASE_IMAGE_FILE)) -t enclave-serve -f Containerfile .
+
+# Sets up its own .gpu-venv (GPU build of vLLM); GPU_CHECK_ARGS=--wheels DIR for offline machines.
+gpu-check:
+	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean: demo-stop
 	rm -rf .demo .bench .pytest_cache

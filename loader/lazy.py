@@ -7,10 +7,13 @@ that holds *no data*: it carries the checkpoint tensor's shape and dtype and whe
 ciphertext is. Copying it into a destination decrypts the chunks covering exactly the selected
 rows, on all decrypt threads, directly into the destination's memory (CPU), or into a small
 ring of pinned staging buffers and from there, on one dedicated copy thread per device, into
-the destination (GPU). Hence:
+the destination (GPU). This is the one decrypt engine: the vLLM loader copies its tensors into
+parameters, and :func:`loader.pipeline.load_tensors` (the streaming iterator) copies them into
+fresh tensors. Hence:
 
 * no buffer ever holds a whole tensor's plaintext besides its destination; on the GPU path the
-  plaintext crosses only the staging ring (``threads + 2`` buffers of one chunk each);
+  plaintext crosses only the staging ring (:mod:`loader.staging`: pinned or pageable,
+  ``threads + 2`` slots by default);
 * narrowing along dim 0 (column-parallel shards under tensor parallelism) stays lazy, so a rank
   decrypts only the chunks holding its rows (the format cuts chunks at tensor boundaries, so
   chunks are addressable per tensor); row-parallel shards (dim 1) are decrypted whole;
@@ -21,8 +24,9 @@ the destination (GPU). Hence:
 A failed chunk zeroes what was written to the destination and raises the one opaque
 :class:`attest.errors.ModelDecryptionError` naming the file.
 
-Use :class:`LazyCheckpoint` for random-access sources (the encrypted shards on disk); sequential
-streams (a future ocicrypt OCI layer) go through :func:`loader.pipeline.load_tensors`.
+The engine reads any :class:`loader.source.TensorSource`: :meth:`LazyCheckpoint.open` feeds it
+the encrypted shards of a model directory; other sources (a decrypted OCI layer) are passed to
+the constructor.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +48,10 @@ from torch.utils._pytree import tree_map
 from attest.errors import ModelFormatError
 from attest.secret import SecretBytes
 from loader.format import TensorEntry
-from loader.manifest import Manifest
-from loader.pipeline import TORCH_DTYPES, default_threads
+from loader.manifest import Manifest, ShardEntry
 from loader.shard import EncryptedShard, Piece, ReadMode, shard_failure
-from loader.staging import Buffers, Slab, copy_slot_to_device
+from loader.source import TORCH_DTYPES, TensorSource, default_threads
+from loader.staging import Slot, StagingOptions, StagingRing, copy_slot_to_device
 from loader.stats import StatsRecorder
 
 __all__ = ["EncryptedTensor", "LazyCheckpoint"]
@@ -55,9 +59,6 @@ __all__ = ["EncryptedTensor", "LazyCheckpoint"]
 logger = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-
-#: Default size of one pinned staging buffer on the GPU path (at least one chunk).
-DEFAULT_STAGING_BYTES = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,23 +69,25 @@ class _Region:
     window's bytes, in row-major order, are what a copy writes to its destination.
     """
 
-    shard: EncryptedShard
+    shard: TensorSource
     entry: TensorEntry
     row0: int
     row1: int
     col0: int = 0
     col1: int | None = None
+    #: (row bytes, first selected byte of a row, end of the selected bytes of a row); computed once.
+    _dims: tuple[int, int, int] = field(init=False, repr=False, compare=False)
 
-    @property
-    def _dims(self) -> tuple[int, int, int]:
-        """(row bytes, first selected byte of a row, end of the selected bytes of a row)."""
+    def __post_init__(self) -> None:
         shape = self.entry.shape
         rows = shape[0] if shape else 1
         row_bytes = self.entry.nbytes // rows if rows else 0
         if len(shape) < 2:
-            return row_bytes, 0, row_bytes
-        unit = row_bytes // shape[1] if shape[1] else 0
-        return row_bytes, self.col0 * unit, (shape[1] if self.col1 is None else self.col1) * unit
+            dims = (row_bytes, 0, row_bytes)
+        else:
+            unit = row_bytes // shape[1] if shape[1] else 0
+            dims = (row_bytes, self.col0 * unit, (shape[1] if self.col1 is None else self.col1) * unit)
+        object.__setattr__(self, "_dims", dims)
 
     @property
     def nbytes(self) -> int:
@@ -158,19 +161,127 @@ class _Region:
             raise AssertionError("window gather size mismatch")
 
 
-class _GpuLane:
-    """One device's pinned staging ring (:class:`loader.staging.Buffers`), copy thread and stream."""
+class _Lane:
+    """One destination device's staging ring, copy thread and (CUDA) copy stream."""
 
-    def __init__(self, device: torch.device, slots: int, slot_bytes: int) -> None:
-        self.ring = Buffers(slab_bytes=slot_bytes, max_free=0, pin=True)
-        self.ring.make_ring(slots, slot_bytes)
+    def __init__(self, device: torch.device, slots: int, options: StagingOptions, slot_bytes: int) -> None:
+        # Pinning only helps DMA to a device (and needs an accelerator to allocate at all).
+        mode = options.mode if device.type == "cuda" else "pageable"
+        self.ring = StagingRing(slots=slots, slot_bytes=slot_bytes, mode=mode)
         self.copier = ThreadPoolExecutor(1, thread_name_prefix=f"enclave-copy-{device}")
-        self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.stream = (
+            torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        )
 
     def close(self) -> None:
         self.copier.shutdown(wait=True)
-        self.ring.wipe(include_handed_out=False)
-        self.ring.drop()
+        self.ring.close()
+
+
+@dataclass(eq=False)
+class _Copy:
+    """One overlapped host copy: its pieces, how many are still to finish, and its outcome."""
+
+    region: _Region
+    out: np.ndarray[Any, Any]
+    pieces: Sequence[Piece]
+    epoch: int
+    remaining: int
+    failed: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class _Overlap:
+    """Persistent decrypt threads for host copies that may finish after ``copy_`` returns.
+
+    ``copy_`` queues its pieces, works on the queue itself until every piece of *its* copy has
+    been started, and returns; the other threads finish the stragglers while the consumer already
+    asks for the next tensor, whose pieces they then take. No thread idles at a tensor boundary.
+    """
+
+    def __init__(self, checkpoint: LazyCheckpoint, helpers: int) -> None:
+        self._checkpoint = checkpoint
+        self._jobs: deque[tuple[_Copy, Piece]] = deque()
+        self._cond = threading.Condition()
+        self._open: list[_Copy] = []
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"enclave-decrypt-{i}", daemon=True)
+            for i in range(helpers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, copy: _Copy) -> None:
+        with self._cond:
+            self._open.append(copy)
+            self._jobs.extend((copy, piece) for piece in copy.pieces)
+            self._cond.notify_all()
+        # Work on the queue (older copies first) until this copy's last piece has been taken.
+        while True:
+            with self._cond:
+                if not any(c is copy for c, _ in self._jobs):
+                    return
+                job = self._jobs.popleft()
+            self._run(*job)
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            self._run(*job)
+
+    def _run(self, copy: _Copy, piece: Piece) -> None:
+        if not copy.failed:
+            try:
+                self._checkpoint._decrypt_piece(copy.region, piece, copy.out)
+            except Exception:
+                copy.failed = True
+        with self._cond:
+            copy.remaining -= 1
+            last = copy.remaining == 0
+        if last:
+            self._checkpoint._finish_host(copy)
+            copy.done.set()
+
+    def settle(self, *, before_epoch: int | None = None) -> None:
+        """Wait for the copies of epochs before ``before_epoch`` (all: None); raise on a failure.
+
+        Raises:
+            ModelDecryptionError: a waited copy failed (its destination was zeroed).
+        """
+        with self._cond:
+            waiting = [c for c in self._open if before_epoch is None or c.epoch < before_epoch]
+        for copy in waiting:
+            copy.done.wait()
+        with self._cond:
+            self._open = [c for c in self._open if c not in waiting]
+        failed = next((c for c in waiting if c.failed), None)
+        if failed is not None:
+            raise shard_failure(failed.region.shard.label)
+
+    def stop(self) -> None:
+        """Drop queued pieces, wait for those being decrypted, and stop the threads."""
+        with self._cond:
+            for copy, _ in self._jobs:
+                copy.failed = True
+                copy.remaining -= 1
+            dropped = {id(c): c for c, _ in self._jobs}
+            self._jobs.clear()
+            self._stopping = True
+            self._cond.notify_all()
+        for copy in dropped.values():
+            if copy.remaining == 0:
+                self._checkpoint._finish_host(copy)
+                copy.done.set()
+        for copy in list(self._open):
+            copy.done.wait()
+        for t in self._threads:
+            t.join()
 
 
 class _Pieces:
@@ -190,17 +301,49 @@ class _Pieces:
             self._aborted = True
 
 
+class _ShardOpener:
+    """Opens a model directory's encrypted shards in order, holding the key until :meth:`forget`."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: Manifest,
+        key: SecretBytes,
+        read_mode: ReadMode,
+        unmap_consumed: bool,
+        shards: Callable[[ShardEntry], bool] | None,
+    ) -> None:
+        self._args = (model_dir, manifest, read_mode, unmap_consumed)
+        self._entries = [e for e in manifest.shards if shards is None or shards(e)]
+        self._key: bytes | None = key.reveal()
+
+    def sources(self) -> Iterator[EncryptedShard]:
+        model_dir, manifest, read_mode, unmap_consumed = self._args
+        for entry in self._entries:
+            if self._key is None:
+                return
+            yield EncryptedShard.open(
+                model_dir, manifest, entry, self._key, read_mode=read_mode, unmap_consumed=unmap_consumed
+            )
+
+    def forget(self) -> None:
+        self._key = None
+
+
 class LazyCheckpoint:
-    """An encrypted model opened for lazy, decrypt-on-copy loading.
+    """Encrypted tensors opened for lazy, decrypt-on-copy loading: the decrypt engine.
 
     ::
 
-        with LazyCheckpoint(model_dir, manifest, key, threads=8) as checkpoint:
+        with LazyCheckpoint.open(model_dir, manifest, key, threads=8) as checkpoint:
             model.load_weights(checkpoint.tensors())
         checkpoint.stats.snapshot()
 
-    Shards are opened (and their headers verified) as :meth:`tensors` reaches them; chunks are
-    authenticated as they are decrypted.
+    Sources are opened (shards: their headers verified) as :meth:`tensors` reaches them; chunks
+    are authenticated as they are decrypted. Copies into CUDA tensors go through the staging ring
+    (``staging``); copies into host tensors are decrypted in place, unless
+    ``stage_host_copies=True``, which sends them through the same ring and copy thread as GPU
+    copies (what the GPU path does, minus the CUDA copy: for tests and benchmarks without a GPU).
 
     Warning:
         Destination memory written before a later chunk fails holds plaintext of an untrusted file:
@@ -212,35 +355,74 @@ class LazyCheckpoint:
 
     def __init__(
         self,
-        model_dir: Path,
-        manifest: Manifest,
-        key: SecretBytes,
+        sources: Iterable[TensorSource],
         *,
         threads: int | None = None,
-        read_mode: ReadMode = "mmap",
         unmap_consumed: bool = True,
-        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        staging: StagingOptions | None = None,
+        min_slot_bytes: int = 0,
+        stage_host_copies: bool = False,
+        overlap_host_copies: bool = False,
         stats: StatsRecorder | None = None,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
-        manifest.authenticate(key)
-        self._model_dir = Path(model_dir)
-        self._manifest = manifest
-        self._model_key = key.reveal()
-        self._read_mode: ReadMode = read_mode
+        self._sources = iter(sources)
         self._unmap_consumed = unmap_consumed
         self.threads = threads or default_threads()
-        self._staging_bytes = max(staging_bytes, manifest.chunk_size)
+        self.staging = staging if staging is not None else StagingOptions()
+        self._slot_bytes = max(self.staging.slot_bytes, min_slot_bytes)
+        self._chunk_bytes = min_slot_bytes
+        self._stage_host = stage_host_copies
+        self._overlap: _Overlap | None = None
+        self._overlap_wanted = overlap_host_copies and not stage_host_copies
+        self._epoch = 0
+        self._on_close = on_close
         self.stats = stats if stats is not None else StatsRecorder()
         # The thread that calls copy_ decrypts as well, so the pool has one thread fewer.
         self._helpers = max(0, self.threads - 1)
         self._pool = ThreadPoolExecutor(max(1, self._helpers), thread_name_prefix="enclave-decrypt")
-        self._lanes: dict[torch.device, _GpuLane] = {}
+        self._lanes: dict[torch.device, _Lane] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
         self._scratches: list[np.ndarray[Any, Any]] = []
-        self._opened: list[EncryptedShard] = []
+        self._opened: list[TensorSource] = []
         #: Operations that forced a tensor to be materialised (op name -> count), for diagnostics.
         self.materialized_by: Counter[str] = Counter()
+
+    @classmethod
+    def open(
+        cls,
+        model_dir: Path,
+        manifest: Manifest,
+        key: SecretBytes,
+        *,
+        read_mode: ReadMode = "mmap",
+        unmap_consumed: bool = True,
+        shards: Callable[[ShardEntry], bool] | None = None,
+        **options: Any,
+    ) -> LazyCheckpoint:
+        """Open the encrypted shards of ``model_dir`` (all, or those ``shards`` accepts).
+
+        The manifest MAC is checked now: a wrong key fails here, before anything is decrypted.
+        ``options`` are the constructor's (threads, staging, stats...).
+
+        Raises:
+            ModelDecryptionError: the manifest does not authenticate with ``key``.
+        """
+        manifest.authenticate(key)
+        opener = _ShardOpener(Path(model_dir), manifest, key, read_mode, unmap_consumed, shards)
+        return cls(
+            opener.sources(),
+            unmap_consumed=unmap_consumed,
+            min_slot_bytes=manifest.chunk_size,
+            on_close=opener.forget,
+            **options,
+        )
+
+    @property
+    def lanes(self) -> dict[str, StagingRing]:
+        """The staging ring of each destination device used so far (for diagnostics and tests)."""
+        return {str(device): lane.ring for device, lane in self._lanes.items()}
 
     def __enter__(self) -> LazyCheckpoint:
         return self
@@ -253,8 +435,28 @@ class LazyCheckpoint:
         """How many tensors were materialised instead of decrypted straight into a destination."""
         return sum(self.materialized_by.values())
 
+    def synchronize(self) -> None:
+        """Wait until every copy made so far has landed in its destination.
+
+        Only needed with ``overlap_host_copies``, where a host copy may still be finishing after
+        ``copy_`` returned (:meth:`tensors` settles each copy before it yields the tensor after
+        next, and everything when it is exhausted).
+
+        Raises:
+            ModelDecryptionError: a copy failed; its destination was zeroed.
+        """
+        if self._overlap is not None:
+            self._overlap.settle()
+
     def close(self) -> None:
-        """Stop the threads, wipe the staging ring, close the shards, forget the key."""
+        """Stop the threads, wipe the staging ring, close the shards, forget the key.
+
+        Copies still in flight are finished or dropped (their destinations zeroed) first; a
+        failure among them is not raised here: call :meth:`synchronize` for that.
+        """
+        if self._overlap is not None:
+            self._overlap.stop()
+            self._overlap = None
         self._pool.shutdown(wait=True, cancel_futures=True)
         for lane in self._lanes.values():
             lane.close()
@@ -264,17 +466,14 @@ class LazyCheckpoint:
         for shard in self._opened:
             shard.close()
         self._opened.clear()
-        self._model_key = b""
+        if self._on_close is not None:
+            self._on_close()
         self.stats.finish()
 
     def tensors(self) -> Iterator[tuple[str, EncryptedTensor]]:
         """Yield ``(checkpoint name, EncryptedTensor)`` for every tensor, shard by shard."""
         self.stats.start(threads=self.threads, device="destination")
-        for entry in self._manifest.shards:
-            shard = EncryptedShard.open(
-                self._model_dir, self._manifest, entry, self._model_key, read_mode=self._read_mode,
-                unmap_consumed=self._unmap_consumed,
-            )  # fmt: skip
+        for shard in self._sources:
             self._opened.append(shard)
             self.stats.file_opened(shard.label)
             for tensor in shard.tensors():
@@ -283,7 +482,11 @@ class LazyCheckpoint:
                         f"{shard.label}: tensor dtype {tensor.dtype} is not supported by torch"
                     )
                 rows = tensor.shape[0] if tensor.shape else 1
+                if self._overlap is not None:  # the copies of the tensor before last have landed
+                    self._overlap.settle(before_epoch=self._epoch)
+                self._epoch += 1
                 yield tensor.name, EncryptedTensor(_Region(shard, tensor, 0, rows), self)
+        self.synchronize()
 
     # -- decryption (called from EncryptedTensor) -------------------------------------------
 
@@ -314,7 +517,7 @@ class LazyCheckpoint:
         """Return this thread's scratch buffer for partly selected chunks (zeroed on close)."""
         buf: np.ndarray[Any, Any] | None = getattr(self._local, "scratch", None)
         if buf is None or buf.size < nbytes:
-            buf = np.empty(max(nbytes, self._manifest.chunk_size), dtype=np.uint8)
+            buf = np.empty(max(nbytes, self._chunk_bytes), dtype=np.uint8)
             self._local.scratch = buf
             with self._lock:
                 self._scratches.append(buf)
@@ -337,13 +540,34 @@ class LazyCheckpoint:
         region.gather(tmp, a, out[d0:d1])
         return d0, d1
 
-    def decrypt_host(self, region: _Region, out: np.ndarray[Any, Any]) -> None:
-        """Decrypt ``region`` into the uint8 host array ``out`` (exactly its window's bytes)."""
+    def _finish_host(self, copy: _Copy) -> None:
+        """Account for a finished overlapped copy (zeroing its destination if it failed)."""
+        shard, pieces = copy.region.shard, copy.pieces
+        if copy.failed:
+            copy.out.fill(0)
+            return
+        if self._unmap_consumed:
+            shard.discard(pieces)
+        self.stats.add(
+            shard.label, plaintext=copy.out.size, ciphertext=sum(p.length + 16 for p in pieces), tensors=1
+        )
+
+    def decrypt_host(self, region: _Region, out: np.ndarray[Any, Any], *, overlap: bool = False) -> None:
+        """Decrypt ``region`` into the uint8 host array ``out`` (exactly its window's bytes).
+
+        ``overlap`` (with ``overlap_host_copies``) may return before the last pieces land.
+        """
         if region.nbytes == 0:
+            self.stats.add(region.shard.label, plaintext=0, ciphertext=0, tensors=1)
             return
         shard = region.shard
         lo, hi = region.byte_range
         pieces = shard.pieces(region.entry, lo, hi)
+        if overlap and self._overlap_wanted:
+            if self._overlap is None:
+                self._overlap = _Overlap(self, self._helpers)
+            self._overlap.submit(_Copy(region, out, pieces, self._epoch, len(pieces)))
+            return
         queue = _Pieces(pieces)
 
         def work() -> None:
@@ -364,31 +588,43 @@ class LazyCheckpoint:
             shard.label, plaintext=out.size, ciphertext=sum(p.length + 16 for p in pieces), tensors=1
         )
 
-    def decrypt_device(self, region: _Region, dst: torch.Tensor) -> None:
-        """Decrypt ``region`` through the pinned ring into the contiguous device tensor ``dst``."""
+    @property
+    def stages_host_copies(self) -> bool:
+        """Whether host destinations go through the staging ring too."""
+        return self._stage_host
+
+    def decrypt_staged(self, region: _Region, dst: torch.Tensor) -> None:
+        """Decrypt ``region`` through the staging ring into the contiguous tensor ``dst``."""
         if region.nbytes == 0:
+            self.stats.add(region.shard.label, plaintext=0, ciphertext=0, tensors=1)
             return
         with self._lock:
             lane = self._lanes.get(dst.device)
             if lane is None:
-                lane = self._lanes[dst.device] = _GpuLane(dst.device, self.threads + 2, self._staging_bytes)
+                slots = self.staging.slot_count(self.threads)
+                lane = self._lanes[dst.device] = _Lane(dst.device, slots, self.staging, self._slot_bytes)
         flat = dst.reshape(-1).view(torch.uint8)
         shard = region.shard
         lo, hi = region.byte_range
         pieces = shard.pieces(region.entry, lo, hi)
+        largest = max((p.length for p in pieces), default=0)
+        if largest > lane.ring.slot_bytes:
+            raise ModelFormatError(
+                f"{shard.label}: a {largest}-byte piece does not fit the {lane.ring.slot_bytes}-byte "
+                "staging slots"
+            )
         queue = _Pieces(pieces)
         lock = threading.Lock()
         copies: list[Future[None]] = []
 
-        def copy(slot: Slab, d0: int, d1: int) -> None:
+        def copy(slot: Slot, d0: int, d1: int) -> None:
             copy_slot_to_device(lane.ring, slot, flat[d0:d1], lane.stream)
 
         def work() -> None:
             while (piece := queue.next()) is not None:
-                slot = lane.ring.take_slot()
+                slot = lane.ring.take()
                 try:
                     staged = slot.array
-                    assert staged is not None
                     a, b = piece.offset, piece.offset + piece.length
                     d0, d1 = region.out_offset(a), region.out_offset(b)
                     if region.full_width and lo <= a and b <= hi:
@@ -398,7 +634,7 @@ class LazyCheckpoint:
                         shard.fill(piece, tmp)
                         region.gather(tmp, a, staged[: d1 - d0])
                 except BaseException:
-                    lane.ring.return_slot(slot)
+                    lane.ring.give_back(slot)
                     raise
                 with lock:
                     copies.append(lane.copier.submit(copy, slot, d0, d1))
@@ -465,6 +701,11 @@ class EncryptedTensor(torch.Tensor):
             f"shape={tuple(self.shape)}, dtype={self.dtype})"
         )
 
+    @property
+    def entry(self) -> TensorEntry:
+        """The checkpoint tensor this is (a window of)."""
+        return self._region.entry
+
     def materialize(self, reason: str = "materialize") -> torch.Tensor:
         """Decrypt into a fresh host tensor (``reason`` is recorded for diagnostics)."""
         self._checkpoint.materialized_by[reason] += 1
@@ -497,10 +738,12 @@ class EncryptedTensor(torch.Tensor):
             and _direct_target(args[0], args[1])
         ):
             dst, src = args[0], args[1]
-            if dst.device.type == "cpu":
-                src._checkpoint.decrypt_host(src._region, dst.reshape(-1).view(torch.uint8).numpy())
+            checkpoint = src._checkpoint
+            if dst.device.type == "cpu" and not checkpoint.stages_host_copies:
+                flat = dst.reshape(-1).view(torch.uint8).numpy()
+                checkpoint.decrypt_host(src._region, flat, overlap=True)
             else:
-                src._checkpoint.decrypt_device(src._region, dst)
+                checkpoint.decrypt_staged(src._region, dst)
             return dst
         if func is aten.slice.Tensor and isinstance(args[0], EncryptedTensor):
             self: EncryptedTensor = args[0]

@@ -1,7 +1,7 @@
 """Open one encrypted shard, verify it against the manifest, and decrypt its chunks into buffers.
 
 :class:`EncryptedShard` is the encrypted-safetensors implementation of
-:class:`loader.pipeline.TensorSource`: it lists the shard's tensors and decrypts any chunk,
+:class:`loader.source.TensorSource`: it lists the shard's tensors and decrypts any chunk,
 from any thread, straight into a caller-provided buffer with ``AESGCM.decrypt_into`` (which
 releases the GIL in cryptography >= 50).
 """

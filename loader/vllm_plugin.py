@@ -9,7 +9,9 @@ weights are loaded. Each worker:
 2. fetches the key from the runtime over the private handoff socket (``key_socket``) with its
    rank's capability (``capabilities``, which reach the worker only through vLLM's spawn
    pipes): the key never appears in env, argv, the extra config or a log line;
-3. authenticates the manifest, then streams decrypted tensors into ``model.load_weights``;
+3. authenticates the manifest, then hands the engine's lazily decrypted tensors to
+   ``model.load_weights``, staging GPU copies as the runtime configured (``staging``,
+   ``staging_slots``);
 4. checks every parameter was loaded, and reports success or the (secret-free) error back to
    the runtime on the handoff connection. On failure every parameter is zeroed.
 """
@@ -34,6 +36,7 @@ from loader import LOAD_FORMAT
 from loader.keyhandoff import request_key
 from loader.lazy import LazyCheckpoint
 from loader.manifest import Manifest
+from loader.staging import STAGING_MODES, StagingOptions
 
 __all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "register"]
 
@@ -52,12 +55,15 @@ class EncryptedLoaderConfig:
     manifest_digest: str
     capabilities: tuple[str, ...] = field(repr=False)
     threads: int | None = None
+    staging: StagingOptions = field(default_factory=StagingOptions)
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> EncryptedLoaderConfig:
         """Parse and check the extra config; raises :class:`ConfigError`."""
         extra = dict(extra or {})
-        unknown = set(extra) - {"key_socket", "manifest_digest", "capabilities", "threads"}
+        unknown = set(extra) - {
+            "key_socket", "manifest_digest", "capabilities", "threads", "staging", "staging_slots"
+        }  # fmt: skip
         if unknown:
             raise ConfigError(f"unknown {LOAD_FORMAT} loader options: {', '.join(sorted(unknown))}")
         socket_path, digest = extra.get("key_socket"), extra.get("manifest_digest")
@@ -75,9 +81,27 @@ class EncryptedLoaderConfig:
         threads = extra.get("threads")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ConfigError("'threads' must be a positive integer")
+        mode, slots = extra.get("staging", "pinned"), extra.get("staging_slots")
+        if mode not in STAGING_MODES:
+            raise ConfigError(f"'staging' must be one of {', '.join(STAGING_MODES)}")
+        if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
+            raise ConfigError("'staging_slots' must be a positive integer")
         return cls(
-            key_socket=socket_path, manifest_digest=digest, capabilities=tuple(capabilities), threads=threads
+            key_socket=socket_path,
+            manifest_digest=digest,
+            capabilities=tuple(capabilities),
+            threads=threads,
+            staging=StagingOptions(mode=mode, slots=slots),
         )
+
+    def engine_options(self) -> dict[str, Any]:
+        """The decrypt engine's options for this loader (:class:`loader.lazy.LazyCheckpoint`).
+
+        Host copies are overlapped: a parameter's last chunks may land after its ``copy_``
+        returns, which is safe because weight loaders only copy into parameters, and the engine
+        settles every copy before ``load_weights`` returns (:meth:`LazyCheckpoint.synchronize`).
+        """
+        return {"threads": self.threads, "staging": self.staging, "overlap_host_copies": True}
 
     def capability(self, rank: int) -> str:
         """Return the capability of ``rank``. Raises ConfigError for a rank the runtime did not expect."""
@@ -139,8 +163,9 @@ class EncryptedModelLoader(BaseModelLoader):
         try:
             # Each parameter's weight_loader copies an EncryptedTensor into its slice: the chunks
             # holding exactly those rows are decrypted straight into the parameter.
-            with LazyCheckpoint(model_dir, manifest, key, threads=self.options.threads) as checkpoint:
+            with LazyCheckpoint.open(model_dir, manifest, key, **self.options.engine_options()) as checkpoint:
                 loaded = model.load_weights(checkpoint.tensors())  # type: ignore[operator]
+                checkpoint.synchronize()  # overlapped host copies have all landed (or raise)
             if model_config.quantization is None and loaded is not None:
                 missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
                 if missing:

@@ -37,7 +37,7 @@ from attest.errors import AttestationError, ConfigError, Error, KeyHandoffCompro
 from attest.evidence import TeeKind
 from attest.keysource.base import KeyRelease, KeySource
 from attest.providers import detect_devices, init_data_register, nvidia_gpus_present, select_attester
-from attest.providers.base import Attester, DeviceAttester
+from attest.providers.base import Attester, DeviceAttester, DeviceGate
 from attest.runconfig import RunConfiguration
 from attest.secret import SecretBytes
 from loader.keyhandoff import KeyHandoffServer, LoadReport
@@ -122,6 +122,7 @@ class Runtime:
         self._tls: EnclaveTls | None = None
         self._key: SecretBytes | None = None
         self._private: PrivateDirectory | None = None
+        self._gates: list[DeviceGate] = []
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -180,6 +181,8 @@ class Runtime:
         )
         if self.config.gpus == "none" and nvidia_gpus_present():
             self.status.insecure_modes.append("NVIDIA GPUs present but not attested (--gpus none)")
+        # Before any key is requested: every GPU genuine, in CC mode, counted, verified locally.
+        self._gates = [device.gate(expected_count=self.config.expected_gpus) for device in devices]
         return attester, devices
 
     def _key_source(self, prepared: Prepared, attester: Attester, devices: list[DeviceAttester]) -> KeySource:
@@ -240,6 +243,8 @@ class Runtime:
                 "key_socket": str(handoff.path),
                 "manifest_digest": digest,
                 "capabilities": list(handoff.capabilities),
+                "staging": self.config.staging,
+                **({"staging_slots": self.config.staging_slots} if self.config.staging_slots else {}),
             }
             try:
                 reports = await self._start_engine(engine, handoff, ranks)
@@ -354,7 +359,7 @@ class Runtime:
             attester, devices = await self._stage(
                 stage,
                 lambda: self._attest_stage(prepared),
-                lambda r: f"tee {r[0].tee.value}, {len(r[1])} device attester(s)",
+                lambda r: "; ".join([f"tee {r[0].tee.value}", *(g.summary() for g in self._gates)]),
             )
             stage = Stage.KEY
             release = await self._stage(

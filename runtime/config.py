@@ -29,6 +29,9 @@ class RunConfig:
     port: int = 8000
     tee: str = "auto"
     gpus: str = "auto"
+    expected_gpus: int | None = None
+    staging: str = "pinned"
+    staging_slots: int | None = None
     allow_insecure_sample_tee: bool = False
     allow_insecure_gpu_cc_off: bool = False
     key_source: str = "kbs"
@@ -78,6 +81,12 @@ class RunConfig:
             raise ConfigError(
                 "--gpus sample proves nothing; add --allow-insecure-sample-tee (development only)"
             )
+        if self.expected_gpus is not None and (self.expected_gpus < 1 or self.gpus in ("none", "sample")):
+            raise ConfigError("--expected-gpus needs a positive count and --gpus auto or nvidia")
+        if self.staging not in ("pinned", "pageable"):
+            raise ConfigError("--staging must be pinned or pageable")
+        if self.staging_slots is not None and self.staging_slots < 1:
+            raise ConfigError("--staging-slots must be at least 1")
         if self.tee_key not in ("ec", "rsa"):
             raise ConfigError("--tee-key must be ec or rsa")
         if self.sample_init_data is not None and self.tee != "sample":
@@ -102,6 +111,9 @@ class RunConfig:
         return {
             "tee": self.tee,
             "gpus": self.gpus,
+            "expected_gpus": self.expected_gpus,
+            "staging": self.staging,
+            "staging_slots": self.staging_slots,
             "allow_insecure_sample_tee": self.allow_insecure_sample_tee,
             "allow_insecure_gpu_cc_off": self.allow_insecure_gpu_cc_off,
             "key_source": self.key_source,

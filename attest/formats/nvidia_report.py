@@ -8,9 +8,20 @@ sent, followed by the GPU's signed response (DMTF DSP0274 1.1.1, section 10.11):
                    | measurement record length u24 | measurement record
                    | responder nonce[32] | opaque length u16 | opaque data | signature[96]
 
-Opaque data is NVIDIA's TLV list (``u16 type, u16 length, value``); type numbers and names
-follow nvtrust's local verifier and Trustee (``deps/verifier/src/nvidia/spdm_response.rs``).
-The signature (Hopper: raw ECDSA P-384 r||s) covers every byte before it.
+Opaque data comes in two layouts (NVIDIA attestation docs, "opaque data format"):
+
+* **legacy** (drivers before CUDA 13.5): a TLV list, ``u16 type, u16 length, value``;
+* **versioned**: a 12-byte header (``"NVDAOD"`` magic, ``u16`` profile that must be 0, then
+  major, minor, patch and one padding byte) followed by ``u16 type, u16 value type, u16 length,
+  value`` entries. A verifier tells them apart by the magic (NVIDIA attestation-sdk
+  ``spdm_opaque_data_parser``); the header's major is then the opaque-data version.
+
+Type numbers and names follow nvtrust's local verifier, Trustee
+(``deps/verifier/src/nvidia/spdm_response.rs``) and NVIDIA's attestation-sdk. The signature
+(Hopper, Blackwell: raw ECDSA P-384 r||s) covers every byte before it. Bytes after the signature
+are not signed: Trustee parses field by field and ignores them (a Hopper report collected by
+CoCo under driver 580.x ends with one ``00``), so this parser accepts them too and records how
+many there are (:attr:`NvidiaReport.trailing_bytes`, shown by ``inspect``).
 
 This module only parses; see :mod:`attest.verify.nvidia` for the signature, chain and nonce.
 """
@@ -30,6 +41,7 @@ from attest.formats._reader import Reader
 
 __all__ = [
     "HOPPER_SIGNATURE_SIZE",
+    "NVDAOD_MAGIC",
     "SPDM_NONCE_SIZE",
     "SPDM_REQUEST_SIZE",
     "MeasurementBlock",
@@ -37,6 +49,7 @@ __all__ = [
     "NvidiaEvidence",
     "NvidiaReport",
     "OpaqueField",
+    "OpaqueHeader",
     "OpaqueType",
     "SpdmRequest",
     "format_vbios_version",
@@ -60,6 +73,12 @@ HOPPER_SIGNATURE_SIZE = 96
 MAX_REPORT_SIZE = 0x2000
 #: FWID opaque field and TCG DICE FWID are SHA-384 digests.
 FWID_SIZE = 48
+#: Magic of the versioned opaque-data header (NVIDIA opaque data format; attestation-sdk
+#: ``OPAQUE_DATA_MAGIC``), and the header's size.
+NVDAOD_MAGIC = b"NVDAOD"
+NVDAOD_HEADER_SIZE = 12
+#: NVDEC0_STATUS values (attestation-sdk ``NVDEC_STATUS_ENABLED``/``_DISABLED``).
+NVDEC_STATUS = {0xAA: "enabled", 0x55: "disabled"}
 
 
 class OpaqueType(IntEnum):
@@ -95,6 +114,9 @@ class OpaqueType(IntEnum):
     OPAQUE_DATA_VERSION = 34
     CHIP_INFO = 35
     FEATURE_FLAG = 36
+    #: Versioned opaque data only (attestation-sdk tests; no nvtrust/Trustee name yet).
+    FSP_UCODE_MIN_SVN = 37
+    NVLE_STATUS = 38
 
 
 #: Opaque fields that hold NUL-terminated ASCII (nvtrust decodes these as strings).
@@ -103,7 +125,6 @@ _TEXT_FIELDS = frozenset(
         OpaqueType.DRIVER_VERSION,
         OpaqueType.CHIP_SKU,
         OpaqueType.CHIP_SKU_MOD,
-        OpaqueType.NVDEC0_STATUS,
         OpaqueType.PROJECT,
         OpaqueType.PROJECT_SKU,
         OpaqueType.PROJECT_SKU_MOD,
@@ -150,11 +171,30 @@ class MeasurementBlock:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class OpaqueHeader:
+    """The header of versioned opaque data (``NVDAOD``, profile, version)."""
+
+    profile: int
+    major: int
+    minor: int
+    patch: int
+
+    @property
+    def version(self) -> str:
+        """``"major.minor.patch"``."""
+        return f"{self.major}.{self.minor}.{self.patch}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OpaqueField:
-    """One NVIDIA opaque TLV; ``type`` is an :class:`OpaqueType` or an unknown raw number."""
+    """One NVIDIA opaque entry; ``type`` is an :class:`OpaqueType` or an unknown raw number.
+
+    ``value_type`` is the versioned layout's value type (``None`` in the legacy layout).
+    """
 
     type: OpaqueType | int
     value: bytes
+    value_type: int | None = None
 
     @property
     def name(self) -> str:
@@ -176,11 +216,20 @@ class NvidiaReport:
     responder_nonce: bytes
     opaque_fields: tuple[OpaqueField, ...]
     signature: bytes
+    #: Where the signature starts: it covers ``raw[:signature_offset]``.
+    signature_offset: int
+    #: The versioned opaque-data header, or None for the legacy layout.
+    opaque_header: OpaqueHeader | None = None
 
     @property
     def signed_data(self) -> bytes:
-        """The bytes the signature covers (the report minus its last 96 bytes)."""
-        return self.raw[: len(self.raw) - HOPPER_SIGNATURE_SIZE]
+        """The bytes the signature covers: everything before it."""
+        return self.raw[: self.signature_offset]
+
+    @property
+    def trailing_bytes(self) -> int:
+        """How many (unsigned) bytes follow the signature."""
+        return len(self.raw) - self.signature_offset - len(self.signature)
 
     @property
     def nonce(self) -> bytes:
@@ -254,9 +303,19 @@ class NvidiaReport:
 
     @property
     def opaque_data_version(self) -> int | None:
-        """The opaque-data format version, when present."""
+        """The opaque-data format version: the header's major, else the legacy field, if any."""
+        if self.opaque_header is not None:
+            return self.opaque_header.major
         raw = self.opaque(OpaqueType.OPAQUE_DATA_VERSION)
         return None if raw is None else int.from_bytes(raw[:8], "little")
+
+    @property
+    def nvdec0_status(self) -> str | None:
+        """``enabled`` (0xAA) or ``disabled`` (0x55), else the raw byte in hex."""
+        raw = self.opaque(OpaqueType.NVDEC0_STATUS)
+        if raw is None:
+            return None
+        return NVDEC_STATUS.get(raw[0], raw.hex()) if len(raw) == 1 else raw.hex()
 
     def to_json(self) -> dict[str, Any]:
         """Return every field (nvtrust names for opaque data), bytes as lower-case hex."""
@@ -274,6 +333,7 @@ class NvidiaReport:
                 "chip_sku_mod": self.chip_sku_mod,
                 "feature_flag": self.feature_flag,
                 "opaque_data_version": self.opaque_data_version,
+                "nvdec0_status": self.nvdec0_status,
             }
         )
         return {
@@ -289,7 +349,10 @@ class NvidiaReport:
             "responder_nonce": self.responder_nonce.hex(),
             **{k: v for k, v in opaque.items() if v is not None},
             "fwid": None if self.fwid is None else self.fwid.hex(),
+            "opaque_layout": "versioned" if self.opaque_header is not None else "legacy",
+            "opaque_header": None if self.opaque_header is None else self.opaque_header.version,
             "signature": self.signature.hex(),
+            "trailing_unsigned_bytes": self.trailing_bytes,
         }
 
 
@@ -333,12 +396,22 @@ def _parse_blocks(record: bytes, count: int) -> tuple[MeasurementBlock, ...]:
     return tuple(blocks)
 
 
-def _parse_opaque(data: bytes) -> tuple[OpaqueField, ...]:
+def _parse_opaque(data: bytes) -> tuple[OpaqueHeader | None, tuple[OpaqueField, ...]]:
     r = Reader(data, "NVIDIA opaque data")
+    header = None
+    if len(data) >= NVDAOD_HEADER_SIZE and data[: len(NVDAOD_MAGIC)] == NVDAOD_MAGIC:
+        r.take(len(NVDAOD_MAGIC), "opaque.magic")
+        profile = r.u16("opaque.profile")
+        if profile != 0:
+            raise MalformedEvidence(f"NVIDIA report: versioned opaque data has profile {profile}, not 0")
+        major, minor, patch = r.u8("opaque.major"), r.u8("opaque.minor"), r.u8("opaque.patch")
+        r.u8("opaque.padding")
+        header = OpaqueHeader(profile=profile, major=major, minor=minor, patch=patch)
     fields: list[OpaqueField] = []
     seen: set[int] = set()
     while r.remaining:
         raw_type = r.u16("opaque.type")
+        value_type = r.u16("opaque.value_type") if header is not None else None
         size = r.u16("opaque.size")
         value = r.take(size, f"opaque[{raw_type}]")
         if raw_type in seen:
@@ -360,16 +433,17 @@ def _parse_opaque(data: bytes) -> tuple[OpaqueField, ...]:
             raise MalformedEvidence(f"NVIDIA report: FWID is {size} bytes, expected {FWID_SIZE}")
         if kind in (OpaqueType.FEATURE_FLAG, OpaqueType.OPAQUE_DATA_VERSION) and size > 8:
             raise MalformedEvidence(f"NVIDIA report: opaque field {raw_type} is longer than 8 bytes")
-        fields.append(OpaqueField(type=kind, value=value))
-    return tuple(fields)
+        fields.append(OpaqueField(type=kind, value=value, value_type=value_type))
+    return header, tuple(fields)
 
 
 def parse_nvidia_report(data: bytes) -> NvidiaReport:
-    """Parse a Hopper attestation report (SPDM GET_MEASUREMENTS request ‖ response).
+    """Parse a Hopper/Blackwell attestation report (SPDM GET_MEASUREMENTS request ‖ response).
 
-    Checks structure only: SPDM 1.1, request/response codes, that every length fits exactly,
-    DMTF measurement blocks, no duplicate opaque fields, and a 96-byte signature ending the
-    report. The signature, certificate chain and nonce are not checked here.
+    Checks structure only: SPDM 1.1, request/response codes, that every length fits, DMTF
+    measurement blocks, either opaque-data layout, no duplicate opaque fields, and a 96-byte
+    signature where the fields end (unsigned bytes after it are tolerated, as Trustee does, and
+    counted). The signature, certificate chain and nonce are not checked here.
 
     Raises:
         MalformedEvidence: the bytes are not such a report.
@@ -394,10 +468,9 @@ def parse_nvidia_report(data: bytes) -> NvidiaReport:
     blocks = _parse_blocks(r.take(record_len, "response.measurement_record"), count)
     responder_nonce = r.take(SPDM_NONCE_SIZE, "response.nonce")
     opaque_len = r.u16("response.opaque_length")
-    opaque = _parse_opaque(r.take(opaque_len, "response.opaque_data"))
+    header, opaque = _parse_opaque(r.take(opaque_len, "response.opaque_data"))
+    signature_offset = len(data) - r.remaining
     signature = r.take(HOPPER_SIGNATURE_SIZE, "response.signature")
-    if r.remaining:
-        raise MalformedEvidence(f"NVIDIA report: {r.remaining} bytes after the signature")
     return NvidiaReport(
         raw=data,
         request=request,
@@ -409,6 +482,8 @@ def parse_nvidia_report(data: bytes) -> NvidiaReport:
         responder_nonce=responder_nonce,
         opaque_fields=opaque,
         signature=signature,
+        signature_offset=signature_offset,
+        opaque_header=header,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
 from attest.errors import BackendUnavailable, ConfigError
 from attest.evidence import TeeKind
@@ -119,8 +120,12 @@ def init_data_register(attester: Attester) -> bytes | None:
     return None
 
 
-def nvidia_gpus_present() -> bool:
-    """Return whether NVML sees NVIDIA GPUs (False without the driver or nvidia-ml-py)."""
+def nvidia_gpus_present(pci_root: Path | None = None) -> bool:
+    """Return whether NVIDIA GPUs are present: on the PCI bus (sysfs) or seen by NVML."""
+    from attest.providers.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
+
+    if any(d.is_gpu for d in nvidia_pci_devices(pci_root or SYSFS_PCI_DEVICES)):
+        return True
     try:
         from attest.providers.nvidia import NvidiaAttester
     except ImportError:
@@ -129,21 +134,32 @@ def nvidia_gpus_present() -> bool:
 
 
 def detect_devices(
-    *, gpus: str = "auto", allow_insecure: bool = False, allow_gpu_cc_off: bool = False
+    *,
+    gpus: str = "auto",
+    allow_insecure: bool = False,
+    allow_gpu_cc_off: bool = False,
+    pci_root: Path | None = None,
 ) -> list[DeviceAttester]:
     """Return device attesters for the GPUs present.
 
-    ``gpus`` is ``auto`` (NVIDIA when NVML sees GPUs), ``none``, ``nvidia`` (required), or
-    ``sample`` (insecure sample device, development only). ``allow_gpu_cc_off`` lets the NVIDIA
-    attester report GPUs whose confidential-computing mode is off instead of refusing them
-    (development only).
+    ``gpus`` is ``auto`` (NVIDIA when GPUs are on the PCI bus or NVML sees them), ``none``,
+    ``nvidia`` (required), or ``sample`` (insecure sample device, development only).
+    ``allow_gpu_cc_off`` lets the NVIDIA attester report GPUs whose confidential-computing mode
+    is off instead of refusing them (development only). GPUs on the PCI bus always get an
+    attester, even when NVML is missing: its gate then refuses them (fail closed) rather than
+    letting the model run on GPUs nobody attested.
 
     Raises:
         ConfigError: unknown value, or ``sample`` without ``allow_insecure``.
-        BackendUnavailable: ``nvidia`` was required but no GPU is visible.
+        BackendUnavailable: ``nvidia`` was required but no GPU is visible, or GPUs are on the
+            PCI bus and this build lacks the NVIDIA provider.
     """
+    from attest.providers.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
+
+    root = pci_root or SYSFS_PCI_DEVICES
+    on_bus = any(d.is_gpu for d in nvidia_pci_devices(root))
     if gpus == "none":
-        if nvidia_gpus_present():
+        if nvidia_gpus_present(root):
             logger.warning(
                 "INSECURE: NVIDIA GPUs are present but --gpus none was given: the model will run "
                 "on GPUs that are not attested"
@@ -160,11 +176,13 @@ def detect_devices(
     try:
         from attest.providers.nvidia import NvidiaAttester
     except ImportError as exc:
-        if gpus == "nvidia":
-            raise BackendUnavailable("the NVIDIA provider needs nvidia-ml-py") from exc
+        if gpus == "nvidia" or on_bus:
+            raise BackendUnavailable(
+                "NVIDIA GPUs are present but the NVIDIA provider needs nvidia-ml-py"
+            ) from exc
         return []
-    if NvidiaAttester.detect():
-        return [NvidiaAttester(allow_cc_off=allow_gpu_cc_off)]
+    if on_bus or NvidiaAttester.detect():
+        return [NvidiaAttester(allow_cc_off=allow_gpu_cc_off, pci_root=root)]
     if gpus == "nvidia":
-        raise BackendUnavailable("--gpus nvidia was given but NVML reports no NVIDIA GPU")
+        raise BackendUnavailable("--gpus nvidia was given but no NVIDIA GPU is on the PCI bus or in NVML")
     return []

@@ -9,12 +9,33 @@ parsers in :mod:`attest.formats`; they never decide policy.
 
 from __future__ import annotations
 
+import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from attest.evidence import Evidence, TeeKind
 
-__all__ = ["Attester", "DeviceAttester"]
+__all__ = ["Attester", "DeviceAttester", "DeviceGate"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceGate:
+    """What the local device gate established before any key was requested."""
+
+    tee: TeeKind
+    devices: int
+    steps: int
+    facts: Mapping[str, object] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for the boot stage."""
+        return f"{self.devices} {self.tee.value} device(s) verified locally ({self.steps} steps)"
+
+    def to_json(self) -> dict[str, object]:
+        """Return the gate's outcome as JSON."""
+        return {"tee": self.tee.value, "devices": self.devices, "steps": self.steps, **self.facts}
 
 
 class Attester(ABC):
@@ -65,6 +86,28 @@ class DeviceAttester(ABC):
         Raises:
             EvidenceCollectionError: a device failed to produce evidence.
         """
+
+    def gate(self, *, expected_count: int | None = None) -> DeviceGate:
+        """Collect fresh evidence over a random nonce and verify it locally, before any key release.
+
+        Device kinds add their own checks (NVIDIA: confidential-computing mode, the count on the
+        PCI bus). ``expected_count`` is the number of devices the configuration requires.
+
+        Raises:
+            VerificationError: the evidence does not verify (the message names the device).
+            EvidenceCollectionError: a device failed to produce evidence.
+        """
+        from attest.verify import verify_device_evidence
+
+        nonce = secrets.token_bytes(32)
+        result = verify_device_evidence(
+            self.collect(nonce), expected_runtime_data=nonce, allow_insecure=self.insecure
+        )
+        if expected_count is not None and expected_count != 1:
+            from attest.errors import VerificationError
+
+            raise VerificationError(f"{expected_count} devices were expected; {self.tee.value} attests 1")
+        return DeviceGate(tee=self.tee, devices=1, steps=len(result.steps))
 
     def describe(self) -> dict[str, object]:
         """Return a JSON-able description of the devices (for ``enclave-serve evidence``)."""

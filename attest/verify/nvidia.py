@@ -1,17 +1,22 @@
 """Verify NVIDIA GPU evidence locally: each Hopper GPU's report, chain, nonce and FWID.
 
-Steps, for every GPU ``i`` (each recorded on the result; the first failure raises)::
+Steps, for every device ``i`` (each recorded on the result; the first failure raises)::
 
-    (0) devices             the evidence lists at least one GPU
-    (1) gpu<i>.arch         the architecture is Hopper (the only one verified locally)
-    (2) gpu<i>.parse        the report parses (SPDM 1.1 GET_MEASUREMENTS request || response)
+    (0) devices             the evidence lists at least one device
+    (1) gpu<i>.arch         the architecture is Hopper or Blackwell (NVSwitch ``LS10`` evidence
+                            cannot be verified locally: refused, fail closed)
+    (2) gpu<i>.parse        the report parses (SPDM 1.1 GET_MEASUREMENTS request || response,
+                            legacy or versioned opaque data; unsigned trailing bytes counted)
     (3) gpu<i>.cert_chain   nvtrust's rule: drop the last supplied certificate, append the pinned
                             NVIDIA Device Identity CA; every link ECDSA/SHA-384, valid at ``now``
-    (4) gpu<i>.signature    the leaf key signed the report minus its last 96 bytes (P-384/SHA-384)
-    (5) gpu<i>.nonce        the *request* nonce equals the first 32 bytes of the expected
+    (4) gpu<i>.distinct     no two entries carry the same device certificate (issuer and serial:
+                            the device identity, unlike the UUID the guest reports)
+    (5) gpu<i>.signature    the leaf key signed every byte before the signature (P-384/SHA-384)
+    (6) gpu<i>.nonce        the *request* nonce equals the first 32 bytes of the expected
                             runtime data (zero-padded to 32)
-    (6) gpu<i>.fwid         the leaf certificate's TCG DICE FWID (2.23.133.5.4.1, last 48 bytes)
-                            equals the report's FWID opaque field
+    (7) gpu<i>.fwid         the leaf certificate's TCG DICE FWID equals the report's FWID opaque
+                            field (Hopper: the last 48 bytes of 2.23.133.5.4.1; Blackwell: the
+                            first FWID of the DiceTcbInfo in 2.23.133.5.4.1.1)
 
 What is *not* verified: measurements against NVIDIA's reference integrity manifests (RIMs),
 OCSP revocation of the device chain, and driver/VBIOS versions (use
@@ -45,14 +50,26 @@ from attest.verify.base import Verifier, parse_logged, register_verifier
 from attest.verify.claims import GpuClaims, NvidiaClaims
 from attest.verify.result import StepLog
 
-__all__ = ["NVIDIA_DEVICE_ROOT", "OID_TCG_DICE_TCB_INFO", "NvidiaVerifier", "expected_gpu_nonce"]
+__all__ = [
+    "LOCAL_ARCHES",
+    "NVIDIA_DEVICE_ROOT",
+    "OID_TCG_DICE_TCB_INFO",
+    "OID_TCG_DICE_TCB_INFO_DER",
+    "NvidiaVerifier",
+    "expected_gpu_nonce",
+]
 
 #: Pinned NVIDIA Device Identity CA (attest/roots/PROVENANCE.md).
 NVIDIA_DEVICE_ROOT = "nvidia_device_root.pem"
 #: TCG DICE TcbInfo extension carrying the FWID (TCG DICE Attestation Architecture, 6.1.1).
 OID_TCG_DICE_TCB_INFO = x509.ObjectIdentifier("2.23.133.5.4.1")
-#: Architectures the local verifier supports (Trustee: Hopper only).
-LOCAL_ARCHES = frozenset({"HOPPER"})
+#: Where Blackwell leaf certificates carry a DER DiceTcbInfo (NVIDIA attestation-sdk
+#: ``get_fwid_2_23_133_5_4_1_1``).
+OID_TCG_DICE_TCB_INFO_DER = x509.ObjectIdentifier("2.23.133.5.4.1.1")
+#: Architectures the local verifier supports (Hopper and Blackwell sign the same way).
+LOCAL_ARCHES = frozenset({"HOPPER", "BLACKWELL"})
+#: NVSwitch evidence (protected PCIe) architectures: not verifiable locally.
+SWITCH_ARCHES = frozenset({"LS10"})
 
 
 def expected_gpu_nonce(runtime_data: bytes) -> bytes:
@@ -60,14 +77,56 @@ def expected_gpu_nonce(runtime_data: bytes) -> bytes:
     return runtime_data[:SPDM_NONCE_SIZE].ljust(SPDM_NONCE_SIZE, b"\0")
 
 
-def _leaf_fwid(cert: x509.Certificate) -> bytes | None:
+def _der_items(data: bytes) -> list[tuple[int, bytes]]:
+    """Split DER ``data`` into (tag, content) items (definite lengths only)."""
+    items, i = [], 0
+    while i < len(data):
+        if i + 2 > len(data):
+            raise ValueError("truncated DER")
+        tag, length, i = data[i], data[i + 1], i + 2
+        if length & 0x80:
+            n = length & 0x7F
+            if n == 0 or n > 4 or i + n > len(data):
+                raise ValueError("unsupported DER length")
+            length, i = int.from_bytes(data[i : i + n], "big"), i + n
+        if i + length > len(data):
+            raise ValueError("truncated DER")
+        items.append((tag, data[i : i + length]))
+        i += length
+    return items
+
+
+def _dice_tcb_info_fwid(der: bytes) -> bytes | None:
+    """The first FWID digest of a DER ``DiceTcbInfo`` (``fwids [6] IMPLICIT SEQUENCE OF FWID``)."""
     try:
-        value = cert.extensions.get_extension_for_oid(OID_TCG_DICE_TCB_INFO).value
-    except x509.ExtensionNotFound:
+        (tag, body), *_ = _der_items(der)
+        if tag != 0x30:
+            return None
+        for field_tag, content in _der_items(body):
+            if field_tag == 0xA6:  # [6] constructed: the FWID list
+                for fwid_tag, fwid in _der_items(content):
+                    if fwid_tag == 0x30:
+                        parts = _der_items(fwid)
+                        digests = [c for t, c in parts if t == 0x04]
+                        return digests[0] if digests else None
+    except ValueError:
         return None
-    if not isinstance(value, x509.UnrecognizedExtension) or len(value.value) < FWID_SIZE:
-        return None
-    return value.value[-FWID_SIZE:]
+    return None
+
+
+def _leaf_fwid(cert: x509.Certificate) -> bytes | None:
+    for oid in (OID_TCG_DICE_TCB_INFO, OID_TCG_DICE_TCB_INFO_DER):
+        try:
+            value = cert.extensions.get_extension_for_oid(oid).value
+        except x509.ExtensionNotFound:
+            continue
+        if not isinstance(value, x509.UnrecognizedExtension):
+            continue
+        if oid == OID_TCG_DICE_TCB_INFO_DER:
+            return _dice_tcb_info_fwid(value.value)
+        if len(value.value) >= FWID_SIZE:
+            return value.value[-FWID_SIZE:]
+    return None
 
 
 class NvidiaVerifier(Verifier):
@@ -114,8 +173,9 @@ class NvidiaVerifier(Verifier):
             hint="collect evidence on a machine whose GPUs are in confidential-computing mode",
         )
         gpus: list[GpuClaims] = []
+        identities: dict[tuple[str, int], int] = {}
         for index, device in enumerate(evidence.devices):
-            gpus.append(self._verify_gpu(log, f"gpu{index}", device, expected, now, gpus))
+            gpus.append(self._verify_gpu(log, f"gpu{index}", device, expected, now, gpus, identities))
 
     def _verify_gpu(
         self,
@@ -125,25 +185,45 @@ class NvidiaVerifier(Verifier):
         expected: bytes | None,
         now: datetime,
         done: list[GpuClaims],
+        identities: dict[tuple[str, int], int],
     ) -> GpuClaims:
-        # (1) Only Hopper is verified locally.
+        # (1) Hopper and Blackwell are verified locally; NVSwitch evidence is not (fail closed).
         arch = device.arch.upper()
+        failed = (
+            f"NVSwitch ({device.arch}) evidence cannot be verified locally; refusing it"
+            if arch in SWITCH_ARCHES
+            else f"architecture {device.arch!r} cannot be verified locally (Hopper and Blackwell only)"
+        )
         log.check(
             arch in LOCAL_ARCHES,
             f"{name}.arch",
             passed=f"{device.arch} {device.uuid}",
-            failed=f"architecture {device.arch!r} cannot be verified locally (Hopper only)",
-            hint="verify this GPU with NVIDIA's remote attestation service",
+            failed=failed,
+            hint="verify this device with NVIDIA's remote attestation service",
         )
 
         # (2) The report parses.
         report = parse_logged(log, parse_nvidia_report, device.evidence)
-        log.passed(
-            f"{name}.parse", f"{len(report.raw)}-byte report, {len(report.measurement_blocks)} measurements"
+        header = report.opaque_header
+        detail = f"{len(report.raw)}-byte report, {len(report.measurement_blocks)} measurements, " + (
+            f"opaque data v{header.version}" if header is not None else "legacy opaque data"
         )
+        if report.trailing_bytes:
+            detail += f", {report.trailing_bytes} unsigned byte(s) after the signature (ignored)"
+        log.passed(f"{name}.parse", detail)
 
         # (3) The certificate chain ends at the pinned root.
         leaf = self._check_chain(log, name, device.certificate, now)
+        # (4) Each device once: its identity is its certificate, not the UUID the guest reports.
+        identity = (leaf.issuer.rfc4514_string(), leaf.serial_number)
+        first = identities.setdefault(identity, len(done))
+        log.check(
+            first == len(done),
+            f"{name}.distinct",
+            passed="a device certificate no other entry carries",
+            failed=f"the same device as gpu{first} (certificate serial {leaf.serial_number:x})",
+            hint="the evidence repeats one GPU's report; each GPU must be attested once",
+        )
         claims = GpuClaims(
             uuid=device.uuid,
             arch=device.arch,
@@ -160,7 +240,7 @@ class NvidiaVerifier(Verifier):
         )
         log.claims = NvidiaClaims(gpus=(*done, claims))
 
-        # (4) The leaf key signed the report.
+        # (5) The leaf key signed the report.
         log.check(
             self._signature_valid(leaf, report),
             f"{name}.signature",
@@ -169,7 +249,7 @@ class NvidiaVerifier(Verifier):
             hint="the report was altered, or the certificate chain belongs to another GPU",
         )
 
-        # (5) The GPU answered our nonce.
+        # (6) The GPU answered our nonce.
         if expected is None:
             log.skipped(f"{name}.nonce", "not checked: the caller passed expected_runtime_data=None")
         else:
@@ -183,7 +263,7 @@ class NvidiaVerifier(Verifier):
                 "evidence",
             )
 
-        # (6) The leaf certificate names the firmware that signed.
+        # (7) The leaf certificate names the firmware that signed.
         cert_fwid = _leaf_fwid(leaf)
         log.check(
             report.fwid is not None and cert_fwid == report.fwid,

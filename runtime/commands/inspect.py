@@ -86,6 +86,10 @@ def _decode_text(data: bytes) -> tuple[bytes, str]:
 
 
 def _from_json(obj: Any) -> _Loaded:
+    if isinstance(obj, list):
+        # NVIDIA attestation-sdk (NVAT) JSON: a list of {"arch", "nonce", "evidence", "certificate"}.
+        nvat = NvidiaEvidence.from_json({"device_evidence_list": obj})
+        return _Loaded(evidence=nvat, encoding="nvat-json", self_contained=True)
     if not isinstance(obj, dict):
         raise MalformedEvidence("the JSON is not an evidence object")
     for key, tee in _JSON_KINDS.items():
@@ -107,13 +111,27 @@ def _from_bytes(raw: bytes, encoding: str, chain: bytes | None) -> _Loaded:
         return _Loaded(evidence=SnpEvidence(report=raw), encoding=encoding, self_contained=False)
     if len(raw) >= 2 and raw[:2] == b"\x11\xe0":
         parse_nvidia_report(raw)
-        device = NvidiaDeviceEvidence(arch="HOPPER", uuid="unknown", evidence=raw, certificate=chain or b"")
+        arch = _arch_from_chain(chain)
+        device = NvidiaDeviceEvidence(arch=arch, uuid="unknown", evidence=raw, certificate=chain or b"")
         return _Loaded(evidence=NvidiaEvidence(devices=(device,)), encoding=encoding, self_contained=False)
     raise MalformedEvidence("not a TDX quote (v4/v5), SNP report (1184 bytes) or NVIDIA SPDM report")
 
 
+def _arch_from_chain(chain: bytes | None) -> str:
+    """The GPU architecture the leaf certificate names (``GH100 …`` Hopper, ``GB…`` Blackwell)."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    try:
+        leaf = x509.load_pem_x509_certificates(chain)[0] if chain else None
+    except (ValueError, IndexError):
+        leaf = None
+    names = [] if leaf is None else leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return "BLACKWELL" if names and str(names[0].value).startswith("GB") else "HOPPER"
+
+
 def _load(data: bytes, chain: bytes | None) -> _Loaded:
-    if data.lstrip()[:1] == b"{":
+    if data.lstrip()[:1] in (b"{", b"["):
         try:
             obj = json.loads(data)
         except ValueError as exc:

@@ -30,7 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--gpus",
         default="auto",
         choices=["auto", "none", "nvidia", "sample"],
-        help="GPU evidence (default: NVIDIA GPUs if NVML sees any)",
+        help="GPU evidence (default: NVIDIA GPUs if any is on the PCI bus or in NVML)",
+    )
+    g.add_argument(
+        "--expected-gpus",
+        type=int,
+        metavar="N",
+        help="the number of GPUs the gate must verify (default: every NVIDIA GPU on the PCI bus)",
     )
     g.add_argument(
         "--allow-insecure-sample-tee",
@@ -73,6 +79,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--allow-insecure-key-file",
         action="store_true",
         help="DEVELOPMENT ONLY: allow --key-source file (no attestation at all)",
+    )
+    s = p.add_argument_group("loading")
+    s.add_argument(
+        "--staging",
+        default="pinned",
+        choices=["pinned", "pageable"],
+        help="host memory of the GPU staging ring: pinned (cudaHostAlloc, default) or pageable",
+    )
+    s.add_argument(
+        "--staging-slots", type=int, metavar="N", help="staging slots per GPU (default: decrypt threads + 2)"
     )
     t = p.add_argument_group("TLS")
     t.add_argument(
@@ -119,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         tee=args.tee,
         gpus=args.gpus,
+        expected_gpus=args.expected_gpus,
+        staging=args.staging,
+        staging_slots=args.staging_slots,
         allow_insecure_sample_tee=args.allow_insecure_sample_tee,
         allow_insecure_gpu_cc_off=args.allow_insecure_gpu_cc_off,
         key_source=args.key_source,

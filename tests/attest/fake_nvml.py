@@ -28,6 +28,7 @@ class FakeGpu:
     arch: int
     report: bytes
     chain: bytes
+    pci: str | None = None  # NVML's bus id, e.g. "00000000:41:00.0"; None: the call fails
 
 
 @dataclass
@@ -69,6 +70,11 @@ class FakeNvml:
 
     def nvmlDeviceGetArchitecture(self, handle: FakeGpu) -> int:
         return handle.arch
+
+    def nvmlDeviceGetPciInfo(self, handle: FakeGpu) -> SimpleNamespace:
+        if handle.pci is None:
+            raise FakeNVMLError("Not Supported")
+        return SimpleNamespace(busId=handle.pci.encode())
 
     def nvmlSystemGetConfComputeState(self) -> SimpleNamespace:
         return SimpleNamespace(

@@ -143,6 +143,42 @@ def test_inspect_nvidia_hex_with_chain(capsys: pytest.CaptureFixture[str]) -> No
     assert out["signature_valid"] is True
 
 
+def test_inspect_accepts_the_trailing_byte_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """The CoCo Hopper report (driver 580) has one unsigned byte after the signature."""
+    argv = [
+        "inspect",
+        str(VECTORS / "nvidia/trustee_hopper_coco_report1.txt"),
+        "--chain",
+        str(VECTORS / "nvidia/trustee_hopper_coco_certs1.txt"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trailing_unsigned_bytes" in out and "1 unsigned byte(s) after the signature (ignored)" in out
+    assert "[passed ] gpu0.signature" in out
+
+
+def test_inspect_blackwell_names_the_architecture_from_the_chain(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "inspect",
+        str(VECTORS / "nvidia/trustee_pr1551_blackwell_report.txt"),
+        "--chain",
+        str(VECTORS / "nvidia/trustee_pr1551_blackwell_certs.txt"),
+        "--json",
+    ]
+    out = _json(capsys, argv)
+    assert out["arch"] == "BLACKWELL" and out["driver_version"] == "595.58.03"
+    assert out["signature_valid"] is True and out["verification"]["ok"] is True
+
+
+def test_inspect_nvat_json_and_versioned_opaque_data(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["inspect", str(VECTORS / "nvidia/nvat_evidence_hopper_590_12.json"), "--json"])
+    assert out["encoding"] == "nvat-json" and out["feature_flag"] == "PPCIE"
+    assert out["verification"]["ok"] is True
+    out = _json(capsys, ["inspect", str(VECTORS / "nvidia/nvat_sample_nvdaod_transcript.txt"), "--json"])
+    assert out["opaque_layout"] == "versioned" and out["opaque_header"] == "2.0.0"
+    assert out["driver_version"] == "620.12" and out["verification"] is None  # no chain published
+
+
 def test_inspect_rejects_unknown_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "junk"
     path.write_bytes(b"\x00\x01\x02 not evidence")

@@ -91,12 +91,64 @@ def packed(packed_pristine: Path, tmp_path: Path) -> Path:
     return dst
 
 
+#: The ways the one decrypt engine delivers a tensor: straight into host memory ("host"),
+#: through the staging ring and copy thread of the GPU path into host memory ("staged": all of
+#: the GPU path but the CUDA copy), and into CUDA memory ("cuda", where a GPU is present).
+ENGINE_PATHS = [
+    "host",
+    "staged",
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+    ),
+]
+
+
+def path_options(path: str) -> dict[str, object]:
+    """Engine options for one of :data:`ENGINE_PATHS` (4 KiB staging slots: the ring cycles)."""
+    from loader.staging import StagingOptions
+
+    return {
+        "stage_host_copies": path == "staged",
+        "staging": StagingOptions(slot_bytes=CHUNK, slots=3),
+    }
+
+
+def engine_load(
+    model_dir: Path, key: SecretBytes = KEY, *, path: str = "host", **kw: object
+) -> dict[str, torch.Tensor]:
+    """Load as vLLM's loader does: copy every EncryptedTensor into a preallocated destination
+    (host copies overlapped, as the loader plugin runs them)."""
+    from loader.lazy import LazyCheckpoint
+
+    device = "cuda" if path == "cuda" else "cpu"
+    options = {"threads": 2, "overlap_host_copies": path == "host", **path_options(path), **kw}
+    out: dict[str, torch.Tensor] = {}
+    with LazyCheckpoint.open(model_dir, Manifest.load(model_dir), key, **options) as checkpoint:  # type: ignore[arg-type]
+        for name, lazy in checkpoint.tensors():
+            dst = torch.ones(lazy.shape, dtype=lazy.dtype, device=device)  # not zeros: prove the write
+            dst.copy_(lazy)
+            out[name] = dst
+        checkpoint.synchronize()
+        assert checkpoint.materialized == 0
+    out = {name: t.cpu() for name, t in out.items()}
+    return out
+
+
+@pytest.fixture(params=ENGINE_PATHS)
+def engine_path(request: pytest.FixtureRequest) -> str:
+    path: str = request.param
+    return path
+
+
 @pytest.fixture
-def load_all() -> Callable[..., dict[str, torch.Tensor]]:
+def load_all(engine_path: str) -> Callable[..., dict[str, torch.Tensor]]:
+    """The streaming adapter (``decrypted_tensors``) on each engine path."""
     from loader.pipeline import decrypted_tensors
 
     def run(model_dir: Path, key: SecretBytes = KEY, **kw: object) -> dict[str, torch.Tensor]:
         manifest = Manifest.load(model_dir)
-        return {name: t.clone() for name, t in decrypted_tensors(model_dir, manifest, key, **kw)}  # type: ignore[arg-type]
+        options = {"device": "cuda" if engine_path == "cuda" else "cpu", **path_options(engine_path), **kw}
+        return {name: t.cpu().clone() for name, t in decrypted_tensors(model_dir, manifest, key, **options)}  # type: ignore[arg-type]
 
     return run

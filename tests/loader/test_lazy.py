@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from attest.errors import ModelDecryptionError
 from loader.lazy import EncryptedTensor, LazyCheckpoint
 from loader.manifest import Manifest
-from tests.loader.conftest import KEY, MARKER, OTHER_KEY, as_bytes
+from tests.loader.conftest import KEY, MARKER, OTHER_KEY, as_bytes, path_options
 
 
 def open_checkpoint(model_dir: Path, **kw: object) -> LazyCheckpoint:
-    return LazyCheckpoint(model_dir, Manifest.load(model_dir), KEY, threads=2, **kw)  # type: ignore[arg-type]
+    return LazyCheckpoint.open(model_dir, Manifest.load(model_dir), KEY, threads=2, **kw)  # type: ignore[arg-type]
 
 
 def test_copy_into_destinations_is_bit_exact_and_zero_copy(
@@ -54,18 +54,21 @@ def _windows() -> st.SearchStrategy[list[tuple[int, int, int]]]:
     return st.lists(st.tuples(st.integers(0, 1), st.integers(-70, 70), st.integers(-70, 70)), max_size=3)
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
+@settings(max_examples=40, deadline=None)
 @given(windows=_windows(), name_index=st.integers(0, 3))
 def test_lazy_row_and_column_windows_match_eager_slicing(
     packed_pristine: Path,
     reference: dict[str, torch.Tensor],
     windows: list[tuple[int, int, int]],
     name_index: int,
+    staged: bool,
 ) -> None:
     """Any chain of dim-0/dim-1 slices decrypts exactly what eager slicing of the plaintext gives."""
     name = ["model.layers.0.attn.q_proj.weight", "model.layers.1.attn.o_proj.weight",
             "model.layers.0.mlp.up.weight", "model.embed_tokens.weight"][name_index]  # fmt: skip
-    with open_checkpoint(packed_pristine) as checkpoint:
+    options = path_options("staged" if staged else "host")
+    with open_checkpoint(packed_pristine, **options) as checkpoint:
         lazy = dict(checkpoint.tensors())[name]
         eager = reference[name]
         for dim, start, end in windows:
@@ -100,14 +103,15 @@ def test_other_operations_materialise_correctly(packed: Path, reference: dict[st
     assert torch.equal(strided, reference["model.layers.0.attn.q_proj.weight"])
 
 
-def test_tampered_chunk_zeroes_the_destination_and_names_the_file(packed: Path) -> None:
+@pytest.mark.parametrize("staged", [False, True], ids=["host", "staged"])
+def test_tampered_chunk_zeroes_the_destination_and_names_the_file(packed: Path, staged: bool) -> None:
     manifest = Manifest.load(packed)
     entry = next(e for e in manifest.shards if any(t.name == "model.marker" for t in e.tensors))
     path = packed / entry.file
     data = bytearray(path.read_bytes())
     data[len(data) - 100] ^= 0x80  # inside the last tensor chunks
     path.write_bytes(bytes(data))
-    with open_checkpoint(packed) as checkpoint:
+    with open_checkpoint(packed, **path_options("staged" if staged else "host")) as checkpoint:
         failures = 0
         for name, lazy in checkpoint.tensors():
             dst = torch.full(lazy.shape, 1, dtype=lazy.dtype)
@@ -124,7 +128,7 @@ def test_tampered_chunk_zeroes_the_destination_and_names_the_file(packed: Path) 
 
 def test_wrong_key_fails_before_anything_is_decrypted(packed: Path) -> None:
     with pytest.raises(ModelDecryptionError, match="does not authenticate"):
-        LazyCheckpoint(packed, Manifest.load(packed), OTHER_KEY, threads=2)
+        LazyCheckpoint.open(packed, Manifest.load(packed), OTHER_KEY, threads=2)
 
 
 def test_no_plaintext_in_logs(packed: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -156,3 +160,78 @@ def test_aliasing_and_full_indexing_stay_lazy(packed: Path, reference: dict[str,
             dst.copy_(view)
             assert torch.equal(dst, reference["model.layers.0.attn.q_proj.weight"])
         assert checkpoint.materialized == 0
+
+
+def test_staged_copies_use_the_ring_and_a_piece_larger_than_a_slot_is_refused(packed: Path) -> None:
+    from attest.errors import ModelFormatError
+    from loader.lazy import LazyCheckpoint
+    from loader.shard import EncryptedShard
+    from loader.staging import StagingOptions
+
+    manifest = Manifest.load(packed)
+    with open_checkpoint(packed, **path_options("staged")) as checkpoint:
+        _name, lazy = next(checkpoint.tensors())
+        torch.empty(lazy.shape, dtype=lazy.dtype).copy_(lazy)
+        assert list(checkpoint.lanes) == ["cpu"]
+        assert checkpoint.lanes["cpu"].slot_bytes == manifest.chunk_size  # raised to one chunk
+    # A source whose pieces outgrow the slots is a configuration error, not a tampered file.
+    shard = EncryptedShard.open(packed, manifest, manifest.shards[2], KEY.reveal())
+    small = LazyCheckpoint([shard], threads=1, staging=StagingOptions(slot_bytes=16), stage_host_copies=True)
+    with small:
+        lazy = dict(small.tensors())["model.pos"]
+        with pytest.raises(ModelFormatError, match="does not fit"):
+            torch.empty(lazy.shape, dtype=lazy.dtype).copy_(lazy)
+
+
+def test_overlapped_copies_land_before_the_tensor_after_next_and_at_synchronize(
+    packed_pristine: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    """The loader plugin's mode: a copy may finish after copy_ returns, never later than that."""
+    with open_checkpoint(packed_pristine, overlap_host_copies=True) as checkpoint:
+        landed: dict[str, torch.Tensor] = {}
+        previous: list[str] = []
+        for name, lazy in checkpoint.tensors():
+            if len(previous) >= 2:  # the tensor before last has landed by now
+                before_last = previous[-2]
+                assert as_bytes(landed[before_last]) == as_bytes(reference[before_last]), before_last
+            dst = torch.zeros(lazy.shape, dtype=lazy.dtype)
+            dst.copy_(lazy)
+            landed[name] = dst
+            previous.append(name)
+        checkpoint.synchronize()
+        assert checkpoint.stats.snapshot().tensors == len(reference)
+    for name, ref in reference.items():
+        assert as_bytes(landed[name]) == as_bytes(ref), name
+
+
+def test_an_overlapped_copy_that_fails_is_zeroed_and_raised_by_the_iterator(packed: Path) -> None:
+    manifest = Manifest.load(packed)
+    entry = manifest.shards[0]
+    path = packed / entry.file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a chunk in the middle of the first shard
+    path.write_bytes(bytes(data))
+    kept: dict[str, torch.Tensor] = {}
+    with (
+        pytest.raises(ModelDecryptionError, match=repr(entry.file)),
+        open_checkpoint(packed, overlap_host_copies=True) as checkpoint,
+    ):
+        for name, lazy in checkpoint.tensors():
+            dst = torch.ones(lazy.shape, dtype=lazy.dtype)
+            dst.copy_(lazy)  # may raise here (this thread hit the chunk) or at a later settle
+            kept[name] = dst
+        checkpoint.synchronize()
+    failed = [n for n, t in kept.items() if not t.reshape(-1).view(torch.uint8).any()]
+    assert failed, "the tampered tensor's destination must be zeroed"
+
+
+def test_closing_with_copies_in_flight_lands_or_zeroes_them(
+    packed_pristine: Path, reference: dict[str, torch.Tensor]
+) -> None:
+    checkpoint = open_checkpoint(packed_pristine, overlap_host_copies=True)
+    lazy = dict(checkpoint.tensors())["model.embed_tokens.weight"]  # four chunks
+    dst = torch.ones(lazy.shape, dtype=lazy.dtype)
+    dst.copy_(lazy)
+    checkpoint.close()  # returns (no hang, no decrypt after the shards close)
+    got = as_bytes(dst)
+    assert got in (as_bytes(reference["model.embed_tokens.weight"]), bytes(len(got)))

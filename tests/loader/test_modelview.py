@@ -50,7 +50,7 @@ def test_the_loader_reads_the_shards_through_the_view(
 ) -> None:
     manifest = Manifest.load(packed)
     view = stage_model_view(packed, manifest, tmp_path / "view")
-    with LazyCheckpoint(view, Manifest.load(view), KEY, threads=2) as checkpoint:
+    with LazyCheckpoint.open(view, Manifest.load(view), KEY, threads=2) as checkpoint:
         for name, lazy in checkpoint.tensors():
             dst = torch.empty(lazy.shape, dtype=lazy.dtype)
             dst.copy_(lazy)

@@ -1,4 +1,4 @@
-"""Pack → decrypt gives bit-identical tensors; selection, references, stats and memory bounds."""
+"""Pack → decrypt gives bit-identical tensors on every engine path; selection, references, stats."""
 
 from __future__ import annotations
 
@@ -14,25 +14,31 @@ from loader.manifest import Manifest
 from loader.pipeline import RowRange, decrypted_tensors, load_tensors
 from loader.shard import EncryptedShard
 from loader.stats import StatsRecorder
-from tests.loader.conftest import KEY, as_bytes
+from tests.loader.conftest import KEY, as_bytes, engine_load
 
 Loader = Callable[..., dict[str, torch.Tensor]]
 
 
 @pytest.mark.parametrize("read_mode", ["mmap", "pread"])
-@pytest.mark.parametrize("slab_bytes", [1 << 12, 1 << 20])
 def test_round_trip_is_bit_identical(
-    packed_pristine: Path,
-    reference: dict[str, torch.Tensor],
-    load_all: Loader,
-    read_mode: str,
-    slab_bytes: int,
+    packed_pristine: Path, reference: dict[str, torch.Tensor], load_all: Loader, read_mode: str
 ) -> None:
-    out = load_all(packed_pristine, read_mode=read_mode, slab_bytes=slab_bytes, threads=2)
+    out = load_all(packed_pristine, read_mode=read_mode, threads=2)
     assert sorted(out) == sorted(reference)
     for name, ref in reference.items():
         assert out[name].dtype == ref.dtype, name
         assert out[name].shape == ref.shape, name
+        assert as_bytes(out[name]) == as_bytes(ref), name
+
+
+@pytest.mark.parametrize("read_mode", ["mmap", "pread"])
+def test_shipping_path_round_trip_is_bit_identical(
+    packed_pristine: Path, reference: dict[str, torch.Tensor], engine_path: str, read_mode: str
+) -> None:
+    out = engine_load(packed_pristine, path=engine_path, read_mode=read_mode)
+    assert sorted(out) == sorted(reference)
+    for name, ref in reference.items():
+        assert out[name].dtype == ref.dtype and out[name].shape == ref.shape, name
         assert as_bytes(out[name]) == as_bytes(ref), name
 
 
@@ -41,33 +47,30 @@ def test_yielded_tensors_stay_valid_when_the_consumer_keeps_them(
 ) -> None:
     # Some models buffer weights before use: memory must never be recycled under a live tensor.
     manifest = Manifest.load(packed_pristine)
-    kept = dict(decrypted_tensors(packed_pristine, manifest, KEY, slab_bytes=1 << 13, depth=1, threads=2))
+    kept = dict(decrypted_tensors(packed_pristine, manifest, KEY, threads=2))
     gc.collect()
     for name, ref in reference.items():
         assert as_bytes(kept[name]) == as_bytes(ref), name
+    storages = {t.untyped_storage().data_ptr() for t in kept.values() if t.numel()}
+    assert len(storages) == sum(1 for t in kept.values() if t.numel())  # each tensor is its own
 
 
-def test_slabs_are_recycled_when_the_consumer_drops_tensors(
-    packed_pristine: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from loader import staging
+def test_the_staging_ring_is_bounded_and_wiped(packed_pristine: Path) -> None:
+    from loader.lazy import LazyCheckpoint
+    from loader.staging import StagingOptions
 
-    allocated: list[int] = []
-    real = staging.Buffers._alloc_host
-
-    def spy(self: staging.Buffers, nbytes: int, pooled: bool) -> staging.Slab:
-        allocated.append(nbytes)
-        return real(self, nbytes, pooled)
-
-    monkeypatch.setattr(staging.Buffers, "_alloc_host", spy)
     manifest = Manifest.load(packed_pristine)
-    total = 0
-    for _name, t in decrypted_tensors(packed_pristine, manifest, KEY, slab_bytes=1 << 14, depth=2, threads=2):
-        total += t.numel()  # like load_weights: copy and drop
-    assert total > 0
-    # Bounded by depth + 1 slabs (+ one-off slabs for tensors larger than a slab).
-    pooled = [n for n in allocated if n == 1 << 14]
-    assert len(pooled) <= 3
+    staging = StagingOptions(slots=2, slot_bytes=1)  # raised to one chunk by the engine
+    with LazyCheckpoint.open(
+        packed_pristine, manifest, KEY, threads=2, staging=staging, stage_host_copies=True
+    ) as checkpoint:
+        for _name, lazy in checkpoint.tensors():
+            torch.empty(lazy.shape, dtype=lazy.dtype).copy_(lazy)
+        (ring,) = checkpoint.lanes.values()
+        assert ring.nbytes == 2 * manifest.chunk_size
+        slots = list(ring._slots)
+        assert any(s.tensor.any() for s in slots)  # the ring carried plaintext
+    assert all(not s.tensor.any() for s in slots)  # and was zeroed on close
 
 
 def test_select_skips_tensors_and_decrypts_only_selected_rows(
@@ -115,7 +118,7 @@ def test_closing_early_keeps_what_the_consumer_holds(
     packed_pristine: Path, reference: dict[str, torch.Tensor]
 ) -> None:
     manifest = Manifest.load(packed_pristine)
-    gen = decrypted_tensors(packed_pristine, manifest, KEY, slab_bytes=1 << 13)
+    gen = decrypted_tensors(packed_pristine, manifest, KEY)
     name, first = next(gen)
     gen.close()
     assert as_bytes(first) == as_bytes(reference[name])
@@ -133,10 +136,28 @@ def test_load_tensors_accepts_any_source(packed_pristine: Path, reference: dict[
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_round_trip_to_gpu(
-    packed_pristine: Path, reference: dict[str, torch.Tensor], load_all: Loader
+@pytest.mark.parametrize("mode", ["pinned", "pageable"])
+def test_round_trip_to_gpu_with_each_staging_mode(
+    packed_pristine: Path, reference: dict[str, torch.Tensor], mode: str
 ) -> None:
-    out = load_all(packed_pristine, device="cuda", slab_bytes=1 << 14)
+    from loader.lazy import LazyCheckpoint
+    from loader.staging import StagingOptions
+
+    manifest = Manifest.load(packed_pristine)
+    with LazyCheckpoint.open(
+        packed_pristine,
+        manifest,
+        KEY,
+        threads=2,
+        staging=StagingOptions(mode=mode),  # type: ignore[arg-type]
+    ) as checkpoint:
+        out = {}
+        for name, lazy in checkpoint.tensors():
+            dst = torch.empty(lazy.shape, dtype=lazy.dtype, device="cuda")
+            dst.copy_(lazy)
+            out[name] = dst
+        (ring,) = checkpoint.lanes.values()
+        assert ring.pinned is (mode == "pinned")
     for name, ref in reference.items():
         assert out[name].device.type == "cuda"
         assert as_bytes(out[name]) == as_bytes(ref), name

@@ -1,4 +1,9 @@
-"""Every way of tampering with an encrypted model fails closed, opaquely, and zeroes what was written."""
+"""Every way of tampering with an encrypted model fails closed, opaquely, and zeroes what was written.
+
+The loads run on the engine that ships (:class:`loader.lazy.LazyCheckpoint`, copied into
+preallocated destinations as vLLM's loader does), on every engine path: straight into host
+memory, through the staging ring of the GPU path, and into CUDA memory where a GPU is present.
+"""
 
 from __future__ import annotations
 
@@ -21,16 +26,30 @@ from loader.modelview import stage_model_view
 from loader.packer import pack_model
 from loader.pipeline import decrypted_tensors
 from loader.shard import EncryptedShard
-from tests.loader.conftest import CHUNK, KEY, KEY_ID, MARKER, OTHER_KEY, as_bytes
+from tests.loader.conftest import (
+    CHUNK,
+    ENGINE_PATHS,
+    KEY,
+    KEY_ID,
+    MARKER,
+    OTHER_KEY,
+    as_bytes,
+    engine_load,
+    path_options,
+)
 
 SHARD1 = "model-00001-of-00003.safetensors.esenc"
 SHARD2 = "model-00002-of-00003.safetensors.esenc"
 SHARD3 = "model-00003-of-00003.safetensors.esenc"
 
 
-def load(model_dir: Path, **kw: object) -> dict[str, torch.Tensor]:
-    manifest = Manifest.load(model_dir)
-    return {n: t.clone() for n, t in decrypted_tensors(model_dir, manifest, KEY, **kw)}  # type: ignore[arg-type]
+Load = Callable[[Path], dict[str, torch.Tensor]]
+
+
+@pytest.fixture(params=ENGINE_PATHS)
+def load(request: pytest.FixtureRequest) -> Load:
+    path: str = request.param
+    return lambda model_dir: engine_load(model_dir, path=path)
 
 
 def opened(model_dir: Path, file: str) -> EncryptedShard:
@@ -54,12 +73,13 @@ def flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def expect_opaque_failure(model_dir: Path, file: str) -> str:
+def expect_opaque_failure(load: Load, model_dir: Path, file: str) -> str:
     with pytest.raises(ModelDecryptionError) as info:
         load(model_dir)
     message = str(info.value)
     assert repr(file) in message
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    error = info.value
+    assert error.__cause__ is None and (error.__suppress_context__ or error.__context__ is None)
     return message.replace(repr(file), "<file>")
 
 
@@ -168,9 +188,9 @@ CASES: dict[str, Callable[[Path], str]] = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_tampering_fails_with_one_opaque_error_naming_the_file(packed: Path, case: str) -> None:
+def test_tampering_fails_with_one_opaque_error_naming_the_file(load: Load, packed: Path, case: str) -> None:
     file = CASES[case](packed)
-    MESSAGES.add(expect_opaque_failure(packed, file))
+    MESSAGES.add(expect_opaque_failure(load, packed, file))
 
 
 def test_every_failure_has_the_same_message() -> None:
@@ -179,7 +199,7 @@ def test_every_failure_has_the_same_message() -> None:
 
 
 def test_chunk_spliced_from_the_same_offset_of_another_model(
-    packed: Path, source_model: Path, tmp_path: Path
+    load: Load, packed: Path, source_model: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "other"
     pack_model(source_model, other, key=KEY, key_id=KEY_ID, chunk_size=CHUNK)  # same key, new salts
@@ -189,14 +209,16 @@ def test_chunk_spliced_from_the_same_offset_of_another_model(
     assert data[offset : offset + length] != donor
     data[offset : offset + length] = donor
     (packed / SHARD3).write_bytes(bytes(data))
-    expect_opaque_failure(packed, SHARD3)
+    expect_opaque_failure(load, packed, SHARD3)
 
 
-def test_whole_file_from_another_model_is_refused(packed: Path, source_model: Path, tmp_path: Path) -> None:
+def test_whole_file_from_another_model_is_refused(
+    load: Load, packed: Path, source_model: Path, tmp_path: Path
+) -> None:
     other = tmp_path / "other"
     pack_model(source_model, other, key=KEY, key_id=KEY_ID, chunk_size=CHUNK)
     shutil.copy(other / SHARD2, packed / SHARD2)
-    expect_opaque_failure(packed, SHARD2)
+    expect_opaque_failure(load, packed, SHARD2)
 
 
 def test_truncation_at_a_chunk_boundary_is_caught_by_the_last_chunk_flag(packed: Path) -> None:
@@ -265,12 +287,23 @@ def test_plain_file_tampering_is_named(packed: Path, change: str, tmp_path: Path
         stage_model_view(packed, manifest, tmp_path / "view-after")
 
 
-def test_failure_zeroes_everything_already_written(packed: Path, reference: dict[str, torch.Tensor]) -> None:
+@pytest.mark.parametrize("engine_path", ENGINE_PATHS)
+def test_failure_zeroes_everything_already_written(
+    packed: Path, reference: dict[str, torch.Tensor], engine_path: str
+) -> None:
     tamper_tag_byte(packed)  # the last chunk of the last shard: everything else was delivered
     manifest = Manifest.load(packed)
     kept: dict[str, torch.Tensor] = {}
+    device = "cuda" if engine_path == "cuda" else "cpu"
     with pytest.raises(ModelDecryptionError):
-        for name, t in decrypted_tensors(packed, manifest, KEY, slab_bytes=1 << 13, depth=2, threads=2):
+        for name, t in decrypted_tensors(
+            packed,
+            manifest,
+            KEY,
+            threads=2,
+            device=device,
+            **path_options(engine_path),  # type: ignore[arg-type]
+        ):
             kept[name] = t  # a consumer that keeps references (no copy)
     assert len(kept) >= 8
     for name, t in kept.items():
@@ -278,7 +311,9 @@ def test_failure_zeroes_everything_already_written(packed: Path, reference: dict
     assert any(as_bytes(reference[n]) != bytes(reference[n].nbytes) for n in kept)
 
 
-def test_no_plaintext_or_key_in_logs_or_errors(packed: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_plaintext_or_key_in_logs_or_errors(
+    load: Load, packed: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level("DEBUG")
     out = load(packed)
     assert as_bytes(out["model.marker"]).startswith(MARKER)

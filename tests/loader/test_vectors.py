@@ -10,6 +10,7 @@ import itertools
 import struct
 from pathlib import Path
 
+import pytest
 import torch
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,8 +21,7 @@ from attest.secret import SecretBytes
 from loader.manifest import Manifest
 from loader.modelview import stage_model_view
 from loader.packer import pack_model
-from loader.pipeline import decrypted_tensors
-from tests.loader.conftest import as_bytes
+from tests.loader.conftest import ENGINE_PATHS, as_bytes, engine_load
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "format"
 
@@ -56,14 +56,15 @@ def test_packer_reproduces_the_vector_bytes(tmp_path: Path) -> None:
     )
 
 
-def test_loader_decrypts_the_vector(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine_path", ENGINE_PATHS)
+def test_loader_decrypts_the_vector(tmp_path: Path, engine_path: str) -> None:
     gen = _generator()
     key = SecretBytes(gen.KEY)  # type: ignore[attr-defined]
     model = VECTORS / "encrypted"
     manifest = Manifest.load(model)
     manifest.authenticate(key)
     stage_model_view(model, manifest, tmp_path / "view")
-    out = {n: t.clone() for n, t in decrypted_tensors(model, manifest, key)}
+    out = engine_load(model, key, path=engine_path)
     ref = load_file(VECTORS / "source" / "model.safetensors")
     assert sorted(out) == sorted(ref)
     for name in ref:

@@ -25,6 +25,10 @@ def cfg(tmp_path: Path, **kw: object) -> RunConfig:
         ({"key_source": "file"}, "--key-file is required"),
         ({"key_source": "kbs", "kbs_url": None}, "--kbs-url is required"),
         ({"key_source": "vault"}, "unknown key source"),
+        ({"expected_gpus": 0}, "--expected-gpus"),
+        ({"expected_gpus": 2, "gpus": "none"}, "--expected-gpus"),
+        ({"staging": "unified"}, "--staging"),
+        ({"staging_slots": 0}, "--staging-slots"),
     ],
 )
 def test_unsafe_or_inconsistent_configs_are_refused(

@@ -1,0 +1,131 @@
+"""The boot's GPU gate: before any key is requested, every GPU is verified locally; a failure stops
+the boot at stage ``attest`` naming the GPU, and the key stage never runs.
+
+Drives :class:`runtime.boot.Runtime` in-process with the NVIDIA attester over FakeNvml (a test
+double of pynvml, tests/attest/fake_nvml.py) and a fake sysfs PCI tree; the config stage is
+replaced by its result (the sample TEE stands in for TDX/SNP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from attest.errors import KeyRetrievalError
+from attest.providers.nvidia import NvidiaAttester
+from runtime import boot
+from runtime.config import RunConfig
+from tests.attest.fake_nvml import FakeGpu, FakeNvml
+from tests.attest.support import HOPPER_NONCE, NOW, vector
+from tests.attest.test_nvidia_provider import fake_sysfs
+
+
+@pytest.fixture
+def nvml() -> FakeNvml:
+    return FakeNvml(
+        gpus=[
+            FakeGpu(
+                uuid="GPU-aaaa",
+                arch=9,
+                report=bytes.fromhex(vector("nvidia/hopperAttestationReport.txt").decode()),
+                chain=vector("nvidia/hopperCertChain.txt"),
+                pci="00000000:41:00.0",
+            )
+        ]
+    )
+
+
+def _runtime(tmp_path: Path, **overrides: Any) -> boot.Runtime:
+    config = RunConfig(
+        model_dir=tmp_path,
+        tee="sample",
+        allow_insecure_sample_tee=True,
+        key_source="file",
+        key_file=tmp_path / "key",
+        allow_insecure_key_file=True,
+        tls=False,
+        **overrides,
+    )
+    return boot.Runtime(config)
+
+
+def _boot(
+    monkeypatch: pytest.MonkeyPatch, runtime: boot.Runtime, attester: NvidiaAttester
+) -> tuple[int, list[str]]:
+    """Run the boot up to the key stage, which records that it ran and refuses."""
+    calls: list[str] = []
+    prepared = SimpleNamespace(
+        manifest=SimpleNamespace(digest="sha256:" + "0" * 64),
+        configuration=SimpleNamespace(sha256="1" * 64),
+        init_data=None,
+    )
+    monkeypatch.setattr(runtime, "_config_stage", lambda: prepared)
+    monkeypatch.setattr(boot, "detect_devices", lambda **_: [attester])
+
+    def key_stage(*_: object) -> None:
+        calls.append("key")
+        raise KeyRetrievalError("stopped by the test after the gate")
+
+    monkeypatch.setattr(runtime, "_key_stage", key_stage)
+    with socket.socket() as sock:
+        code = asyncio.run(runtime._boot_and_serve(sock, None))  # type: ignore[arg-type]
+    return code, calls
+
+
+def test_a_gpu_failing_local_verification_stops_the_boot_at_attest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nvml: FakeNvml
+) -> None:
+    sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
+    attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW)  # random nonce: a replay
+    runtime = _runtime(tmp_path)
+    code, calls = _boot(monkeypatch, runtime, attester)
+    assert code == boot.EXIT_BOOT_FAILED and calls == []  # no key was ever requested
+    ready = runtime.status.readiness()
+    assert ready["stage"] == "attest"
+    assert "GPU 0 (GPU-aaaa, 00000000:41:00.0) failed local verification" in ready["reason"]
+    assert "gpu0.nonce" in ready["reason"]
+    assert nvml.ready_writes == []
+
+
+def test_a_gpu_hidden_from_nvml_stops_the_boot_at_attest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nvml: FakeNvml
+) -> None:
+    sysfs = fake_sysfs(
+        tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200), ("0000:42:00.0", 0x10DE, 0x030200)
+    )
+    attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW, nonce=lambda n: HOPPER_NONCE)
+    runtime = _runtime(tmp_path)
+    code, calls = _boot(monkeypatch, runtime, attester)
+    assert code == boot.EXIT_BOOT_FAILED and calls == []
+    ready = runtime.status.readiness()
+    assert ready["stage"] == "attest" and "0000:42:00.0" in ready["reason"]
+
+
+def test_the_configured_gpu_count_is_enforced(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nvml: FakeNvml
+) -> None:
+    sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
+    attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW, nonce=lambda n: HOPPER_NONCE)
+    runtime = _runtime(tmp_path, expected_gpus=2)
+    code, calls = _boot(monkeypatch, runtime, attester)
+    assert code == boot.EXIT_BOOT_FAILED and calls == []
+    assert "expects 2" in runtime.status.readiness()["reason"]
+
+
+def test_verified_gpus_pass_the_gate_and_the_boot_goes_on_to_the_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nvml: FakeNvml
+) -> None:
+    sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
+    attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW, nonce=lambda n: HOPPER_NONCE)
+    runtime = _runtime(tmp_path, expected_gpus=1)
+    code, calls = _boot(monkeypatch, runtime, attester)
+    assert calls == ["key"] and code == boot.EXIT_BOOT_FAILED
+    stages = {s["stage"]: s for s in runtime.status.to_json()["stages"]}
+    assert "1 nvidia device(s) verified locally" in stages["attest"]["detail"]
+    assert runtime.status.readiness()["stage"] == "key"
+    assert nvml.ready_writes == [1]
