@@ -20,7 +20,7 @@ PIP_VERSION := 26.3
 BASE_IMAGE_TAG ?= docker.io/vllm/vllm-openai:v0.33.0
 BASE_IMAGE_FILE := requirements/base-image.digest
 
-.PHONY: install demo demo-stop test test-fast lint bench gpu-check lock pin-base-image image clean
+.PHONY: install tools demo demo-stop test test-fast lint bench gpu-check lock pin-base-image image clean
 
 ifeq ($(EXTRAS),cpu$(comma)test)
 $(STAMP): pyproject.toml $(LOCK)
@@ -48,7 +48,14 @@ demo: install
 demo-stop:
 	VENV=$(VENV) bash scripts/demo.sh stop
 
-test: install
+# skopeo and docker-registry (Debian) for the OCI image tests: installed when missing and root.
+tools:
+	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry >/dev/null; } || \
+	  echo "warning: skopeo/docker-registry missing; the OCI image tests will be skipped"
+
+test: install tools
 	$(PY) -m pytest -q
 
 test-fast: install

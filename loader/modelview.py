@@ -34,7 +34,7 @@ from pathlib import Path
 from attest.errors import ModelFormatError
 from loader.manifest import MANIFEST_NAME, Manifest
 
-__all__ = ["stage_model_view"]
+__all__ = ["stage_model_view", "write_view_file"]
 
 _READ_BLOCK = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -73,6 +73,20 @@ def _write_new(path: Path, data: bytes) -> None:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+def write_view_file(view: Path, name: str, data: bytes) -> None:
+    """Write one file (a side file read from an image layer) into the existing view, read-only.
+
+    Raises:
+        ModelFormatError: ``name`` is not a plain file name, or the file exists already.
+    """
+    if not name or "/" in name or name in (".", ".."):
+        raise ModelFormatError(f"{name!r} is not a file name for the model view")
+    try:
+        _write_new(view / name, data)
+    except FileExistsError:
+        raise ModelFormatError(f"{name!r} is in the model view already") from None
 
 
 def _check_listing(model_dir: Path, manifest: Manifest) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "encrypt_shard",
     "generate_model_key",
     "pack_model",
+    "scan_model_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,9 @@ def _copy_plain(src: Path, dst: Path, name: str, on_bytes: Callable[[int], None]
     return PlainFile(name=name, size=size, sha256="sha256:" + h.hexdigest())
 
 
-def _scan(src: Path) -> tuple[list[str], list[str]]:
+def scan_model_dir(src: Path) -> tuple[list[str], list[str]]:
+    """Return the safetensors shards and the side files of ``src`` (relative paths), warning
+    about (and leaving out) files that are neither: they may be plaintext weights."""
     shards: list[str] = []
     plain: list[str] = []
     skipped: list[str] = []
@@ -306,7 +309,7 @@ def pack_model(
         raise ConfigError("the destination must not be inside the source directory")
     if dst.exists() and not overwrite:
         raise ConfigError(f"{dst} already exists; pass --force to replace it")
-    shards, plain = _scan(src)
+    shards, plain = scan_model_dir(src)
     if not shards:
         raise ModelFormatError(f"no *.safetensors files in {src}")
     if MANIFEST_NAME in plain:

@@ -14,10 +14,16 @@ weights are loaded. Each worker:
    ``staging_slots``);
 4. checks every parameter was loaded, and reports success or the (secret-free) error back to
    the runtime on the handoff connection. On failure every parameter is zeroed.
+
+For an encrypted OCI image the view holds a marker (:data:`loader.oci.image.VIEW_MARKER`)
+instead of a manifest: the worker fetches the pinned image again (checking the manifest digest
+against the attested one), unwraps the layers' keys with the recipient key from the handoff,
+and streams the weight layers in parallel into ``load_weights`` (:mod:`loader.oci.layers`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +42,7 @@ from loader import LOAD_FORMAT
 from loader.keyhandoff import request_key
 from loader.lazy import LazyCheckpoint
 from loader.manifest import Manifest
+from loader.oci.image import VIEW_MARKER
 from loader.staging import STAGING_MODES, StagingOptions
 
 __all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "register"]
@@ -142,30 +149,39 @@ class EncryptedModelLoader(BaseModelLoader):
         self.options = EncryptedLoaderConfig.from_extra(load_config.model_loader_extra_config)
 
     def download_model(self, model_config: ModelConfig) -> None:
-        Manifest.load(Path(model_config.model))  # nothing to download; check the directory
+        model_dir = Path(model_config.model)
+        if not (model_dir / VIEW_MARKER).exists():
+            Manifest.load(model_dir)  # nothing to download; check the directory
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         model_dir = Path(model_config.model)
         rank, world = _tp_rank_and_size()
-        manifest = Manifest.load(model_dir)
-        if manifest.digest != self.options.manifest_digest:
-            raise ModelFormatError(
-                f"the model directory holds {manifest.digest}, "
-                f"not the attested {self.options.manifest_digest}"
-            )
+        image = _ImageLoad.open(model_dir, self.options.manifest_digest)
+        if image is None:
+            manifest = Manifest.load(model_dir)
+            if manifest.digest != self.options.manifest_digest:
+                raise ModelFormatError(
+                    f"the model directory holds {manifest.digest}, "
+                    f"not the attested {self.options.manifest_digest}"
+                )
         engine_rank = _engine_rank()
         key, channel = request_key(
             self.options.key_socket,
-            manifest_digest=manifest.digest,
+            manifest_digest=self.options.manifest_digest,
             rank=engine_rank,
             capability=self.options.capability(engine_rank),
         )
         try:
-            # Each parameter's weight_loader copies an EncryptedTensor into its slice: the chunks
-            # holding exactly those rows are decrypted straight into the parameter.
-            with LazyCheckpoint.open(model_dir, manifest, key, **self.options.engine_options()) as checkpoint:
-                loaded = model.load_weights(checkpoint.tensors())  # type: ignore[operator]
-                checkpoint.synchronize()  # overlapped host copies have all landed (or raise)
+            if image is not None:
+                checkpoint: LazyCheckpoint | _ImageLoad = image
+                loaded = image.load(model, key, threads=self.options.threads)
+            else:
+                # Each parameter's weight_loader copies an EncryptedTensor into its slice: the
+                # chunks holding exactly those rows are decrypted straight into the parameter.
+                with LazyCheckpoint.open(model_dir, manifest, key, **self.options.engine_options()) as lazy:
+                    checkpoint = lazy
+                    loaded = model.load_weights(lazy.tensors())  # type: ignore[operator]
+                    lazy.synchronize()  # overlapped host copies have all landed (or raise)
             if model_config.quantization is None and loaded is not None:
                 missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
                 if missing:
@@ -184,7 +200,8 @@ class EncryptedModelLoader(BaseModelLoader):
         stats = checkpoint.stats.snapshot()
         logger.info(
             "rank %d/%d decrypted %s into its parameters: %s; materialised by weight loaders: %s",
-            rank, world, manifest.digest, stats.summary(), dict(checkpoint.materialized_by) or "none",
+            rank, world, self.options.manifest_digest, stats.summary(),
+            dict(checkpoint.materialized_by) or "none",
         )  # fmt: skip
         channel.report(
             ok=True,
@@ -196,6 +213,53 @@ class EncryptedModelLoader(BaseModelLoader):
                 "materialized": checkpoint.materialized,
             },
         )
+
+
+class _ImageLoad:
+    """One worker's load of an encrypted OCI image (see the module docstring)."""
+
+    def __init__(self, marker: dict[str, Any]) -> None:
+        from loader.stats import StatsRecorder
+
+        self.marker = marker
+        self.stats = StatsRecorder()
+        self.materialized_by: dict[str, int] = {}
+        self.materialized = 0
+
+    @classmethod
+    def open(cls, view: Path, digest: str) -> _ImageLoad | None:
+        """The image load the view's marker names (None: a native model directory)."""
+        path = view / VIEW_MARKER
+        if not path.exists():
+            return None
+        try:
+            marker = json.loads(path.read_bytes())
+        except ValueError:
+            raise ModelFormatError("the model view's image marker is not JSON") from None
+        if marker.get("digest") != digest:
+            raise ModelFormatError(f"the model view names {marker.get('digest')}, not the attested {digest}")
+        return cls(marker)
+
+    def load(self, model: nn.Module, key: Any, *, threads: int | None) -> Any:
+        from loader.oci.blobs import open_store
+        from loader.oci.image import load_image
+        from loader.oci.layers import LayerKeys, image_tensors
+        from loader.oci.ocicrypt import private_key_from_pem
+        from loader.oci.reference import ImageReference
+        from loader.source import default_threads
+
+        reference = ImageReference.parse(str(self.marker["image"]))
+        store = open_store(reference, allow_http=bool(self.marker.get("allow_http")))
+        try:
+            image = load_image(store, str(self.marker["digest"]))
+            keys = LayerKeys(image, private_key_from_pem(key.reveal()))
+            tensors = image_tensors(
+                store, image, keys, root=str(self.marker.get("root", "")),
+                threads=threads or default_threads(), stats=self.stats,
+            )  # fmt: skip
+            return model.load_weights(tensors)  # type: ignore[operator]
+        finally:
+            store.close()
 
 
 def register() -> None:

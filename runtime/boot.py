@@ -212,8 +212,8 @@ class Runtime:
         finally:
             source.close()
         try:
-            prepared.manifest.authenticate(release.secret)
-        except ModelError:
+            prepared.model.unlock(release.secret)
+        except BaseException:
             release.secret.wipe()
             raise
         return release
@@ -228,7 +228,7 @@ class Runtime:
         assert self._key is not None and self._private is not None
         args = prepared.vllm.namespace
         ranks = prepared.ranks
-        digest = prepared.manifest.digest
+        digest = prepared.model.digest
         engine = VllmEngine(args)
         engine.log_arguments()  # before the capabilities go in
         closed = threading.Event()
@@ -353,7 +353,7 @@ class Runtime:
             prepared = await self._stage(
                 stage,
                 self._config_stage,
-                lambda p: f"model {p.manifest.digest}, config sha256:{p.configuration.sha256}",
+                lambda p: f"model {p.model.digest}, config sha256:{p.configuration.sha256}",
             )
             stage = Stage.ATTEST
             attester, devices = await self._stage(
@@ -409,7 +409,7 @@ class Runtime:
         self._attestation = AttestationService(
             attester=attester,
             devices=devices,
-            model_digest=prepared.manifest.digest,
+            model_digest=prepared.model.digest,
             config=prepared.configuration,
             init_data=None if prepared.init_data is None else prepared.init_data.digest_text,
             tls_spki_sha256=self._tls.spki_sha256 if self._tls else None,
@@ -441,8 +441,7 @@ def _load_detail(reports: list[LoadReport], prepared: Prepared) -> str:
         f"at {float(r.stats.get('gbps', 0.0)):.2f} GB/s"
         for r in sorted(reports, key=lambda r: r.rank)
     )
-    total_mb = prepared.manifest.plaintext_bytes / 1e6
-    return f"{len(reports)} rank(s) decrypted parts of a {total_mb:.3f} MB model: {per_rank}"
+    return f"{len(reports)} rank(s) decrypted parts of {prepared.model.describe_size()}: {per_rank}"
 
 
 def print_configuration(config: RunConfig) -> RunConfiguration:

@@ -24,7 +24,8 @@ DEFAULT_PRIVATE_DIR = Path("/dev/shm")
 class RunConfig:
     """Everything ``enclave-serve run`` needs."""
 
-    model_dir: Path
+    #: An encrypted model directory, or an image reference (``oci:DIR@sha256:…``, ``docker://…``).
+    model: str
     host: str = "127.0.0.1"
     port: int = 8000
     tee: str = "auto"
@@ -42,6 +43,7 @@ class RunConfig:
     cdh_url: str = "http://127.0.0.1:8006"
     key_file: Path | None = None
     allow_insecure_key_file: bool = False
+    allow_insecure_http_registry: bool = False
     key_id: str | None = None
     tls: bool = True
     tls_hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
@@ -57,8 +59,26 @@ class RunConfig:
         Raises:
             ConfigError: an inconsistent or unsafe combination, with what to change.
         """
-        if not self.model_dir.is_dir():
-            raise ConfigError(f"model directory {self.model_dir} does not exist")
+        from loader.oci.reference import ImageReference, is_image_reference
+
+        if is_image_reference(self.model):
+            reference = ImageReference.parse(self.model)
+            if reference.layout is not None and not reference.layout.is_dir():
+                raise ConfigError(f"OCI layout directory {reference.layout} does not exist")
+            if self.key_id is None and self.key_source != "file":
+                raise ConfigError(
+                    "an image names no key: give --key-id (the KBS resource of its private key)"
+                )
+            if self.allow_insecure_http_registry and not (
+                reference.transport == "docker" and reference.is_loopback
+            ):
+                raise ConfigError(
+                    "--allow-insecure-http-registry is for a docker:// registry on localhost only"
+                )
+        elif not Path(self.model).is_dir():
+            raise ConfigError(f"model directory {self.model} does not exist")
+        elif self.allow_insecure_http_registry:
+            raise ConfigError("--allow-insecure-http-registry applies to docker:// images only")
         if self.key_source not in KEY_SOURCES:
             raise ConfigError(
                 f"unknown key source {self.key_source!r}; choose one of {', '.join(KEY_SOURCES)}"
@@ -125,6 +145,7 @@ class RunConfig:
             "cdh_url": self.cdh_url if self.key_source == "cdh" else None,
             "key_file": str(self.key_file) if self.key_source == "file" and self.key_file else None,
             "allow_insecure_key_file": self.allow_insecure_key_file,
+            "allow_insecure_http_registry": self.allow_insecure_http_registry,
             "tls": self.tls,
             "tls_hostnames": list(self.tls_hostnames) if self.tls else [],
             "exit_on_failure": self.exit_on_failure,
@@ -147,4 +168,6 @@ class RunConfig:
             modes.append("plain HTTP (attestation not bound to a TLS key)")
         if self.key_source == "kbs" and self.kbs_url and self.kbs_url.startswith("http://"):
             modes.append("plain-HTTP key broker")
+        if self.allow_insecure_http_registry:
+            modes.append("plain-HTTP image registry (loopback)")
         return modes

@@ -1,7 +1,8 @@
 """The ``config`` stage: turn hostile inputs into what will run, and attest it.
 
-:func:`prepare` reads the model's manifest and side files once into the guest-private directory
-(:mod:`loader.modelview`), reads the pinned KBS CA once, parses and checks vLLM's arguments
+:func:`prepare` opens the model (:mod:`runtime.models`: the native format's manifest and side
+files read once into the guest-private directory, or an OCI image's pinned manifest and
+config), reads the pinned KBS CA once, parses and checks vLLM's arguments
 (:mod:`runtime.vllm_args`), and builds the :class:`attest.runconfig.RunConfiguration` that every
 attestation document will claim. Everything a later stage uses comes from the returned
 :class:`Prepared`, never from the host's paths again. The environment has been sorted and
@@ -24,9 +25,8 @@ from attest.errors import ConfigError, MalformedEvidence
 from attest.initdata import InitData, WorkloadPins
 from attest.kbs.uri import ResourceUri
 from attest.runconfig import RunConfiguration
-from loader.manifest import Manifest
-from loader.modelview import stage_model_view
 from runtime.config import RunConfig
+from runtime.models import ImageModel, NativeModel, prepare_model
 from runtime.private import PrivateDirectory
 from runtime.vllm_args import VllmArguments, parse_vllm_arguments, runtime_argv
 
@@ -39,7 +39,7 @@ _MAX_CA_BUNDLE = 1 << 20
 class Prepared:
     """What the ``config`` stage established: the typed inputs of every later stage."""
 
-    manifest: Manifest
+    model: NativeModel | ImageModel
     #: The key resource to fetch (``--key-id`` or the manifest's).
     resource: ResourceUri
     vllm: VllmArguments
@@ -136,10 +136,15 @@ def prepare(
         ConfigError: a refused option, a bad CA bundle, an unusable key resource.
         ModelFormatError: the manifest or a side file is missing, malformed or modified.
     """
-    manifest = Manifest.load(config.model_dir)
+    model, view = prepare_model(
+        config.model, private.model_view, allow_http=config.allow_insecure_http_registry
+    )
     init = None if config.init_data_file is None else _load_init_data(config.init_data_file)
+    key_id = config.key_id or model.default_key_id
+    if key_id is None:
+        raise ConfigError(f"{model.source} names no key: give --key-id (the KBS resource of its private key)")
     try:
-        resource = ResourceUri.parse(config.key_id or manifest.key_id)
+        resource = ResourceUri.parse(key_id)
     except ValueError as exc:
         raise ConfigError(f"the key resource is not a kbs:/// URI: {exc}") from exc
     try:
@@ -147,26 +152,25 @@ def prepare(
     except MalformedEvidence as exc:
         raise ConfigError(str(exc)) from exc
     if pins is not None:
-        _enforce_pins(pins, model=manifest.digest, resource=str(resource), args=tuple(config.vllm_args))
-    view = stage_model_view(config.model_dir, manifest, private.model_view)
+        _enforce_pins(pins, model=model.digest, resource=str(resource), args=tuple(config.vllm_args))
     cacert, ca_sha256 = None, None
     if config.key_source == "kbs" and config.kbs_cacert is not None:
         cacert, ca_sha256 = _copy_ca_bundle(config.kbs_cacert, private)
     # The loader's options are filled in at the load stage (socket, capabilities): per boot,
     # secret while the socket is open, and not part of what is attested or logged.
-    placeholder = {"key_socket": "", "manifest_digest": manifest.digest}
+    placeholder = {"key_socket": "", "manifest_digest": model.digest}
     vllm = parse_vllm_arguments(
         config.vllm_args,
         runtime_args=runtime_argv(
             model_view=view, host=config.host, port=config.port, extra=placeholder, tls_files=tls_files or ()
         ),
-        side_files={p.name: view / p.name for p in manifest.plain_files},
-        served_model_name=str(config.model_dir),
+        side_files={name: view / name for name in model.side_files},
+        served_model_name=config.model,
         parser=parser,
     )
     try:
         configuration = RunConfiguration.build(
-            manifest_digest=manifest.digest,
+            manifest_digest=model.digest,
             runtime=runtime_versions(),
             settings=config.attested_settings(resource=str(resource), kbs_ca_sha256=ca_sha256),
             vllm_options=vllm.attested,
@@ -181,7 +185,7 @@ def prepare(
             "the init-data pins ('enclave-serve run ... --print-config' shows what differs)"
         )
     return Prepared(
-        manifest=manifest,
+        model=model,
         resource=resource,
         vllm=vllm,
         configuration=configuration,

@@ -24,7 +24,7 @@ path.write_text("".join(b for b in blocks if not drop.match(b)))
 PY
 
 # The image: enclave-serve's own dependencies that vLLM's image does not bring.
-printf '%s\n' "cryptography>=50" "jwcrypto>=1.5.6" "rfc8785>=0.1.4" "dcap-qvl>=0.7.0" "nvidia-ml-py>=12.560" \
+printf '%s\n' "cryptography>=50" "jwcrypto>=1.5.6" "rfc8785>=0.1.4" "dcap-qvl>=0.7.0" "nvidia-ml-py>=12.560" "zstandard>=0.22" \
   > "$tools/image.in"
 "$tools/bin/uv" pip compile --quiet --generate-hashes --python-version 3.12 \
   --python-platform x86_64-manylinux_2_28 --no-header -o requirements/image.lock "$tools/image.in"

@@ -2,6 +2,13 @@
 
 The key file holds the raw 32-byte model key: the provider's own copy, to upload to the KBS as
 the resource named by ``--key-id``. It is never printed.
+
+``pack --oci SRC DST`` instead writes a *plain* OCI image layout of the model (one layer for the
+side files, one per shard) for standard tools to encrypt and push::
+
+    enclave-serve pack --oci model/ layout/
+    skopeo copy --dest-oci-accept-uncompressed-layers --encryption-key jwe:pub.pem \
+        oci:layout:latest oci:encrypted:latest
 """
 
 from __future__ import annotations
@@ -45,9 +52,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("src", type=Path, metavar="SRC", help="Hugging Face model directory")
     p.add_argument("dst", type=Path, metavar="DST", help="encrypted model directory to create")
     p.add_argument(
-        "--key-id", required=True, metavar="URI", help="KBS resource of the key, e.g. kbs:///repo/type/tag"
+        "--oci",
+        action="store_true",
+        help="write a plain OCI image layout for skopeo to encrypt (no key: the image's recipient "
+        "key is what the KBS holds)",
     )
-    key = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--key-id", metavar="URI", help="KBS resource of the key, e.g. kbs:///repo/type/tag")
+    key = p.add_mutually_exclusive_group()
     key.add_argument("--key-file", type=Path, metavar="FILE", help="existing raw 32-byte model key")
     key.add_argument("--generate-key", type=Path, metavar="FILE", help="create a new key in FILE (mode 0600)")
     p.add_argument("--chunk-size", default=str(DEFAULT_CHUNK_SIZE), metavar="SIZE", help="default 4MiB")
@@ -84,8 +95,29 @@ def _write_new_key(path: Path) -> SecretBytes:
     return key
 
 
+def _run_oci(args: argparse.Namespace) -> int:
+    from loader.oci.packer import pack_oci_layout
+
+    if args.key_id or args.key_file or args.generate_key:
+        raise ConfigError(
+            "pack --oci takes no key: skopeo encrypts the layout for the recipient's public key"
+        )
+    result = pack_oci_layout(args.src, args.dst, overwrite=args.force)
+    print(f"wrote the plain OCI image layout {result.layout} ({result.layers} layers, tag latest)")
+    print(f"plain manifest: {result.digest} (encrypting gives a new digest: pin that one)")
+    print(
+        f"next: skopeo copy --dest-oci-accept-uncompressed-layers --encryption-key jwe:PUBLIC.pem "
+        f"oci:{result.layout}:latest oci:ENCRYPTED_LAYOUT:latest"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Pack; print the model identity and key id (never the key)."""
+    if args.oci:
+        return _run_oci(args)
+    if not args.key_id or (args.key_file is None and args.generate_key is None):
+        raise ConfigError("pack needs --key-id and one of --key-file / --generate-key (or --oci)")
     chunk_size = parse_size(args.chunk_size)
     if args.threads is not None and args.threads < 1:
         raise ConfigError("--threads must be at least 1")

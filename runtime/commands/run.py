@@ -19,7 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
             "(e.g. -- --max-model-len 4096 --enforce-eager)."
         ),
     )
-    p.add_argument("model_dir", type=Path, help="encrypted model directory (written by 'enclave-serve pack')")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="encrypted model directory (enclave-serve pack), or an encrypted OCI image pinned by digest: "
+        "oci:LAYOUT_DIR@sha256:DIGEST or docker://HOST/REPO@sha256:DIGEST",
+    )
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="listen port (default 8000)")
     g = p.add_argument_group("attestation")
@@ -66,7 +71,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     k.add_argument(
         "--key-source", default="kbs", choices=["kbs", "cdh", "file"], help="where the key comes from"
     )
-    k.add_argument("--key-id", help="resource URI of the key (default: the one recorded in the manifest)")
+    k.add_argument(
+        "--key-id",
+        help="resource URI of the key (default: the one the manifest records; required for images: "
+        "the KBS resource holding the image's recipient private key)",
+    )
+    k.add_argument(
+        "--allow-insecure-http-registry",
+        action="store_true",
+        help="DEVELOPMENT ONLY: fetch a docker:// image from a registry on localhost over plain HTTP",
+    )
     k.add_argument("--kbs-url", help="Trustee KBS URL, e.g. https://kbs.example:8080")
     k.add_argument("--kbs-cacert", type=Path, help="pinned CA certificate of the KBS (PEM)")
     k.add_argument(
@@ -130,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     vllm_args = list(getattr(args, "passthrough", []))
     hostnames = tuple(args.tls_hostnames or ("localhost", "127.0.0.1", args.host))
     config = RunConfig(
-        model_dir=args.model_dir,
+        model=args.model,
+        allow_insecure_http_registry=args.allow_insecure_http_registry,
         host=args.host,
         port=args.port,
         tee=args.tee,

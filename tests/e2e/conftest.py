@@ -214,7 +214,7 @@ def start_kbs(
 def start_runtime(
     ws: Workspace,
     name: str,
-    model_dir: Path,
+    model_dir: Path | str,
     kbs_url: str,
     *extra: str,
     vllm_extra: tuple[str, ...] = (),
@@ -431,7 +431,9 @@ class Launcher:
         self.procs.append(proc)
         return url
 
-    def runtime(self, name: str, model_dir: Path, kbs_url: str, *extra: str, **kw: Any) -> tuple[str, Proc]:
+    def runtime(
+        self, name: str, model_dir: Path | str, kbs_url: str, *extra: str, **kw: Any
+    ) -> tuple[str, Proc]:
         url, proc = start_runtime(self.ws, name, model_dir, kbs_url, *extra, **kw)
         self.procs.append(proc)
         return url, proc

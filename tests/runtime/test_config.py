@@ -10,8 +10,8 @@ from attest.errors import ConfigError
 from runtime.config import RunConfig
 
 
-def cfg(tmp_path: Path, **kw: object) -> RunConfig:
-    base: dict[str, object] = {"model_dir": tmp_path, "kbs_url": "https://kbs.example"}
+def cfg(tmp_path: Path | str, **kw: object) -> RunConfig:
+    base: dict[str, object] = {"model": str(tmp_path), "kbs_url": "https://kbs.example"}
     base.update(kw)
     return RunConfig(**base)  # type: ignore[arg-type]
 

@@ -42,7 +42,7 @@ def nvml() -> FakeNvml:
 
 def _runtime(tmp_path: Path, **overrides: Any) -> boot.Runtime:
     config = RunConfig(
-        model_dir=tmp_path,
+        model=str(tmp_path),
         tee="sample",
         allow_insecure_sample_tee=True,
         key_source="file",
@@ -60,7 +60,7 @@ def _boot(
     """Run the boot up to the key stage, which records that it ran and refuses."""
     calls: list[str] = []
     prepared = SimpleNamespace(
-        manifest=SimpleNamespace(digest="sha256:" + "0" * 64),
+        model=SimpleNamespace(digest="sha256:" + "0" * 64),
         configuration=SimpleNamespace(sha256="1" * 64),
         init_data=None,
     )

@@ -33,7 +33,7 @@ def private() -> Iterator[PrivateDirectory]:
 
 def run_config(model: Path, **kw: object) -> RunConfig:
     base: dict[str, object] = {
-        "model_dir": model, "tee": "sample", "gpus": "none", "allow_insecure_sample_tee": True,
+        "model": str(model), "tee": "sample", "gpus": "none", "allow_insecure_sample_tee": True,
         "kbs_url": "http://127.0.0.1:8080", "vllm_args": ARGS,
     }  # fmt: skip
     base.update(kw)
