@@ -3,6 +3,7 @@
 #   make test   set up .venv and run the whole test suite
 #   make lint   ruff, mypy (strict) and the package layering contract (import-linter)
 #   make bench  decrypt-to-tensor benchmark (bench/load.py)
+#   make bench-serve  serving benchmark, stock vLLM vs enclave-serve (bench/serve.py)
 #   make gpu-check  on a machine with an NVIDIA GPU: GPU tests, GPU load benchmark, CUDA e2e (docs/gpu.md)
 #   make lock   re-resolve requirements/*.lock (hash-pinned) after a dependency change
 
@@ -20,7 +21,7 @@ PIP_VERSION := 26.3
 BASE_IMAGE_TAG ?= docker.io/vllm/vllm-openai:v0.33.0
 BASE_IMAGE_FILE := requirements/base-image.digest
 
-.PHONY: install tools demo demo-stop test test-fast lint bench gpu-check lock pin-base-image image clean
+.PHONY: install tools demo demo-stop test test-fast lint bench bench-serve gpu-check lock pin-base-image image clean
 
 ifeq ($(EXTRAS),cpu$(comma)test)
 $(STAMP): pyproject.toml $(LOCK)
@@ -70,6 +71,10 @@ lint: install
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/load.py
+
+# Serving side by side: stock vLLM (plaintext) vs enclave-serve (encrypted), 250M random Llama.
+bench-serve: install
+	$(PY) bench/serve.py
 
 # Re-resolve the locks (needs network to PyPI; pip-tools and uv in a throw-away venv).
 lock:

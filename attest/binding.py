@@ -23,10 +23,13 @@ Because the primary digest covers the whole additional-evidence string, the GPU 
 bound to the CPU quote.
 
 **The end user (``/.well-known/enclave-serve/attestation``).** The same construction over a
-typed claims object (:class:`attest.claims.AttestationClaims`): the client's nonce, the TLS
-public key, every GPU evidence digest, the model identity and the key-release receipt::
+typed claims object (:class:`attest.document.AttestationClaims`): the client nonces the
+evidence answers (several when concurrent requests share one collection; none for the cached,
+unchallenged document), the TLS public key, every GPU evidence digest, the model identity and
+the key-release receipt::
 
-    device nonce = SHA-384(JCS({"purpose": DOCUMENT_DEVICE_PURPOSE, "nonce": <client nonce>}))[:32]
+    device nonce = SHA-384(JCS({"purpose": DOCUMENT_DEVICE_PURPOSE, "nonces": [<hex>, ...],
+                                "enclave_nonce": <hex>}))[:32]
     report data  = SHA-384(JCS(claims))          # claims carry "purpose": DOCUMENT_PURPOSE
 
 The ``purpose`` strings separate the domains, so report data made for one consumer can never be
@@ -36,7 +39,7 @@ replayed to the other.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -59,9 +62,9 @@ __all__ = [
 REPORT_DATA_SIZE = 64
 
 #: Domain separator of the user-facing attestation document.
-DOCUMENT_PURPOSE = "enclave-serve/attestation-document/v1"
+DOCUMENT_PURPOSE = "enclave-serve/attestation-document/v2"
 #: Domain separator of the GPU nonce derived for the user-facing document.
-DOCUMENT_DEVICE_PURPOSE = "enclave-serve/attestation-document/device-nonce/v1"
+DOCUMENT_DEVICE_PURPOSE = "enclave-serve/attestation-document/device-nonce/v2"
 
 
 class HashAlgorithm(StrEnum):
@@ -105,9 +108,18 @@ def kbs_device_runtime_data(*, nonce: str, tee_pubkey: Mapping[str, Any], hash_a
     return hash_alg.digest(canonical_json({"nonce": nonce, "tee-pubkey": dict(tee_pubkey)}))
 
 
-def document_device_nonce(client_nonce: bytes) -> bytes:
-    """Return the 32-byte GPU nonce for an attestation document requested with ``client_nonce``."""
-    body = {"purpose": DOCUMENT_DEVICE_PURPOSE, "nonce": client_nonce.hex()}
+def document_device_nonce(client_nonces: Sequence[bytes], enclave_nonce: bytes) -> bytes:
+    """Return the 32-byte GPU nonce for a document answering ``client_nonces`` (in claim order).
+
+    ``enclave_nonce`` is the enclave's own random value for this collection, so that device
+    evidence is never collected over a value known in advance, not even for the unchallenged
+    (cached) document, which answers no client nonce.
+    """
+    body = {
+        "purpose": DOCUMENT_DEVICE_PURPOSE,
+        "nonces": [n.hex() for n in client_nonces],
+        "enclave_nonce": enclave_nonce.hex(),
+    }
     return HashAlgorithm.SHA384.digest(canonical_json(body))[:32]
 
 

@@ -4,7 +4,10 @@ The server publishes it at ``GET /.well-known/enclave-serve/attestation?nonce=<h
 client sends a fresh random nonce; the server answers with fresh hardware evidence whose report
 data commits (see :mod:`attest.binding`) to :class:`AttestationClaims`:
 
-* the client's nonce (freshness),
+* the client nonces it answers (freshness): the client's own, beside those of concurrent
+  requests that shared the same evidence collection; none for the cached, unchallenged
+  document, which states instead when it was issued and for how long it may be used,
+* the outcome of the canary generation the runtime ran before becoming ready,
 * the SHA-256 of the TLS public key the server is talking with (SPKI DER), if TLS is on,
 * the SHA-384 of every device (GPU) evidence object, collected with a nonce derived from the
   client's nonce,
@@ -19,15 +22,18 @@ data commits (see :mod:`attest.binding`) to :class:`AttestationClaims`:
   from a file, GPUs with CC off or not attested, plain HTTP...): a user sees them in the
   document itself, covered by the hardware signature.
 
-Verification here is pure: it takes the document, the nonce the client sent and what the client
-observed (the TLS key), and returns the checks it made. It never opens a connection, so it can
-be imported without the server or vLLM.
+The full specification, with what each field means and what it does not prove, is
+``docs/attestation.md``. Verification here is pure: it takes the document, the nonce the client
+sent and what the client observed (the TLS key), and returns the checks it made. It never opens
+a connection, so it can be imported without the server or vLLM.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,9 +54,15 @@ __all__ = [
 ]
 
 #: Format identifier of the attestation document (bumped on any incompatible change).
-DOCUMENT_FORMAT = "enclave-serve/attestation/v2"
+DOCUMENT_FORMAT = "enclave-serve/attestation/v3"
 #: Size of the client nonce, in bytes (hex-encoded on the wire).
 NONCE_SIZE = 32
+#: Most client nonces one document answers (one evidence collection shared by a batch).
+MAX_NONCES = 64
+#: How far in the future a document's ``issued_at`` may be, against the verifier's clock.
+CLOCK_SKEW_S = 300
+#: Outcomes the ``canary`` claim may state (a failed canary never yields a document).
+CANARY_STATUSES = ("passed", "not-recorded")
 
 
 def spki_sha256(public_key_der: bytes) -> str:
@@ -78,23 +90,41 @@ class DeviceClaim:
 class AttestationClaims:
     """Everything the report data of an attestation document commits to."""
 
-    nonce: bytes
+    #: The client nonces this evidence answers, in the order claimed; empty when unchallenged.
+    nonces: tuple[bytes, ...]
+    #: The enclave's own random value for this collection (mixed into the device nonce).
+    enclave_nonce: bytes
     tee: TeeKind
     insecure_modes: tuple[str, ...]
     model_digest: str
     config_sha256: str
     tls_spki_sha256: str | None
+    #: Unix time (seconds, the enclave's clock) at which the evidence was collected.
+    issued_at: int = 0
+    #: For the unchallenged (cached) document: how many seconds after ``issued_at`` it may be used.
+    max_age_s: int | None = None
     #: ``"<algorithm>:<hex>"`` of the CoCo init-data the runtime was launched with, or None.
     init_data: str | None = None
     devices: tuple[DeviceClaim, ...] = ()
     key_release: Mapping[str, Any] | None = None
+    #: The canary before ready: ``{"status": "passed", "tokens", "reference_sha256"}`` or
+    #: ``{"status": "not-recorded"}`` (the model records no reference).
+    canary: Mapping[str, Any] = field(default_factory=lambda: {"status": "not-recorded"})
     runtime: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.nonce) != NONCE_SIZE:
-            raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+        if any(len(n) != NONCE_SIZE for n in (*self.nonces, self.enclave_nonce)):
+            raise ValueError(f"every nonce must be {NONCE_SIZE} bytes")
+        if len(self.nonces) > MAX_NONCES or len(set(self.nonces)) != len(self.nonces):
+            raise ValueError(f"at most {MAX_NONCES} distinct nonces")
+        if (self.max_age_s is None) == (not self.nonces):
+            raise ValueError("max_age_s is stated exactly when the document answers no nonce")
+        if self.max_age_s is not None and not 0 < self.max_age_s <= 86400:
+            raise ValueError("max_age_s must be between 1 and 86400")
         if len(self.config_sha256) != 64 or self.config_sha256.strip("0123456789abcdef"):
             raise ValueError("config_sha256 must be 64 lowercase hex digits")
+        if self.canary.get("status") not in CANARY_STATUSES:
+            raise ValueError(f"canary status must be one of {', '.join(CANARY_STATUSES)}")
 
     @property
     def insecure(self) -> bool:
@@ -104,7 +134,10 @@ class AttestationClaims:
     def to_json(self) -> dict[str, Any]:
         return {
             "purpose": DOCUMENT_PURPOSE,
-            "nonce": self.nonce.hex(),
+            "nonces": [n.hex() for n in self.nonces],
+            "enclave_nonce": self.enclave_nonce.hex(),
+            "issued_at": self.issued_at,
+            "max_age_s": self.max_age_s,
             "tee": self.tee.value,
             "insecure": self.insecure,
             "insecure_modes": list(self.insecure_modes),
@@ -114,6 +147,7 @@ class AttestationClaims:
             "tls": None if self.tls_spki_sha256 is None else {"spki_sha256": self.tls_spki_sha256},
             "devices": [d.to_json() for d in self.devices],
             "key_release": None if self.key_release is None else dict(self.key_release),
+            "canary": dict(self.canary),
             "runtime": dict(self.runtime),
         }
 
@@ -127,13 +161,31 @@ class AttestationClaims:
         try:
             if not isinstance(obj, Mapping) or obj.get("purpose") != DOCUMENT_PURPOSE:
                 raise MalformedEvidence("claims: missing or wrong 'purpose'")
+            if set(obj) != _CLAIM_KEYS:
+                extra, missing = sorted(set(obj) - _CLAIM_KEYS), sorted(_CLAIM_KEYS - set(obj))
+                raise MalformedEvidence(f"claims: unknown members {extra} or missing members {missing}")
             tls = obj["tls"]
             key_release = obj["key_release"]
             modes = obj["insecure_modes"]
             if not isinstance(modes, list) or not all(isinstance(m, str) for m in modes):
                 raise MalformedEvidence("claims: 'insecure_modes' must be a list of strings")
+            nonces, enclave_nonce = obj["nonces"], obj["enclave_nonce"]
+            if not isinstance(nonces, list) or not all(_is_nonce_hex(n) for n in (*nonces, enclave_nonce)):
+                raise MalformedEvidence(
+                    "claims: 'nonces' and 'enclave_nonce' must be 64 lowercase hex digits"
+                )
+            issued_at, max_age = obj["issued_at"], obj["max_age_s"]
+            if type(issued_at) is not int or not (max_age is None or type(max_age) is int):
+                raise MalformedEvidence("claims: 'issued_at' and 'max_age_s' must be integers")
+            canary = obj["canary"]
+            if not isinstance(canary, Mapping):
+                raise MalformedEvidence("claims: 'canary' must be an object")
             claims = cls(
-                nonce=bytes.fromhex(obj["nonce"]),
+                nonces=tuple(bytes.fromhex(n) for n in nonces),
+                enclave_nonce=bytes.fromhex(enclave_nonce),
+                issued_at=issued_at,
+                max_age_s=max_age,
+                canary=dict(canary),
                 tee=TeeKind(obj["tee"]),
                 insecure_modes=tuple(modes),
                 model_digest=str(obj["model"]["manifest_digest"]),
@@ -156,6 +208,17 @@ class AttestationClaims:
             raise MalformedEvidence(f"claims are malformed: {type(exc).__name__}") from exc
 
 
+def _is_nonce_hex(value: object) -> bool:
+    return isinstance(value, str) and _NONCE_HEX.fullmatch(value) is not None
+
+
+_NONCE_HEX = re.compile(r"[0-9a-f]{64}")
+_CLAIM_KEYS = frozenset(
+    {"purpose", "nonces", "enclave_nonce", "issued_at", "max_age_s", "tee", "insecure", "insecure_modes",
+     "model", "config", "init_data", "tls", "devices", "key_release", "canary", "runtime"}
+)  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DocumentCheck:
     """One verification step and its outcome."""
@@ -175,6 +238,9 @@ class AttestationDocument:
     claims: AttestationClaims
     primary: Evidence
     devices: tuple[Evidence, ...] = ()
+    #: Verification collateral by TEE (TDX: dcap-qvl collateral JSON; SNP: ``{"vcek": <b64 DER>}``).
+    #: Not covered by the report data: each item is authenticated by its own signatures.
+    collateral: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -186,6 +252,7 @@ class AttestationDocument:
                 "primary": self.primary.to_json(),
                 "devices": [{"tee": d.tee.value, "evidence": d.to_json()} for d in self.devices],
             },
+            "collateral": dict(self.collateral),
         }
 
     def to_bytes(self) -> bytes:
@@ -231,24 +298,34 @@ class AttestationDocument:
             claims.report_data()  # claims that cannot be canonicalised (huge ints, NaN) are refused here
         except ValueError as exc:
             raise MalformedEvidence("attestation document: the claims cannot be canonicalised") from exc
-        return cls(claims=claims, primary=primary, devices=tuple(devices))
+        collateral = obj.get("collateral", {})
+        if not isinstance(collateral, Mapping) or not all(isinstance(k, str) for k in collateral):
+            raise MalformedEvidence("attestation document: 'collateral' must be an object keyed by TEE")
+        return cls(claims=claims, primary=primary, devices=tuple(devices), collateral=dict(collateral))
 
     def check_binding(
         self,
         *,
-        nonce: bytes,
+        nonce: bytes | None,
         observed_tls_spki_sha256: str | None,
         expected_model_digest: str | None,
         expected_config_sha256: str | None = None,
         allow_insecure: bool = False,
         allow_no_tls: bool = False,
+        now: float | None = None,
+        max_age_s: int = 300,
     ) -> list[DocumentCheck]:
         """Check what the claims say against what the client knows, step by step.
 
-        Verified: (1) the nonce is the one the client sent; (2) the claimed device digests are
-        the digests of the device evidence included; (3) the TLS key the client talked to is
-        the one claimed; (4) the model is the expected one; (5) the run configuration is the
-        expected one, if one is given; (6) an insecure TEE is refused unless allowed.
+        Verified: (1) the client's nonce is among those the document answers, or, with
+        ``nonce=None`` (the cached, unchallenged document), that it is within its stated age and
+        within ``max_age_s`` (the verifier's own bound) at ``now`` (default: this machine's
+        clock) — which proves no freshness beyond what the enclave's clock says; (2) the claimed
+        device digests are the digests of the device evidence included; (3) the TLS key the
+        client talked to is the one claimed; (4) the model is the expected one; (5) the run
+        configuration is the expected one, if one is given; (6) an insecure TEE is refused
+        unless allowed; (7) the canary
+        outcome is reported.
 
         Not verified here: the hardware evidence itself and that its report data equals
         :meth:`AttestationClaims.report_data` — :func:`attest.verify.verify_evidence` does that
@@ -260,10 +337,32 @@ class AttestationDocument:
         """
         checks: list[DocumentCheck] = []
         claims = self.claims
-        # (1) Freshness: the nonce must be ours.
-        if claims.nonce != nonce:
-            raise VerificationError("nonce: the document answers a different nonce (replayed or stale)")
-        checks.append(DocumentCheck(name="nonce", ok=True, detail="matches the nonce sent"))
+        # (1) Freshness: our nonce must be answered, or the unchallenged document still in date.
+        if nonce is not None:
+            if nonce not in claims.nonces:
+                raise VerificationError("nonce: the document answers other nonces (replayed or stale)")
+            shared = f" (one collection for {len(claims.nonces)} requests)" if len(claims.nonces) > 1 else ""
+            checks.append(DocumentCheck(name="nonce", ok=True, detail="answers the nonce sent" + shared))
+        else:
+            if claims.nonces or claims.max_age_s is None:
+                raise VerificationError(
+                    "nonce: a challenged document was given where the cached one was asked"
+                )
+            at = time.time() if now is None else now
+            age = at - claims.issued_at
+            bound = min(claims.max_age_s, max_age_s)
+            if age > bound or age < -CLOCK_SKEW_S:
+                raise VerificationError(
+                    f"nonce: the cached document is {age:.0f} s old; it may be used for {bound} s "
+                    f"(it states {claims.max_age_s} s, the verifier allows {max_age_s} s)"
+                )
+            checks.append(
+                DocumentCheck(
+                    name="nonce",
+                    ok=True,
+                    detail=f"unchallenged, {max(age, 0):.0f} s old of at most {bound} s",
+                )
+            )
         # (2) Device evidence digests.
         actual = [
             DeviceClaim(tee=d.tee.value, evidence_sha384=device_evidence_digest(d)) for d in self.devices
@@ -327,4 +426,10 @@ class AttestationDocument:
             )
         detail = claims.tee.value + (f" (INSECURE: {'; '.join(claims.insecure_modes)})" if insecure else "")
         checks.append(DocumentCheck(name="tee", ok=True, detail=detail))
+        # (7) Canary: a document exists only after it passed, or when the model records none.
+        if claims.canary.get("status") == "passed":
+            detail = f"{claims.canary.get('tokens')} tokens equal to the packer's reference"
+        else:
+            detail = "not run: the model records no canary reference (packed before canaries, or --no-canary)"
+        checks.append(DocumentCheck(name="canary", ok=True, detail=detail))
         return checks

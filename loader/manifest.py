@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from attest.errors import ModelDecryptionError, ModelFormatError
 from attest.secret import SecretBytes
+from loader.canary import CanaryReference
 from loader.format import DTYPE_SIZES, FORMAT_VERSION, MODEL_KEY_SIZE, SALT_SIZE, TensorEntry
 
 __all__ = [
@@ -196,6 +197,8 @@ class Manifest:
     mac: str
     raw: bytes = field(repr=False)
     version: int = FORMAT_VERSION
+    #: The packer's canary reference (:mod:`loader.canary`); None for models packed without one.
+    canary: CanaryReference | None = None
 
     @property
     def digest(self) -> str:
@@ -216,8 +219,9 @@ class Manifest:
         shards: Sequence[ShardEntry],
         plain_files: Sequence[PlainFile],
         version: int,
+        canary: CanaryReference | None = None,
     ) -> dict[str, Any]:
-        return {
+        body = {
             "chunk_size": chunk_size,
             "format": MANIFEST_FORMAT,
             "key_id": key_id,
@@ -226,6 +230,9 @@ class Manifest:
             "shards": [s.to_json() for s in shards],
             "version": version,
         }
+        if canary is not None:  # optional: manifests packed before canaries stay byte-identical
+            body["canary"] = canary.to_json()
+        return body
 
     @classmethod
     def create(
@@ -237,6 +244,7 @@ class Manifest:
         salt: bytes,
         shards: Sequence[ShardEntry],
         plain_files: Sequence[PlainFile],
+        canary: CanaryReference | None = None,
     ) -> Manifest:
         """Build and MAC a manifest (packer side). ``salt`` must be fresh random bytes."""
         if len(salt) != SALT_SIZE:
@@ -248,6 +256,7 @@ class Manifest:
             shards=shards,
             plain_files=plain_files,
             version=FORMAT_VERSION,
+            canary=canary,
         )
         mac = _MAC_PREFIX + hmac.new(_mac_key(key, salt), rfc8785.dumps(body), hashlib.sha256).hexdigest()
         return cls.from_bytes(rfc8785.dumps({**body, "mac": mac}))
@@ -288,13 +297,22 @@ class Manifest:
             raise ModelFormatError(f"{MANIFEST_NAME}: bad salt, mac or key id")
         shards = tuple(ShardEntry.from_json(s) for s in _get(obj, "shards", list, "manifest"))
         plain = tuple(PlainFile.from_json(p) for p in _get(obj, "plain_files", list, "manifest"))
+        canary = None if "canary" not in obj else CanaryReference.from_json(obj["canary"])
         names = [s.file for s in shards] + [p.name for p in plain] + [MANIFEST_NAME]
         if len(set(names)) != len(names) or len({s.name for s in shards}) != len(shards):
             raise ModelFormatError(f"{MANIFEST_NAME} lists a file twice")
         # The MAC covers the members we understand; anything else would change the model identity
         # (the digest of these bytes) without the key holder: refuse unknown members outright.
-        known = {**cls._body(key_id=key_id, chunk_size=chunk_size, salt=salt, shards=shards,
-                             plain_files=plain, version=FORMAT_VERSION), "mac": mac}  # fmt: skip
+        body = cls._body(
+            key_id=key_id,
+            chunk_size=chunk_size,
+            salt=salt,
+            shards=shards,
+            plain_files=plain,
+            version=FORMAT_VERSION,
+            canary=canary,
+        )
+        known = {**body, "mac": mac}
         if rfc8785.dumps(known) != data:
             raise ModelFormatError(f"{MANIFEST_NAME} has members this format does not define")
         return cls(
@@ -305,6 +323,7 @@ class Manifest:
             plain_files=plain,
             mac=mac,
             raw=bytes(data),
+            canary=canary,
         )
 
     @classmethod
@@ -341,6 +360,7 @@ class Manifest:
             shards=self.shards,
             plain_files=self.plain_files,
             version=self.version,
+            canary=self.canary,
         )
         expected = (
             _MAC_PREFIX + hmac.new(_mac_key(key, self.salt), rfc8785.dumps(body), hashlib.sha256).hexdigest()

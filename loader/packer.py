@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from attest.errors import ConfigError, ModelFormatError
 from attest.secret import SecretBytes
+from loader.canary import CanaryReference
 from loader.format import (
     DEFAULT_CHUNK_SIZE,
     GCM_TAG_SIZE,
@@ -281,12 +282,14 @@ def pack_model(
     overwrite: bool = False,
     progress: bool = False,
     randbytes: RandBytes = os.urandom,
+    canary: CanaryReference | None = None,
 ) -> Manifest:
     """Encrypt the Hugging Face model directory ``src`` into a new encrypted model directory ``dst``.
 
     Writes atomically: everything goes to a hidden sibling of ``dst`` that is renamed into place at
     the end, and removed on any error (a SIGKILL can leave that hidden directory behind, never a
     partial ``dst``). ``randbytes`` supplies the salts (inject it only for test vectors).
+    ``canary`` (:func:`loader.canary.compute_reference` on ``src``) goes into the manifest.
 
     Warning:
         Files that are neither ``*.safetensors`` nor known plaintext side files
@@ -348,6 +351,7 @@ def pack_model(
             salt=randbytes(SALT_SIZE),
             shards=entries,
             plain_files=plain_entries,
+            canary=canary,
         )
         with (tmp / MANIFEST_NAME).open("xb") as f:
             f.write(manifest.raw)

@@ -63,13 +63,17 @@ class EncryptedLoaderConfig:
     capabilities: tuple[str, ...] = field(repr=False)
     threads: int | None = None
     staging: StagingOptions = field(default_factory=StagingOptions)
+    #: Test hook (set only by the test suite's runtime double): after every weight loaded and
+    #: authenticated, negate this parameter, so the canary must catch it.
+    test_corrupt_weight: str | None = None
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> EncryptedLoaderConfig:
         """Parse and check the extra config; raises :class:`ConfigError`."""
         extra = dict(extra or {})
         unknown = set(extra) - {
-            "key_socket", "manifest_digest", "capabilities", "threads", "staging", "staging_slots"
+            "key_socket", "manifest_digest", "capabilities", "threads", "staging", "staging_slots",
+            "test_corrupt_weight",
         }  # fmt: skip
         if unknown:
             raise ConfigError(f"unknown {LOAD_FORMAT} loader options: {', '.join(sorted(unknown))}")
@@ -93,12 +97,16 @@ class EncryptedLoaderConfig:
             raise ConfigError(f"'staging' must be one of {', '.join(STAGING_MODES)}")
         if slots is not None and (not isinstance(slots, int) or isinstance(slots, bool) or slots < 1):
             raise ConfigError("'staging_slots' must be a positive integer")
+        corrupt = extra.get("test_corrupt_weight")
+        if corrupt is not None and not isinstance(corrupt, str):
+            raise ConfigError("'test_corrupt_weight' must be a parameter name")
         return cls(
             key_socket=socket_path,
             manifest_digest=digest,
             capabilities=tuple(capabilities),
             threads=threads,
             staging=StagingOptions(mode=mode, slots=slots),
+            test_corrupt_weight=corrupt,
         )
 
     def engine_options(self) -> dict[str, Any]:
@@ -197,6 +205,13 @@ class EncryptedModelLoader(BaseModelLoader):
             raise
         finally:
             key.wipe()
+        if self.options.test_corrupt_weight:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                params[self.options.test_corrupt_weight].neg_()
+            logger.warning(
+                "TEST HOOK: negated %s after loading (the canary must fail)", self.options.test_corrupt_weight
+            )
         stats = checkpoint.stats.snapshot()
         logger.info(
             "rank %d/%d decrypted %s into its parameters: %s; materialised by weight loaders: %s",

@@ -11,31 +11,43 @@
       key     attest to the key broker, receive the model key, authenticate the manifest with it
       load    start vLLM; its workers fetch the key over the private handoff socket with their
               rank's capability and decrypt the model straight into device memory, then report
-      serve   vLLM's OpenAI API + the probes and /.well-known routes on the same port
+      canary  generate the packer's reference tokens through the engine and compare (loader.canary)
+      serve   fill the attestation cache; vLLM's OpenAI API + the probes and /.well-known routes
+              on the same port; then, while serving, the watchdog re-attests on an interval
 
 Any :class:`attest.errors.Error` stops the boot: the stage and the reason go to one log line,
 to ``/readyz`` (503 with a JSON reason) and to ``/.well-known/enclave-serve/boot``, and nothing
 else is served. The model key lives in this process only between the ``key`` and the end of
 ``load``; it is then wiped. A request for the key by anything but vLLM's workers fails the boot
 (:class:`attest.errors.KeyHandoffCompromised`).
+
+After ready, a failed watchdog round (:mod:`runtime.watchdog`) or the engine's death flips
+readiness to 503 with the reason, refuses every other request, and exits non-zero
+(:data:`EXIT_WATCHDOG`, :data:`EXIT_ENGINE_DIED`) so the orchestrator replaces the pod. SIGTERM
+drains: readiness 503 ``draining``, no new connections, in-flight requests and streams get up to
+``--drain-timeout`` seconds, then the engine stops and the process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from attest.errors import AttestationError, ConfigError, Error, KeyHandoffCompromised, ModelError
 from attest.evidence import TeeKind
 from attest.keysource.base import KeyRelease, KeySource
+from attest.logs import set_stage_provider
 from attest.providers import detect_devices, init_data_register, nvidia_gpus_present, select_attester
 from attest.providers.base import Attester, DeviceAttester, DeviceGate
 from attest.runconfig import RunConfiguration
@@ -45,20 +57,45 @@ from runtime.config import RunConfig
 from runtime.environment import apply_environment, decide_environment
 from runtime.prepare import Prepared, prepare, runtime_versions
 from runtime.private import PrivateDirectory
+from runtime.watchdog import Watchdog
 from server.attestation import AttestationService
 from server.boot_server import BootServer
 from server.engine import VllmEngine
-from server.routes import boot_app, enclave_router
+from server.freshness import AttestationFrontend
+from server.http import HttpServer
+from server.metrics import Metrics
+from server.routes import AttestationEndpoints, EnclaveFront, boot_app, enclave_router
 from server.status import BootStatus, Stage
 from server.tls import EnclaveTls, generate_enclave_tls
 
-__all__ = ["EXIT_BOOT_FAILED", "Runtime", "print_configuration", "run_blocking"]
+__all__ = [
+    "EXIT_BOOT_FAILED",
+    "EXIT_ENGINE_DIED",
+    "EXIT_WATCHDOG",
+    "Runtime",
+    "print_configuration",
+    "run_blocking",
+]
 
 logger = logging.getLogger(__name__)
 
 EXIT_BOOT_FAILED = 3
+#: The inference engine died after ready.
+EXIT_ENGINE_DIED = 4
+#: A watchdog round found a change after ready.
+EXIT_WATCHDOG = 5
 #: How long the runtime waits for every worker's load report once the engine is up.
 REPORT_TIMEOUT_S = 30.0
+#: SIGTERM: how much longer than the drain deadline the server and engine may take to stop.
+DRAIN_MARGIN_S = 10.0
+#: How long the canary generation may take.
+CANARY_TIMEOUT_S = 120.0
+#: After a failure once ready: how long readiness shows the reason before the process exits.
+FAILURE_GRACE_S = 2.0
+#: The ACI keyset's lifetime (its ``not_after``); the watchdog stops the process at expiry.
+KEYSET_LIFETIME_S = 7 * 86400
+#: How often the engine's health is polled once ready.
+ENGINE_POLL_S = 1.0
 
 T = TypeVar("T")
 
@@ -113,11 +150,25 @@ def _keep_killing_engine_processes(until: threading.Event) -> None:
 class Runtime:
     """Boot the enclave and serve until told to stop."""
 
-    def __init__(self, config: RunConfig, *, status: BootStatus | None = None) -> None:
+    #: Loader options the test suite's runtime double adds (``test_corrupt_weight``); always
+    #: empty in production: nothing on the command line or in the environment sets it.
+    loader_test_hooks: dict[str, str] = {}
+
+    def __init__(
+        self, config: RunConfig, *, status: BootStatus | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
-        self.status = status or BootStatus()
+        self.metrics = metrics or Metrics.default()
+        self.status = status or BootStatus(metrics=self.metrics)
         self.status.insecure_modes = config.insecure_modes
-        self._attestation: AttestationService | None = None
+        if self.loader_test_hooks:
+            self.status.insecure_modes.append(
+                f"TEST HOOKS in the loader: {', '.join(sorted(self.loader_test_hooks))}"
+            )
+        set_stage_provider(lambda: None if self.status.current is None else self.status.current.value)
+        self._frontend: AttestationFrontend | None = None
+        self._http: HttpServer | None = None
+        self._exit_code = 0
         self._configuration: RunConfiguration | None = None
         self._tls: EnclaveTls | None = None
         self._key: SecretBytes | None = None
@@ -231,6 +282,7 @@ class Runtime:
         digest = prepared.model.digest
         engine = VllmEngine(args)
         engine.log_arguments()  # before the capabilities go in
+        await asyncio.to_thread(engine.warm_model_info_cache)
         closed = threading.Event()
         with KeyHandoffServer(
             self._key,
@@ -245,6 +297,7 @@ class Runtime:
                 "capabilities": list(handoff.capabilities),
                 "staging": self.config.staging,
                 **({"staging_slots": self.config.staging_slots} if self.config.staging_slots else {}),
+                **self.loader_test_hooks,
             }
             try:
                 reports = await self._start_engine(engine, handoff, ranks)
@@ -314,7 +367,7 @@ class Runtime:
             router = enclave_router(
                 status=self.status, attestation=lambda: None, config=lambda: self._configuration
             )
-            boot_server = BootServer(boot_app(self.status, router), sock, tls=self._tls)
+            boot_server = BootServer(boot_app(self.status, router, self.metrics), sock, tls=self._tls)
             await boot_server.start()
             scheme = "https" if self._tls else "http"
             logger.info("enclave-serve listening on %s://%s:%d (booting)", scheme, cfg.host, cfg.port)
@@ -325,10 +378,12 @@ class Runtime:
             if boot in done:
                 stopped.cancel()
                 code = boot.result()
-                if code == EXIT_BOOT_FAILED and not cfg.exit_on_failure:
+                if code == EXIT_BOOT_FAILED and not cfg.exit_on_failure and boot_server.running:
                     # Stay up so probes and operators can read the reason; stop on a signal.
                     await stop.wait()
                 return code
+            if self._http is not None:
+                return await self._drain(boot)
             boot.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await boot
@@ -347,8 +402,29 @@ class Runtime:
                 self._private.remove()
             sock.close()
 
+    async def _drain(self, serving: asyncio.Task[int]) -> int:
+        """SIGTERM once ready: readiness 503, no new connections, in-flight requests finish."""
+        assert self._http is not None
+        deadline = self.config.drain_timeout_s
+        logger.info(
+            "SIGTERM: draining %d open connection(s) for up to %.0f s", self._http.in_flight, deadline
+        )
+        self.status.drain()
+        self._http.drain()
+        try:
+            code = await asyncio.wait_for(asyncio.shield(serving), timeout=deadline + DRAIN_MARGIN_S)
+        except TimeoutError:
+            logger.error("drain: the server did not stop within %.0f s; stopping the engine", deadline + 10)
+            serving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await serving
+            return self._exit_code
+        logger.info("drained; exiting")
+        return code  # 0, or the code of a failure after ready that the signal interrupted
+
     async def _boot_and_serve(self, sock: socket.socket, boot_server: BootServer) -> int:
         stage = Stage.CONFIG
+        engine: VllmEngine | None = None
         try:
             prepared = await self._stage(
                 stage,
@@ -375,16 +451,76 @@ class Runtime:
             # The workers hold the weights; this process no longer needs the key.
             self._wipe_key()
             self.status.end(stage, _load_detail(reports, prepared))
+            self._record_load(reports)
+
+            stage = Stage.CANARY
+            self.status.begin(stage)
+            canary, detail = await self._canary_stage(engine, prepared)
+            self.status.end(stage, detail)
         except Exception as exc:
             self._fail(stage, exc)
+            if engine is not None:
+                await engine.stop()
             return EXIT_BOOT_FAILED
         try:
-            return await self._serve(sock, boot_server, engine, prepared, attester, devices, release)
+            return await self._serve(sock, boot_server, engine, prepared, attester, devices, release, canary)
         except Exception as exc:
             self._fail(Stage.SERVE, exc)
             return EXIT_BOOT_FAILED
         finally:
+            if self._frontend is not None:
+                await self._frontend.stop()
             await engine.stop()
+
+    def _record_load(self, reports: list[LoadReport]) -> None:
+        if reports:
+            self.metrics.loaded(
+                {
+                    "ciphertext_bytes": float(sum(int(r.stats.get("ciphertext_bytes", 0)) for r in reports)),
+                    "gbps": min(float(r.stats.get("gbps", 0.0)) for r in reports),
+                }
+            )
+
+    async def _canary_stage(self, engine: VllmEngine, prepared: Prepared) -> tuple[dict[str, Any], str]:
+        """Run the packer's canary generation; return the claim and the stage detail.
+
+        Raises:
+            ModelError: the tokens differ, the generation failed or timed out, or the model
+                records no reference and ``--require-canary`` is set.
+        """
+        reference = prepared.model.canary
+        if reference is None:
+            if self.config.require_canary:
+                self.metrics.canary_outcome("failed")
+                raise ModelError("the model records no canary reference and --require-canary is set")
+            logger.warning(
+                "canary: the model records no reference (packed before canaries, or with --no-canary); "
+                "serving it unchecked, and the attestation claims canary not-recorded"
+            )
+            self.metrics.canary_outcome("not-recorded")
+            return {"status": "not-recorded"}, "not run: the model records no canary reference"
+        started = time.monotonic()
+        try:
+            prompt_ids, token_ids = await asyncio.wait_for(
+                engine.generate_ids(reference.prompt, reference.sampling, request_id="enclave-serve-canary"),
+                CANARY_TIMEOUT_S,
+            )
+        except TimeoutError:
+            self.metrics.canary_outcome("failed")
+            raise ModelError(
+                f"canary: the engine did not finish the generation in {CANARY_TIMEOUT_S:.0f} s"
+            ) from None
+        except Exception as exc:
+            self.metrics.canary_outcome("failed")
+            raise ModelError(f"canary: the generation failed ({type(exc).__name__})") from None
+        seconds = time.monotonic() - started
+        why = reference.mismatch(prompt_ids, token_ids)
+        if why is not None:
+            self.metrics.canary_outcome("failed", seconds)
+            raise ModelError(f"canary: {why}; refusing to serve")
+        self.metrics.canary_outcome("passed", seconds)
+        detail = f"{len(token_ids)} tokens equal to the reference ({reference.reference}) in {seconds:.2f} s"
+        return {"status": "passed", "tokens": len(token_ids), "reference_sha256": reference.sha256}, detail
 
     def _fail(self, stage: Stage, exc: Exception) -> None:
         if isinstance(exc, Error):
@@ -396,6 +532,34 @@ class Runtime:
         self.status.fail(stage, reason)
         self._wipe_key()
 
+    def _fail_serving(self, stage: Stage, reason: str, code: int) -> None:
+        """A failure once ready: readiness 503 with the reason now, exit ``code`` shortly after."""
+        if self.status.failed:
+            return
+        logger.error("stopped serving at stage %s: %s", stage.value, reason)
+        self.status.fail(stage, reason)
+        self._exit_code = code
+        if self._http is not None:
+            asyncio.get_running_loop().call_later(FAILURE_GRACE_S, self._http.stop_now)
+
+    async def _watch_engine(self, engine: VllmEngine) -> None:
+        while await engine.healthy():
+            await asyncio.sleep(ENGINE_POLL_S)
+        self._fail_serving(Stage.SERVE, "the inference engine died", EXIT_ENGINE_DIED)
+
+    def _collateral(self) -> dict[str, Any]:
+        """The collateral files given, read once (authenticated later by their own signatures)."""
+        collateral: dict[str, Any] = {}
+        cfg = self.config
+        try:
+            if cfg.tdx_collateral is not None:
+                collateral["tdx"] = json.loads(cfg.tdx_collateral.read_bytes())
+            if cfg.snp_vcek is not None:
+                collateral["snp"] = {"vcek": base64.b64encode(cfg.snp_vcek.read_bytes()).decode()}
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read the collateral file: {exc}") from None
+        return collateral
+
     async def _serve(
         self,
         sock: socket.socket,
@@ -405,8 +569,14 @@ class Runtime:
         attester: Attester,
         devices: list[DeviceAttester],
         release: KeyRelease,
+        canary: dict[str, Any],
     ) -> int:
-        self._attestation = AttestationService(
+        cfg = self.config
+        self.status.begin(Stage.SERVE)
+        collateral = self._collateral()
+        typed_collateral = _typed_collateral(attester, collateral)  # refused here, before ready
+        not_after = int(time.time() + KEYSET_LIFETIME_S)
+        service = AttestationService(
             attester=attester,
             devices=devices,
             model_digest=prepared.model.digest,
@@ -416,23 +586,81 @@ class Runtime:
             key_release=release.receipt.to_json() if release.receipt is not None else None,
             runtime={"name": "enclave-serve", "version": str(runtime_versions()["version"])},
             insecure_modes=self.status.insecure_modes,
+            canary=canary,
+            collateral=collateral,
+            keyset_not_after=not_after,
         )
+        self._frontend = AttestationFrontend.create(
+            service,
+            max_age_s=cfg.attestation_max_age_s,
+            rate=cfg.attestation_rate,
+            burst=cfg.attestation_burst,
+            max_pending=cfg.attestation_queue,
+            metrics=self.metrics,
+        )
+        endpoints = AttestationEndpoints(self.status, lambda: self._frontend, self.metrics)
         router = enclave_router(
             status=self.status,
-            attestation=lambda: self._attestation,
+            attestation=lambda: self._frontend,
             config=lambda: self._configuration,
             engine_healthy=engine.healthy,
+            metrics=self.metrics,
+            endpoints=endpoints,
         )
         app = await engine.build_app([router])
-        # Hand the port over from the boot server to vLLM's server.
+        await self._frontend.start()  # the cached document exists before ready
+        # Hand the port over from the boot server to the serving one.
         await boot_server.stop()
-        self.status.begin(Stage.SERVE)
+        self._http = engine.http_server(
+            app,
+            sock,
+            drain_timeout_s=cfg.drain_timeout_s,
+            guard=lambda asgi: EnclaveFront(asgi, self.status, endpoints),
+        )
         self.status.set_ready()
         self.status.end(Stage.SERVE, "serving")
         scheme = "https" if self._tls else "http"
-        logger.info("enclave-serve ready: %s://%s:%d/v1", scheme, self.config.host, self.config.port)
-        await engine.serve(app, sock)
-        return 0
+        logger.info("enclave-serve ready: %s://%s:%d/v1", scheme, cfg.host, cfg.port)
+        monitors = [asyncio.create_task(self._watch_engine(engine), name="engine-monitor")]
+        if cfg.watchdog_interval_s > 0:
+            watchdog = Watchdog(
+                attester=attester,
+                devices=devices,
+                expected_gpus=cfg.expected_gpus,
+                interval_s=cfg.watchdog_interval_s,
+                collateral=typed_collateral,
+                expires_at=not_after,
+                baseline=self._gates,
+                lock=service.lock,
+                metrics=self.metrics,
+            )
+            monitors.append(
+                asyncio.create_task(
+                    watchdog.run(lambda reason: self._fail_serving(Stage.WATCHDOG, reason, EXIT_WATCHDOG)),
+                    name="watchdog",
+                )
+            )
+        try:
+            await self._http.serve()
+        finally:
+            for task in monitors:
+                task.cancel()
+            await asyncio.gather(*monitors, return_exceptions=True)
+        return self._exit_code
+
+
+def _typed_collateral(attester: Attester, collateral: Mapping[str, Any]) -> object | None:
+    """The typed collateral of ``attester``'s TEE, for local verification, or None."""
+    from attest.verify import SnpCollateral, TdxCollateral
+
+    item = collateral.get(attester.tee.value)
+    if item is None:
+        return None
+    if attester.tee is TeeKind.TDX:
+        return TdxCollateral.from_json(item)
+    if attester.tee is TeeKind.SNP:
+        return SnpCollateral(vek=base64.b64decode(item["vcek"]))
+    return None
 
 
 def _load_detail(reports: list[LoadReport], prepared: Prepared) -> str:

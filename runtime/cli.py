@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    configure_logging(verbose=args.verbose)
+    configure_logging(verbose=args.verbose, json_lines=getattr(args, "log_format", "text") == "json")
     if not args.verbose:
         # Request lines from the HTTP client library are noise for a command-line user.
         for name in ("httpx", "httpcore"):

@@ -51,6 +51,25 @@ class RunConfig:
     private_dir: Path = DEFAULT_PRIVATE_DIR
     init_data: Path | None = None
     sample_init_data: Path | None = None
+    #: Refuse a model that records no canary reference (instead of serving it with the claim
+    #: ``canary: not-recorded``).
+    require_canary: bool = False
+    #: Seconds between watchdog rounds after ready (re-attest the GPUs and the TEE); 0 disables.
+    watchdog_interval_s: float = 60.0
+    #: On SIGTERM: how long in-flight requests (and streams) may take to finish.
+    drain_timeout_s: float = 30.0
+    #: The cached, unchallenged attestation document: its maximum age.
+    attestation_max_age_s: int = 60
+    #: Fresh attestation requests per client address: sustained rate and burst.
+    attestation_rate: float = 8.0
+    attestation_burst: int = 32
+    #: Fresh attestation requests waiting for evidence at most (429 beyond).
+    attestation_queue: int = 64
+    #: Verification collateral carried in every document (authenticated by its own signatures).
+    tdx_collateral: Path | None = None
+    snp_vcek: Path | None = None
+    #: One-line JSON logs (``text`` otherwise).
+    log_format: str = "text"
     vllm_args: tuple[str, ...] = field(default_factory=tuple)
 
     def validate(self) -> None:
@@ -113,6 +132,18 @@ class RunConfig:
             raise ConfigError("--sample-init-data is for the sample TEE; on TDX/SNP pass --init-data")
         if self.sample_init_data is not None and self.init_data is not None:
             raise ConfigError("pass --init-data or --sample-init-data, not both")
+        if self.watchdog_interval_s < 0 or 0 < self.watchdog_interval_s < 1:
+            raise ConfigError("--watchdog-interval must be 0 (off) or at least 1 second")
+        if self.drain_timeout_s < 0:
+            raise ConfigError("--drain-timeout must not be negative")
+        if not 1 <= self.attestation_max_age_s <= 86400:
+            raise ConfigError("--attestation-max-age must be between 1 and 86400 seconds")
+        if self.attestation_rate <= 0 or self.attestation_burst < 1 or self.attestation_queue < 1:
+            raise ConfigError(
+                "--attestation-rate, --attestation-burst and --attestation-queue must be positive"
+            )
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("--log-format must be text or json")
         # The vLLM options are checked on vLLM's parsed namespace at the config stage
         # (runtime.vllm_args), not here by spelling.
 
@@ -149,6 +180,9 @@ class RunConfig:
             "tls": self.tls,
             "tls_hostnames": list(self.tls_hostnames) if self.tls else [],
             "exit_on_failure": self.exit_on_failure,
+            "require_canary": self.require_canary,
+            "watchdog_interval_s": self.watchdog_interval_s,
+            "attestation_max_age_s": self.attestation_max_age_s,
             "insecure_modes": self.insecure_modes,
         }
 

@@ -22,6 +22,7 @@ from typing import Protocol
 
 from attest.errors import ConfigError, ModelFormatError
 from attest.secret import SecretBytes
+from loader.canary import CanaryReference
 from loader.manifest import Manifest
 from loader.modelview import stage_model_view, write_view_file
 from loader.oci.blobs import BlobStore, open_store
@@ -52,6 +53,12 @@ class PreparedModel(Protocol):
     @property
     def default_key_id(self) -> str | None:
         """The key resource the model names (None: ``--key-id`` is required)."""
+        ...
+
+    @property
+    def canary(self) -> CanaryReference | None:
+        """The packer's canary reference; for the native format trustworthy only after
+        :meth:`unlock` (the manifest MAC covers it), for images from the pinned digest on."""
         ...
 
     def describe_size(self) -> str:
@@ -91,6 +98,10 @@ class NativeModel:
     def default_key_id(self) -> str | None:
         return self.manifest.key_id
 
+    @property
+    def canary(self) -> CanaryReference | None:
+        return self.manifest.canary
+
     def describe_size(self) -> str:
         return f"a {self.manifest.plaintext_bytes / 1e6:.3f} MB model"
 
@@ -124,6 +135,10 @@ class ImageModel:
     @property
     def default_key_id(self) -> str | None:
         return None
+
+    @property
+    def canary(self) -> CanaryReference | None:
+        return self.image.canary
 
     def describe_size(self) -> str:
         return f"a {self.image.compressed_bytes / 1e6:.3f} MB image ({len(self.image.layers)} layers)"

@@ -1,22 +1,26 @@
-"""Produce fresh attestation documents on request.
+"""Produce attestation documents: ours (``docs/attestation.md``) and the ACI report.
 
 :class:`AttestationService` holds what the claims are about (model identity, TLS key,
-key-release receipt) and the evidence providers; :meth:`AttestationService.document` collects
-fresh evidence for one client nonce. Collection is blocking I/O (configfs-tsm, NVML), so the
-HTTP route runs it in a worker thread and serialises requests (TDX/SNP report generation is
-serialised by the kernel anyway).
+key-release receipt, canary outcome, collateral) and the evidence providers.
+:meth:`AttestationService.document` collects one evidence set answering a batch of client nonces
+(or none: the cached, unchallenged document); :meth:`AttestationService.aci` one ACI report.
+Collection is blocking I/O (configfs-tsm, NVML): :mod:`server.freshness` runs it in a worker
+thread, one collection at a time, and decides which requests share one.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from attest.binding import document_device_nonce
+from attest.binding import document_device_nonce, pad_report_data
 from attest.document import AttestationClaims, AttestationDocument, DeviceClaim, device_evidence_digest
 from attest.providers.base import Attester, DeviceAttester
 from attest.runconfig import RunConfiguration
+from server.aci import aci_report, aci_report_data, keyset_digest, workload_keyset
 
 __all__ = ["AttestationService"]
 
@@ -40,6 +44,11 @@ class AttestationService:
         key_release: Mapping[str, Any] | None,
         runtime: Mapping[str, str],
         insecure_modes: Sequence[str] = (),
+        canary: Mapping[str, Any] | None = None,
+        collateral: Mapping[str, Any] | None = None,
+        keyset_not_after: int | None = None,
+        source_provenance: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._attester = attester
         self._devices = tuple(devices)
@@ -54,19 +63,55 @@ class AttestationService:
             modes.append(f"{attester.tee.value} TEE (evidence proves nothing)")
         modes += [f"{d.tee.value} device (evidence proves nothing)" for d in self._devices if d.insecure]
         self._insecure_modes = tuple(dict.fromkeys(modes))
+        self._canary = dict(canary) if canary is not None else {"status": "not-recorded"}
+        self._collateral = dict(collateral or {})
+        self._clock = clock
+        self._keyset = workload_keyset(
+            not_after=keyset_not_after if keyset_not_after is not None else int(clock()) + 7 * 86400,
+            tls_spki_sha256=tls_spki_sha256,
+            model_digest=model_digest,
+            config_sha256=config.sha256,
+            init_data=init_data,
+            canary=self._canary,
+        )
+        self._provenance = dict(
+            source_provenance
+            or {"repo_url": None, "repo_commit": None, "image_digest": None, "image_provenance": None}
+        )
         self._lock = threading.Lock()
 
     @property
     def insecure(self) -> bool:
         return bool(self._insecure_modes)
 
-    def document(self, nonce: bytes) -> AttestationDocument:
-        """Collect fresh evidence whose report data commits to the claims for ``nonce``."""
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while evidence is collected (the watchdog takes it too: one collection at a time)."""
+        return self._lock
+
+    @property
+    def keyset_digest(self) -> str:
+        """The ACI workload keyset digest (the ``X-ACI-Keyset-Digest`` header)."""
+        return keyset_digest(self._keyset)
+
+    def document(self, nonces: Sequence[bytes], *, max_age_s: int | None = None) -> AttestationDocument:
+        """Collect fresh evidence whose report data commits to the claims answering ``nonces``.
+
+        With no nonce, the unchallenged document, usable for ``max_age_s`` seconds.
+
+        Raises:
+            EvidenceCollectionError: the hardware failed to produce evidence.
+        """
         with self._lock:
-            device_nonce = document_device_nonce(nonce)
+            enclave_nonce = secrets.token_bytes(32)
+            device_nonce = document_device_nonce(nonces, enclave_nonce)
             device_evidence = tuple(dev.collect(device_nonce) for dev in self._devices)
             claims = AttestationClaims(
-                nonce=nonce,
+                nonces=tuple(nonces),
+                enclave_nonce=enclave_nonce,
+                issued_at=int(self._clock()),
+                max_age_s=None if nonces else max_age_s,
+                canary=self._canary,
                 tee=self._attester.tee,
                 insecure_modes=self._insecure_modes,
                 model_digest=self._model_digest,
@@ -81,4 +126,26 @@ class AttestationService:
                 runtime=self._runtime,
             )
             primary = self._attester.collect(claims.report_data())
-            return AttestationDocument(claims=claims, primary=primary, devices=device_evidence)
+            return AttestationDocument(
+                claims=claims, primary=primary, devices=device_evidence, collateral=self._collateral
+            )
+
+    def aci(self, nonce: bytes | None) -> dict[str, Any]:
+        """Collect evidence over the ACI statement for ``nonce`` (None: unchallenged); the report.
+
+        Raises:
+            EvidenceCollectionError: the hardware failed to produce evidence.
+        """
+        report_data = aci_report_data(self.keyset_digest, nonce)
+        with self._lock:
+            devices = tuple(dev.collect(report_data) for dev in self._devices)
+            primary = self._attester.collect(pad_report_data(report_data))
+        return aci_report(
+            keyset=self._keyset,
+            report_data=report_data,
+            primary=primary,
+            devices=devices,
+            collateral=self._collateral,
+            insecure_modes=self._insecure_modes,
+            source_provenance=self._provenance,
+        )

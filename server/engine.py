@@ -3,7 +3,8 @@
 The runtime hands :class:`VllmEngine` the namespace that :mod:`runtime.vllm_args` parsed and
 checked; this module only drives vLLM's own launcher functions: start the engine (which spawns
 the engine core and workers, which load the weights), build vLLM's FastAPI app with our routes
-added, and serve it on the socket the runtime bound at the first second of the boot. vLLM is
+added, and serve it (:mod:`server.http`) on the socket the runtime bound at the first second of
+the boot. vLLM is
 imported here, not at module import.
 """
 
@@ -12,10 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp
+
+from server.http import HttpServer
 
 __all__ = ["VllmEngine"]
 
@@ -23,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class VllmEngine:
-    """One vLLM engine: :meth:`start`, :meth:`build_app`, :meth:`serve`, then :meth:`stop`.
+    """One vLLM engine: :meth:`start`, :meth:`build_app`, :meth:`http_server`, then :meth:`stop`.
 
     .. warning::
        :meth:`log_arguments` must run before secrets (the key handoff capabilities) are put
@@ -40,6 +44,44 @@ class VllmEngine:
         from vllm.entrypoints.serve.utils.api_utils import log_non_default_args
 
         log_non_default_args(self.args)
+
+    def warm_model_info_cache(self) -> bool:
+        """Fill vLLM's model-class cache in this process, before the engine needs it.
+
+        vLLM inspects the model class in a fresh Python subprocess (about 7 s here: it imports
+        torch and vLLM again) unless ``$VLLM_CACHE_ROOT/modelinfos`` has it. The runtime's cache
+        directory is private and empty at every boot (a cache on a host volume could be poisoned),
+        so without this every boot pays that subprocess. The cache entry is derived from vLLM's
+        own code only (keyed by the model module's hash), never from the host.
+
+        Uses vLLM internals: when they differ (another vLLM version), returns False and vLLM takes
+        its own, slower path.
+        """
+        import importlib.util
+        import json
+        from pathlib import Path
+
+        try:
+            from vllm.model_executor.models import registry
+
+            config = json.loads((Path(self.args.model) / "config.json").read_bytes())
+            for architecture in config.get("architectures") or []:
+                model = registry.ModelRegistry.models.get(architecture)
+                if not isinstance(model, registry._LazyRegisteredModel):
+                    continue
+                spec = importlib.util.find_spec(model.module_name)
+                if spec is None or spec.origin is None:
+                    continue
+                module_hash = model._get_modelinfo_module_hash(Path(spec.origin))
+                if model._load_modelinfo_from_cache(module_hash) is None:
+                    info = registry._ModelInfo.from_model_cls(model.load_model_cls())
+                    model._save_modelinfo_to_cache(info, module_hash)
+            return True
+        except Exception as exc:  # an optimisation: never a reason to fail the boot
+            logger.info(
+                "vLLM's model-class cache not prefilled (%s); vLLM inspects it itself", type(exc).__name__
+            )
+            return False
 
     async def start(self) -> None:
         """Start the engine; returns once the workers have loaded the weights.
@@ -62,6 +104,25 @@ class VllmEngine:
         """Whether the engine is alive (False once its core died)."""
         return self._client is not None and not self._client.errored
 
+    async def generate_ids(
+        self, prompt: str, sampling: Mapping[str, Any], *, request_id: str
+    ) -> tuple[list[int] | None, list[int]]:
+        """Run one generation through the engine; return (prompt token ids, output token ids).
+
+        ``sampling`` holds vLLM ``SamplingParams`` keyword arguments. Used by the canary before
+        ready: the same engine, scheduler and sampler the OpenAI API will use.
+        """
+        from vllm import SamplingParams
+
+        assert self._client is not None, "start() the engine first"
+        final: Any = None
+        async for output in self._client.generate(prompt, SamplingParams(**sampling), request_id):
+            final = output
+        if final is None or not final.outputs:
+            return None, []
+        prompt_ids = None if final.prompt_token_ids is None else [int(t) for t in final.prompt_token_ids]
+        return prompt_ids, [int(t) for t in final.outputs[0].token_ids]
+
     async def build_app(self, routers: Sequence[APIRouter] = ()) -> FastAPI:
         """Build vLLM's OpenAI app for the running engine and add ``routers`` to it."""
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -75,26 +136,34 @@ class VllmEngine:
             app.include_router(router)
         return app
 
-    async def serve(self, app: FastAPI, sock: socket.socket) -> None:
-        """Serve ``app`` on ``sock`` (already bound and listening) until uvicorn shuts down."""
+    def http_server(
+        self,
+        app: FastAPI,
+        sock: socket.socket,
+        *,
+        drain_timeout_s: float,
+        guard: Callable[[ASGIApp], ASGIApp] | None = None,
+    ) -> HttpServer:
+        """The server for ``app`` on ``sock`` (bound and listening), with vLLM's HTTP settings.
+
+        ``guard`` wraps the app (the runtime's refusal once a failure after ready is recorded).
+        """
         import vllm.envs as envs
-        from vllm.entrypoints.launchers.launcher import serve_http
 
         args = self.args
-        shutdown = await serve_http(
+        return HttpServer(
             app,
-            sock=sock,
-            host=args.host,
-            port=args.port,
+            sock,
+            drain_timeout_s=drain_timeout_s,
+            asgi=None if guard is None else guard(app),
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
             log_level=args.uvicorn_log_level,
             access_log=not args.disable_uvicorn_access_log,
             timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,
-            ssl_keyfile=args.ssl_keyfile,
-            ssl_certfile=args.ssl_certfile,
             h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
             h11_max_header_count=args.h11_max_header_count,
         )
-        await shutdown
 
     async def stop(self) -> None:
         """Shut the engine down (idempotent)."""

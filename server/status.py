@@ -13,7 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from server.metrics import Metrics
 
 __all__ = ["BootStatus", "Stage", "StageRecord"]
 
@@ -26,7 +29,9 @@ class Stage(StrEnum):
     ATTEST = "attest"  # find the TEE and the GPUs
     KEY = "key"  # attest to the key broker, receive the model key, authenticate the manifest
     LOAD = "load"  # start vLLM; its workers decrypt the model into device memory
+    CANARY = "canary"  # generate the packer's reference tokens through the served engine
     SERVE = "serve"  # the OpenAI API and attestation endpoints are live
+    WATCHDOG = "watchdog"  # after ready: re-attestation found a change (the process then exits)
 
 
 @dataclass(slots=True)
@@ -49,8 +54,12 @@ class StageRecord:
 class BootStatus:
     """Thread-safe record of the boot sequence."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, metrics: Metrics | None = None
+    ) -> None:
         self._clock = clock
+        self._metrics = metrics
+        self._draining = False
         self._lock = threading.Lock()
         self._records: list[StageRecord] = []
         self._failure: tuple[Stage, str] | None = None
@@ -68,6 +77,8 @@ class BootStatus:
             record.ended = self._clock()
             record.ok = True
             record.detail = detail
+        if self._metrics is not None:
+            self._metrics.stage_done(stage.value, record.ended - record.started)
 
     def fail(self, stage: Stage, reason: str) -> None:
         with self._lock:
@@ -81,10 +92,26 @@ class BootStatus:
             record.detail = reason
             self._failure = (stage, reason)
             self._ready = False
+        if self._metrics is not None:
+            self._metrics.stage_failed(stage.value)
 
     def set_ready(self) -> None:
         with self._lock:
             self._ready = True
+        if self._metrics is not None:
+            self._metrics.ready.set(1)
+
+    def drain(self) -> None:
+        """Shutting down: readiness 503 (``draining``) while in-flight requests finish."""
+        with self._lock:
+            self._draining = True
+        if self._metrics is not None:
+            self._metrics.ready.set(0)
+
+    @property
+    def draining(self) -> bool:
+        with self._lock:
+            return self._draining
 
     def _find(self, stage: Stage) -> StageRecord:
         for record in reversed(self._records):
@@ -113,6 +140,13 @@ class BootStatus:
             if self._failure is not None:
                 stage, reason = self._failure
                 return {"ready": False, "status": "failed", "stage": stage.value, "reason": reason}
+            if self._draining:
+                return {
+                    "ready": False,
+                    "status": "draining",
+                    "stage": Stage.SERVE.value,
+                    "reason": "shutting down: in-flight requests are finishing, no new ones are taken",
+                }
             if self._ready:
                 return {"ready": True, "status": "ready", "stage": Stage.SERVE.value, "reason": ""}
             stage_name = self._records[-1].stage.value if self._records else "starting"

@@ -6,7 +6,7 @@ client saw, and a :class:`~attest.verify.workload.WorkloadPolicy`; it opens no c
 (:mod:`attest.client.remote` fetches, then calls it). Steps, in order; each is reported with
 its outcome, and a failed binding step stops the steps after it (their inputs are untrusted)::
 
-    (1) document       parses as enclave-serve/attestation/v2
+    (1) document       parses as enclave-serve/attestation/v3
     (2) nonce          answers the client's nonce (freshness)
     (3) devices        the device evidence is what the claims list
     (4) tls            the attested TLS key is the one the client talked to
@@ -34,21 +34,23 @@ from datetime import datetime
 from typing import Any
 
 from attest.binding import document_device_nonce
-from attest.document import AttestationDocument, DocumentCheck
+from attest.document import DOCUMENT_FORMAT, AttestationDocument, DocumentCheck
 from attest.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationError
-from attest.evidence import TeeKind
+from attest.evidence import TeeKind, b64decode_strict
 from attest.initdata import register_for_digest
 from attest.runconfig import RunConfiguration
 from attest.verify import (
     Outcome,
     RefuseInsecure,
+    SnpCollateral,
+    TdxCollateral,
     VerificationResult,
     verify_device_evidence,
     verify_evidence,
 )
 from attest.verify.workload import WorkloadFacts, WorkloadPolicy, init_data_register_of
 
-__all__ = ["ServerRefused", "Verdict", "verify_document"]
+__all__ = ["ServerRefused", "Verdict", "document_collateral", "verify_document"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +126,33 @@ def _init_data_binding(document: AttestationDocument, register: bytes | None) ->
     return f"{claimed} is what the register holds"
 
 
+def document_collateral(document: AttestationDocument) -> dict[TeeKind, object]:
+    """Return the collateral the document carries, typed for :func:`attest.verify.verify_evidence`.
+
+    Collateral is not covered by the report data; it needs none: the TDX collateral is signed by
+    Intel's PCS chain and the VCEK by AMD's, both checked against pinned roots when used.
+
+    Raises:
+        MalformedEvidence: a collateral item is not what its TEE expects.
+    """
+    typed: dict[TeeKind, object] = {}
+    for name, item in document.collateral.items():
+        if name == TeeKind.TDX.value:
+            typed[TeeKind.TDX] = TdxCollateral.from_json(item)
+        elif name == TeeKind.SNP.value:
+            if not isinstance(item, Mapping):
+                raise MalformedEvidence("collateral: snp must be an object with a 'vcek'")
+            typed[TeeKind.SNP] = SnpCollateral(vek=b64decode_strict(item.get("vcek"), "collateral snp.vcek"))
+        else:
+            raise MalformedEvidence(f"collateral: unknown TEE {name!r}")
+    return typed
+
+
 def verify_document(
     document_json: Mapping[str, Any],
     config_bytes: bytes,
     *,
-    nonce: bytes,
+    nonce: bytes | None,
     observed_tls_spki_sha256: str | None,
     policy: WorkloadPolicy | None,
     allow_unpinned_software: bool = False,
@@ -156,7 +180,7 @@ def verify_document(
         document = AttestationDocument.from_json(document_json)
     except AttestationError as exc:
         return failed("document", exc)
-    steps.append(DocumentCheck(name="document", ok=True, detail="enclave-serve/attestation/v2"))
+    steps.append(DocumentCheck(name="document", ok=True, detail=DOCUMENT_FORMAT))
     # (2)-(5) binding: nonce, devices, TLS, expected model/config, insecure TEE
     try:
         steps += document.check_binding(
@@ -166,6 +190,7 @@ def verify_document(
             expected_config_sha256=expected_config_sha256,
             allow_insecure=allow_insecure,
             allow_no_tls=allow_no_tls,
+            now=None if now is None else now.timestamp(),
         )
     except AttestationError as exc:
         return failed(str(exc).split(":", 1)[0] if ":" in str(exc) else "binding", exc, document=document)
@@ -179,7 +204,10 @@ def verify_document(
     except AttestationError as exc:
         return failed("config-bytes", exc, document=document)
     steps.append(DocumentCheck(name="config-bytes", ok=True, detail="the published bytes hash to the claim"))
-    collateral = collateral or {}
+    try:
+        collateral = {**document_collateral(document), **(collateral or {})}
+    except AttestationError as exc:
+        return failed("collateral", exc, document=document, config=config)
     # (7) CPU evidence: cryptography and binding; validation is the policy's job (step 10)
     primary_tee = document.primary.tee
     cpu_policy = RefuseInsecure() if (policy is None and not primary_tee.is_insecure) else None
@@ -196,7 +224,7 @@ def verify_document(
         return failed(f"evidence:{primary_tee.value}", exc, document=document, config=config)
     steps.append(DocumentCheck(name=f"evidence:{primary_tee.value}", ok=True, detail=_summary(primary)))
     # (8) device evidence
-    device_nonce = document_device_nonce(nonce)
+    device_nonce = document_device_nonce(document.claims.nonces, document.claims.enclave_nonce)
     devices: list[VerificationResult] = []
     for device in document.devices:
         try:

@@ -109,6 +109,14 @@ class DeviceAttester(ABC):
             raise VerificationError(f"{expected_count} devices were expected; {self.tee.value} attests 1")
         return DeviceGate(tee=self.tee, devices=1, steps=len(result.steps))
 
+    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
+        """The watchdog's round after ready: the devices are still there, in CC mode, and fresh
+        evidence still verifies locally. Device kinds check more (NVIDIA: still ready).
+
+        Raises: as :meth:`gate`.
+        """
+        return self.gate(expected_count=expected_count)
+
     def describe(self) -> dict[str, object]:
         """Return a JSON-able description of the devices (for ``enclave-serve evidence``)."""
         return {"tee": self.tee.value, "insecure": self.insecure}

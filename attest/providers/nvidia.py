@@ -241,6 +241,14 @@ class NvidiaAttester(DeviceAttester):
         except nvml.NVMLError as exc:
             raise EvidenceCollectionError(f"NVML could not report the CC state: {exc}") from exc
 
+    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
+        """The watchdog's round: the gate's checks again; the GPUs must still be ready (never set).
+
+        Raises: as :meth:`gate`, and :class:`GpuGateError` when the GPUs stopped accepting
+        client requests (a driver reload or a GPU reset).
+        """
+        return self._gated(expected_count, recheck=True)
+
     def gate(self, *, expected_count: int | None = None) -> DeviceGate:
         """Establish that every GPU is genuine, in CC mode and counted, before any key release.
 
@@ -251,6 +259,9 @@ class NvidiaAttester(DeviceAttester):
             PolicyViolation: the caller's policy refused a GPU's versions.
             EvidenceCollectionError: NVML failed for a GPU, or setting the ready state failed.
         """
+        return self._gated(expected_count, recheck=False)
+
+    def _gated(self, expected_count: int | None, *, recheck: bool) -> DeviceGate:
         pci = nvidia_pci_devices(self._pci_root)
         pci_gpus = [d for d in pci if d.is_gpu]
         switches = [d for d in pci if d.is_switch]
@@ -265,14 +276,24 @@ class NvidiaAttester(DeviceAttester):
                 ) from None
             raise
         try:
-            return self._gate(nvml, expected_count, pci_gpus, switches)
+            return self._gate(nvml, expected_count, pci_gpus, switches, recheck=recheck)
         finally:
             session.__exit__(None, None, None)
 
     def _gate(
-        self, nvml: Any, expected_count: int | None, pci_gpus: list[PciDevice], switches: list[PciDevice]
+        self,
+        nvml: Any,
+        expected_count: int | None,
+        pci_gpus: list[PciDevice],
+        switches: list[PciDevice],
+        *,
+        recheck: bool = False,
     ) -> DeviceGate:
         state = self._state(nvml)
+        if recheck and state.enabled and not state.gpus_ready:
+            raise GpuGateError(
+                "the GPUs no longer accept client requests (ready state off: reset or driver reload)"
+            )
         try:
             self._check_cc(state)
         except BackendUnavailable as exc:
@@ -306,7 +327,7 @@ class NvidiaAttester(DeviceAttester):
             error.result = partial  # type: ignore[attr-defined]  # what attest.verify.result_of reads
             raise error from None
         ready_set = False
-        if state.enabled and not state.gpus_ready and self._set_ready:
+        if state.enabled and not state.gpus_ready and self._set_ready and not recheck:
             try:
                 nvml.nvmlSystemSetConfComputeGpusReadyState(NVML_CC_ACCEPTING_CLIENT_REQUESTS_TRUE)
             except nvml.NVMLError as exc:

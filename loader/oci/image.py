@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attest.errors import ModelFormatError
+from loader.canary import CanaryReference
 from loader.oci.blobs import BlobStore
 
 __all__ = [
@@ -45,6 +46,8 @@ ENC_KEYS_JWE = "org.opencontainers.image.enc.keys.jwe"
 ENC_PUBOPTS = "org.opencontainers.image.enc.pubopts"
 #: Config label written by ``enclave-serve pack --oci``.
 LABEL_LAYERS = "dev.enclave-serve.layers"
+#: Config label with the packer's canary reference (:mod:`loader.canary`), as JSON.
+LABEL_CANARY = "dev.enclave-serve.canary"
 #: The file in the guest-private model view that tells the loader which image to load.
 VIEW_MARKER = "enclave-serve-image.json"
 _MAX_LAYERS = 4096
@@ -84,6 +87,19 @@ class OciImage:
     def encrypted(self) -> bool:
         """Whether every layer is encrypted."""
         return all(layer.encrypted for layer in self.layers)
+
+    @property
+    def canary(self) -> CanaryReference | None:
+        """The canary reference ``pack --oci`` labelled (covered by the pinned digest), or None."""
+        labels = (self.config.get("config") or {}).get("Labels") or {}
+        raw = labels.get(LABEL_CANARY) if isinstance(labels, dict) else None
+        if raw is None:
+            return None
+        try:
+            obj = json.loads(raw)
+        except (TypeError, ValueError):
+            raise ModelFormatError(f"the config label {LABEL_CANARY} is not JSON") from None
+        return CanaryReference.from_json(obj)
 
     @property
     def labelled(self) -> bool:

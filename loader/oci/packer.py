@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from attest.errors import ConfigError
-from loader.oci.image import LABEL_LAYERS, OCI_CONFIG, OCI_MANIFEST
+from loader.canary import CanaryReference
+from loader.oci.image import LABEL_CANARY, LABEL_LAYERS, OCI_CONFIG, OCI_MANIFEST
 from loader.packer import scan_model_dir
 
 __all__ = ["OciPackResult", "pack_oci_layout"]
@@ -80,8 +81,18 @@ def _tar_layer(root: Path, src: Path, names: list[str]) -> tuple[str, int]:
     return f"sha256:{digest}", writer.size
 
 
-def pack_oci_layout(src: Path, out: Path, *, overwrite: bool = False, tag: str = "latest") -> OciPackResult:
+def pack_oci_layout(
+    src: Path,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    tag: str = "latest",
+    canary: CanaryReference | None = None,
+) -> OciPackResult:
     """Write the plain OCI image layout of the Hugging Face model in ``src`` to ``out``.
+
+    ``canary`` (:func:`loader.canary.compute_reference`) goes into a config label, covered by the
+    manifest digest the runtime pins.
 
     Raises:
         ConfigError: ``src`` has no safetensors or no config.json, or ``out`` exists (without
@@ -108,10 +119,13 @@ def pack_oci_layout(src: Path, out: Path, *, overwrite: bool = False, tag: str =
             # An uncompressed layer's digest is its diff_id.
             layers.append({"mediaType": _LAYER_TAR, "digest": digest, "size": size})
             roles.append({"diff_id": digest, "role": role, "files": names})
+        labels = {LABEL_LAYERS: json.dumps(roles, separators=(",", ":"))}
+        if canary is not None:
+            labels[LABEL_CANARY] = json.dumps(canary.to_json(), separators=(",", ":"))
         config = {
             "architecture": "amd64",
             "os": "linux",
-            "config": {"Labels": {LABEL_LAYERS: json.dumps(roles, separators=(",", ":"))}},
+            "config": {"Labels": labels},
             "rootfs": {"type": "layers", "diff_ids": [r["diff_id"] for r in roles]},
         }
         c_digest, c_size = _blob(tmp, json.dumps(config, separators=(",", ":")).encode())

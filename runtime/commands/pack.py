@@ -22,6 +22,7 @@ from typing import Any
 
 from attest.errors import ConfigError
 from attest.secret import SecretBytes
+from loader.canary import CanaryReference
 from loader.format import DEFAULT_CHUNK_SIZE, MODEL_KEY_SIZE
 from loader.packer import generate_model_key, pack_model
 
@@ -65,6 +66,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N", help="default: all CPUs")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-canary",
+        action="store_true",
+        help="record no canary reference (the runtime then claims canary not-recorded); by default "
+        "the canary generation runs on the plaintext model with transformers (CPU, float32)",
+    )
     p.set_defaults(func=run)
 
 
@@ -102,7 +109,7 @@ def _run_oci(args: argparse.Namespace) -> int:
         raise ConfigError(
             "pack --oci takes no key: skopeo encrypts the layout for the recipient's public key"
         )
-    result = pack_oci_layout(args.src, args.dst, overwrite=args.force)
+    result = pack_oci_layout(args.src, args.dst, overwrite=args.force, canary=_canary(args))
     print(f"wrote the plain OCI image layout {result.layout} ({result.layers} layers, tag latest)")
     print(f"plain manifest: {result.digest} (encrypting gives a new digest: pin that one)")
     print(
@@ -110,6 +117,16 @@ def _run_oci(args: argparse.Namespace) -> int:
         f"oci:{result.layout}:latest oci:ENCRYPTED_LAYOUT:latest"
     )
     return 0
+
+
+def _canary(args: argparse.Namespace) -> CanaryReference | None:
+    if args.no_canary:
+        return None
+    from loader.canary import compute_reference
+
+    reference = compute_reference(args.src)
+    print(f"canary: {len(reference.token_ids)} reference tokens ({reference.reference})", file=sys.stderr)
+    return reference
 
 
 def run(args: argparse.Namespace) -> int:
@@ -124,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     generated = args.generate_key is not None
     if generated and args.dst.exists() and not args.force:
         raise ConfigError(f"{args.dst} already exists; pass --force to replace it")
+    canary = _canary(args)  # before a key exists: a model that will not load leaves nothing behind
     key = _write_new_key(args.generate_key) if generated else _read_key(args.key_file)
     try:
         manifest = pack_model(
@@ -135,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads,
             overwrite=args.force,
             progress=not args.no_progress and sys.stderr.isatty(),
+            canary=canary,
         )
     except BaseException:
         if generated:

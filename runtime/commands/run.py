@@ -104,6 +104,67 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     s.add_argument(
         "--staging-slots", type=int, metavar="N", help="staging slots per GPU (default: decrypt threads + 2)"
     )
+    v = p.add_argument_group("serving (docs/attestation.md, docs/operations.md)")
+    v.add_argument(
+        "--require-canary",
+        action="store_true",
+        help="refuse a model that records no canary reference (default: serve it, claiming "
+        "canary not-recorded)",
+    )
+    v.add_argument(
+        "--watchdog-interval",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds between re-attestation rounds after ready; a change exits the process (0: off)",
+    )
+    v.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, how long in-flight requests may take to finish (default 30)",
+    )
+    v.add_argument(
+        "--attestation-max-age",
+        type=int,
+        default=60,
+        metavar="S",
+        help="maximum age of the cached (nonce-less) attestation document (default 60)",
+    )
+    v.add_argument(
+        "--attestation-rate",
+        type=float,
+        default=8.0,
+        metavar="R",
+        help="fresh attestation requests per second per client address, sustained (default 8)",
+    )
+    v.add_argument(
+        "--attestation-burst",
+        type=int,
+        default=32,
+        metavar="N",
+        help="fresh attestation requests a client may make at once (default 32)",
+    )
+    v.add_argument(
+        "--attestation-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="fresh attestation requests waiting for evidence at most; 429 beyond (default 64)",
+    )
+    v.add_argument(
+        "--tdx-collateral",
+        type=Path,
+        metavar="FILE",
+        help="DCAP collateral (dcap-qvl JSON) carried in every document for offline verification",
+    )
+    v.add_argument(
+        "--snp-vcek", type=Path, metavar="FILE", help="the VCEK (DER or PEM) carried in every document"
+    )
+    v.add_argument(
+        "--log-format", choices=["text", "json"], default="text", help="json: one JSON object per log line"
+    )
     t = p.add_argument_group("TLS")
     t.add_argument(
         "--no-tls",
@@ -170,6 +231,16 @@ def run(args: argparse.Namespace) -> int:
         private_dir=args.private_dir,
         init_data=args.init_data,
         sample_init_data=args.sample_init_data,
+        require_canary=args.require_canary,
+        watchdog_interval_s=args.watchdog_interval,
+        drain_timeout_s=args.drain_timeout,
+        attestation_max_age_s=args.attestation_max_age,
+        attestation_rate=args.attestation_rate,
+        attestation_burst=args.attestation_burst,
+        attestation_queue=args.attestation_queue,
+        tdx_collateral=args.tdx_collateral,
+        snp_vcek=args.snp_vcek,
+        log_format=args.log_format,
         vllm_args=tuple(vllm_args),
     )
     if args.print_config:

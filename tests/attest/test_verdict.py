@@ -33,7 +33,7 @@ def document(
         devices=[], model_digest=MODEL, config=CONFIG, tls_spki_sha256=SPKI, init_data=claimed,
         key_release=None, runtime={"name": "enclave-serve", "version": "0.1.0"},
     )  # fmt: skip
-    return json.loads(service.document(NONCE).to_bytes())
+    return json.loads(service.document([NONCE]).to_bytes())
 
 
 POLICY = WorkloadPolicy.from_toml(
@@ -57,7 +57,7 @@ def test_a_pinned_sample_server_verifies_step_by_step() -> None:
     verdict = run(document())
     assert verdict.ok, verdict.failures
     names = [s.name for s in verdict.steps]
-    assert names[:9] == [
+    assert names[:10] == [
         "document",
         "nonce",
         "devices",
@@ -65,6 +65,7 @@ def test_a_pinned_sample_server_verifies_step_by_step() -> None:
         "model",
         "config",
         "tee",
+        "canary",
         "config-bytes",
         "evidence:sample",
     ]

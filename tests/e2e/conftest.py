@@ -220,11 +220,16 @@ def start_runtime(
     vllm_extra: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     wrap: tuple[str, ...] = (),
+    double: str | None = None,
 ) -> tuple[str, Proc]:
+    """Start ``enclave-serve run``; with ``double``, through :mod:`tests.e2e.runtime_double`."""
     port = free_port()
+    entry = [ES] if double is None else [sys.executable, "-m", "tests.e2e.runtime_double"]
+    if double is not None:
+        env = {**(env or {}), "ENCLAVE_SERVE_TEST_DOUBLE": double, "PYTHONPATH": str(REPO)}
     argv = [
         *wrap,
-        ES,
+        *entry,
         "run",
         str(model_dir),
         "--host",

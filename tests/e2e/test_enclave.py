@@ -144,8 +144,9 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
     with httpx.Client(verify=False, base_url=enclave.url) as client:
         a = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "11" * 32}).json()
         b = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "22" * 32}).json()
-        assert a["claims"]["nonce"] == "11" * 32 and b["claims"]["nonce"] == "22" * 32
-        assert a["format"] == "enclave-serve/attestation/v2"
+        assert a["claims"]["nonces"] == ["11" * 32] and b["claims"]["nonces"] == ["22" * 32]
+        assert a["format"] == "enclave-serve/attestation/v3"
+        assert a["claims"]["max_age_s"] is None and a["claims"]["canary"]["status"] == "passed"
         assert a["claims"]["config"] == b["claims"]["config"]
         assert "sample TEE (evidence proves nothing)" in a["claims"]["insecure_modes"]
         assert a["evidence"]["primary"]["report_data"] != b["evidence"]["primary"]["report_data"]
@@ -154,7 +155,8 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         )
         boot = client.get("/.well-known/enclave-serve/boot").json()
         assert boot["ready"] is True
-        assert [s["stage"] for s in boot["stages"]] == ["tls", "config", "attest", "key", "load", "serve"]
+        stages = ["tls", "config", "attest", "key", "load", "canary", "serve"]
+        assert [s["stage"] for s in boot["stages"]] == stages
         assert all(s["ok"] for s in boot["stages"])
         assert any("sample TEE" in m for m in boot["insecure_modes"])
         assert client.get("/livez").status_code == 200

@@ -141,7 +141,8 @@ def test_generate_model_key_uses_the_injected_randomness() -> None:
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "pack", *map(str, args)],
+        # These synthetic models have no tokenizer: the canary is tested in tests/loader/test_canary.py.
+        [sys.executable, "-m", "runtime.cli", "pack", "--no-canary", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -187,7 +188,7 @@ def test_cli_killed_midway_leaves_no_output(tmp_path: Path) -> None:
     dst = tmp_path / "out"
     (tmp_path / "k").write_bytes(bytes(32))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "pack", src, dst, "--key-id", KEY_ID,
+        [sys.executable, "-m", "runtime.cli", "pack", "--no-canary", src, dst, "--key-id", KEY_ID,
          "--key-file", tmp_path / "k", "--chunk-size", "4KiB", "--threads", "1"],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

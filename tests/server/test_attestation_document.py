@@ -48,23 +48,29 @@ def roundtrip(doc: AttestationDocument) -> AttestationDocument:
 
 
 def test_report_data_commits_to_claims_and_devices_to_derived_nonce() -> None:
-    doc = roundtrip(service().document(NONCE))
+    doc = roundtrip(service().document([NONCE]))
     primary_rd = doc.primary.to_json()["report_data"]
     assert base64.b64decode(primary_rd) == doc.claims.report_data()
     assert len(doc.claims.report_data()) == 48
     (device,) = doc.devices
-    assert base64.b64decode(device.to_json()["report_data"]) == document_device_nonce(NONCE)
+    assert base64.b64decode(device.to_json()["report_data"]) == document_device_nonce(
+        [NONCE], doc.claims.enclave_nonce
+    )
     checks = doc.check_binding(
         nonce=NONCE, observed_tls_spki_sha256=SPKI, expected_model_digest=DIGEST, allow_insecure=True
     )
-    assert [c.name for c in checks] == ["nonce", "devices", "tls", "model", "config", "tee"]
+    assert [c.name for c in checks] == ["nonce", "devices", "tls", "model", "config", "tee", "canary"]
     assert doc.claims.config_sha256 == CONFIG.sha256
 
 
 def test_every_claim_changes_the_report_data() -> None:
-    base = service().document(NONCE).claims
+    base = service().document([NONCE]).claims
     variants = [
-        dataclasses.replace(base, nonce=bytes(32)),
+        dataclasses.replace(base, nonces=(bytes(32),)),
+        dataclasses.replace(base, nonces=(NONCE, bytes(32))),
+        dataclasses.replace(base, enclave_nonce=bytes(32)),
+        dataclasses.replace(base, issued_at=base.issued_at + 1),
+        dataclasses.replace(base, canary={"status": "passed", "tokens": 16, "reference_sha256": "00" * 32}),
         dataclasses.replace(base, model_digest="sha256:" + "cc" * 32),
         dataclasses.replace(base, config_sha256="cc" * 32),
         dataclasses.replace(base, tls_spki_sha256=None),
@@ -80,7 +86,8 @@ def test_every_claim_changes_the_report_data() -> None:
 @pytest.mark.parametrize(
     ("kw", "error", "message"),
     [
-        ({"nonce": bytes(32)}, VerificationError, "different nonce"),
+        ({"nonce": bytes(32)}, VerificationError, "answers other nonces"),
+        ({"nonce": None}, VerificationError, "a challenged document was given"),
         ({"observed_tls_spki_sha256": "cc" * 32}, VerificationError, "possible interception"),
         ({"observed_tls_spki_sha256": None}, PolicyViolation, "not bound to a TLS key"),
         ({"expected_model_digest": "sha256:" + "dd" * 32}, PolicyViolation, "not the expected"),
@@ -89,7 +96,7 @@ def test_every_claim_changes_the_report_data() -> None:
     ],
 )
 def test_binding_failures_name_the_step(kw: dict[str, object], error: type[Exception], message: str) -> None:
-    doc = service().document(NONCE)
+    doc = service().document([NONCE])
     args: dict[str, object] = {
         "nonce": NONCE, "observed_tls_spki_sha256": SPKI, "expected_model_digest": DIGEST,
         "allow_insecure": True,
@@ -100,8 +107,8 @@ def test_binding_failures_name_the_step(kw: dict[str, object], error: type[Excep
 
 
 def test_swapped_device_evidence_is_detected() -> None:
-    doc = service().document(NONCE)
-    other = service().document(bytes(reversed(NONCE)))
+    doc = service().document([NONCE])
+    other = service().document([bytes(reversed(NONCE))])
     forged = dataclasses.replace(doc, devices=other.devices)
     with pytest.raises(VerificationError, match="devices"):
         forged.check_binding(
@@ -120,10 +127,21 @@ def test_swapped_device_evidence_is_detected() -> None:
         lambda d: d["evidence"].update(tee="tdx"),
         lambda d: d["evidence"].update(primary="not an object"),
         lambda d: d["evidence"]["devices"].append({"tee": "bogus", "evidence": {}}),
+        lambda d: d["claims"].update(extra=1),
+        lambda d: d["claims"].update(nonces=[" " + "ab" * 31 + "a"]),
+        lambda d: d["claims"].update(nonces=["AB" * 32]),
+        lambda d: d["claims"].update(nonces=["ab" * 32, "ab" * 32]),
+        lambda d: d["claims"].update(nonces=[]),  # unchallenged, but no max_age_s
+        lambda d: d["claims"].update(max_age_s=60),  # challenged, with a max_age_s
+        lambda d: d["claims"].update(enclave_nonce="00"),
+        lambda d: d["claims"].update(issued_at="1"),
+        lambda d: d["claims"].update(canary=None),
+        lambda d: d["claims"].update(canary={"status": "failed"}),
+        lambda d: d.update(collateral=[]),
     ],
 )
 def test_malformed_documents_are_rejected(mutate) -> None:  # type: ignore[no-untyped-def]
-    body = service().document(NONCE).to_json()
+    body = service().document([NONCE]).to_json()
     mutate(body)
     with pytest.raises(MalformedEvidence):
         AttestationDocument.from_json(body)
@@ -141,7 +159,7 @@ def test_malformed_documents_are_rejected(mutate) -> None:  # type: ignore[no-un
     ids=["huge-int", "nan", "cpu-tee-as-device"],
 )
 def test_hostile_documents_are_malformed_not_crashes(mutate) -> None:  # type: ignore[no-untyped-def]
-    body = service().document(NONCE).to_json()
+    body = service().document([NONCE]).to_json()
     mutate(body)
     with pytest.raises(MalformedEvidence):
         AttestationDocument.from_json(body)

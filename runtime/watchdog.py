@@ -1,0 +1,141 @@
+"""After ready: re-attest on an interval, and stop serving on any change.
+
+Each round (in a worker thread, so serving goes on):
+
+1. every device attester re-runs its gate (:meth:`attest.providers.base.DeviceAttester.recheck`):
+   the GPUs are still on the bus and counted, in CC mode, still ready, and fresh evidence over a
+   random nonce verifies locally; and they are the *same* GPUs in the same state as at boot (the
+   gate's identity facts: count, UUIDs, architectures, PCI addresses, CC settings);
+2. the TEE still produces evidence over fresh random report data, and it verifies locally
+   (with the collateral the runtime carries; a TEE whose collateral is not available here is
+   checked for collection and binding only, and the round says so once in the log);
+3. the attested keyset has not reached its ``not_after`` (the ACI report's expiry).
+
+A round that does not finish within ``max(30 s, interval)`` counts as failed (the host controls
+the quoting service and could otherwise stall the watchdog forever). Rounds hold the attestation
+service's collection lock, so they never run beside a document's collection. A failed round is
+final: the runtime flips readiness to 503 with the reason (stage
+``watchdog``) and exits non-zero so the orchestrator replaces the pod. Nothing is retried: a GPU
+that stops attesting mid-flight is exactly what this is for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attest.errors import AttestationError, Error, VerificationUnavailable
+from attest.providers.base import Attester, DeviceAttester, DeviceGate
+from server.metrics import Metrics
+
+__all__ = ["Watchdog"]
+
+logger = logging.getLogger(__name__)
+
+
+class Watchdog:
+    """Re-attestation rounds every ``interval_s`` seconds."""
+
+    def __init__(
+        self,
+        *,
+        attester: Attester,
+        devices: Sequence[DeviceAttester],
+        expected_gpus: int | None,
+        interval_s: float,
+        collateral: object | None = None,
+        expires_at: float | None = None,
+        baseline: Sequence[DeviceGate] = (),
+        lock: threading.Lock | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._attester = attester
+        self._devices = tuple(devices)
+        self._expected = expected_gpus
+        self.interval_s = interval_s
+        self._collateral = collateral
+        self._metrics = metrics
+        self._warned_unavailable = False
+        self._expires_at = expires_at
+        self._baseline = [_identity(gate) for gate in baseline]
+        self._lock = lock or threading.Lock()
+        self.timeout_s = max(30.0, interval_s)
+        self._clock = clock
+        self.rounds = 0
+
+    def check(self) -> None:
+        """Run one round (blocking). Raises :class:`attest.errors.Error` naming what changed."""
+        with self._lock:
+            self._check()
+
+    def _check(self) -> None:
+        from attest.verify import verify_evidence
+
+        if self._expires_at is not None and self._clock() >= self._expires_at:
+            raise AttestationError(
+                "the attested keyset (TLS key) reached its not_after; restart for a fresh one"
+            )
+        for i, device in enumerate(self._devices):
+            gate = device.recheck(expected_count=self._expected)
+            if i < len(self._baseline) and _identity(gate) != self._baseline[i]:
+                before, now = self._baseline[i], _identity(gate)
+                raise AttestationError(f"the {gate.tee.value} devices changed since boot: {before} -> {now}")
+        report_data = secrets.token_bytes(64)
+        evidence = self._attester.collect(report_data)
+        try:
+            verify_evidence(
+                evidence,
+                expected_report_data=report_data,
+                collateral=self._collateral,
+                allow_insecure=self._attester.insecure,
+            )
+        except VerificationUnavailable as exc:
+            if not self._warned_unavailable:
+                logger.warning(
+                    "watchdog: %s evidence collected but not verified here: %s", evidence.tee.value, exc
+                )
+                self._warned_unavailable = True
+        self.rounds += 1
+
+    async def run(self, on_failure: Callable[[str], None]) -> None:
+        """Run rounds until cancelled or one fails (then call ``on_failure(reason)`` and return)."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            if self._metrics is not None:
+                self._metrics.watchdog_checks.inc()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.check), timeout=self.timeout_s)
+            except TimeoutError:
+                if self._metrics is not None:
+                    self._metrics.watchdog_failures.inc()
+                on_failure(f"re-attestation did not finish within {self.timeout_s:.0f} s")
+                return
+            except Exception as exc:
+                if self._metrics is not None:
+                    self._metrics.watchdog_failures.inc()
+                reason = str(exc) if isinstance(exc, Error) else f"internal error ({type(exc).__name__})"
+                if not isinstance(exc, Error):
+                    logger.exception("watchdog round failed")
+                on_failure(f"re-attestation failed: {reason}")
+                return
+
+
+def _identity(gate: DeviceGate) -> dict[str, Any]:
+    """What must not change between the boot gate and a watchdog round."""
+    facts = gate.facts
+    cc = facts.get("cc")
+    if isinstance(cc, dict):  # the ready state is set by the boot gate itself; recheck demands it
+        cc = {k: v for k, v in cc.items() if k != "gpus_ready"}
+    return {
+        "tee": gate.tee.value,
+        "devices": gate.devices,
+        "gpus": facts.get("gpus"),
+        "cc": cc,
+        "pci_gpus": facts.get("pci_gpus"),
+    }

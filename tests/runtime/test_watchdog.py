@@ -1,0 +1,136 @@
+"""The watchdog: re-attestation rounds, and the first change ends serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from attest.errors import AttestationError, VerificationError
+from attest.logs import JsonFormatter, set_stage_provider
+from attest.providers.base import DeviceGate
+from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from runtime.watchdog import Watchdog
+from server.metrics import Metrics
+
+
+class FailingDeviceAttesterDouble(UnsafeSampleDeviceAttester):
+    """Test double: a device whose re-checks pass ``passes`` times, then find the GPU gone."""
+
+    def __init__(self, passes: int) -> None:
+        super().__init__(allow_insecure=True)
+        self.passes = passes
+        self.calls = 0
+
+    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
+        self.calls += 1
+        if self.calls > self.passes:
+            raise VerificationError("GPU 0 (GPU-test) is no longer in confidential-computing mode")
+        return super().recheck(expected_count=expected_count)
+
+
+def watchdog(device: UnsafeSampleDeviceAttester, registry: CollectorRegistry, **kw: object) -> Watchdog:
+    return Watchdog(
+        attester=UnsafeSampleAttester(allow_insecure=True),
+        devices=[device],
+        expected_gpus=None,
+        interval_s=0.01,
+        metrics=Metrics(registry),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_rounds_pass_until_a_device_changes_then_the_reason_is_reported_once() -> None:
+    registry = CollectorRegistry()
+    device = FailingDeviceAttesterDouble(passes=2)
+    dog = watchdog(device, registry)
+    reasons: list[str] = []
+    asyncio.run(asyncio.wait_for(dog.run(reasons.append), timeout=10))
+    assert dog.rounds == 2 and device.calls == 3
+    assert reasons == ["re-attestation failed: GPU 0 (GPU-test) is no longer in confidential-computing mode"]
+    assert registry.get_sample_value("enclave_serve_watchdog_checks_total") == 3
+    assert registry.get_sample_value("enclave_serve_watchdog_failures_total") == 1
+
+
+def test_the_keyset_expiry_ends_serving() -> None:
+    dog = watchdog(UnsafeSampleDeviceAttester(allow_insecure=True), CollectorRegistry(), expires_at=100.0)
+    dog._clock = lambda: 99.0  # type: ignore[method-assign]
+    dog.check()
+    dog._clock = lambda: 100.0  # type: ignore[method-assign]
+    with pytest.raises(AttestationError, match="not_after"):
+        dog.check()
+
+
+def test_evidence_that_stops_binding_fails_the_round() -> None:
+    class WrongReportData(UnsafeSampleAttester):
+        def collect(self, report_data: bytes):  # type: ignore[no-untyped-def]
+            return super().collect(bytes(64))
+
+    dog = Watchdog(
+        attester=WrongReportData(allow_insecure=True), devices=[], expected_gpus=None, interval_s=1
+    )
+    with pytest.raises(AttestationError):
+        dog.check()
+
+
+def test_json_log_lines_carry_the_stage_and_no_traceback_text() -> None:
+    set_stage_provider(lambda: "canary")
+    try:
+        try:
+            raise ValueError("secret-looking detail")
+        except ValueError:
+            record = logging.LogRecord(
+                "runtime.boot", logging.ERROR, __file__, 1, "boot failed: %s", ("x",), None
+            )
+            import sys
+
+            record.exc_info = sys.exc_info()
+        line = JsonFormatter().format(record)
+    finally:
+        set_stage_provider(lambda: None)
+    body = json.loads(line)
+    assert "\n" not in line
+    assert body["stage"] == "canary" and body["message"] == "boot failed: x" and body["level"] == "error"
+    assert body["exc_type"] == "ValueError" and "secret-looking" not in line
+
+
+class ChangingDeviceAttesterDouble(UnsafeSampleDeviceAttester):
+    """Test double: a genuine device whose identity facts change after boot (a swapped GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__(allow_insecure=True)
+        self.uuid = "GPU-boot"
+
+    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
+        gate = super().recheck(expected_count=expected_count)
+        return DeviceGate(tee=gate.tee, devices=1, steps=gate.steps, facts={"gpus": [{"uuid": self.uuid}]})
+
+
+def test_a_device_that_still_verifies_but_changed_since_boot_fails_the_round() -> None:
+    device = ChangingDeviceAttesterDouble()
+    boot = device.recheck()
+    dog = watchdog(device, CollectorRegistry(), baseline=[boot])
+    dog.check()
+    device.uuid = "GPU-swapped"
+    with pytest.raises(AttestationError, match=r"changed since boot.*GPU-swapped"):
+        dog.check()
+
+
+def test_a_stalled_round_counts_as_a_failure() -> None:
+    class StallingDeviceAttesterDouble(UnsafeSampleDeviceAttester):
+        """Test double: a re-check that never returns in time."""
+
+        def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
+            import time
+
+            time.sleep(0.5)
+            return super().recheck(expected_count=expected_count)
+
+    dog = watchdog(StallingDeviceAttesterDouble(allow_insecure=True), CollectorRegistry())
+    dog.timeout_s = 0.05
+    reasons: list[str] = []
+    asyncio.run(asyncio.wait_for(dog.run(reasons.append), timeout=10))
+    assert reasons == ["re-attestation did not finish within 0 s"]
