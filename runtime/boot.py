@@ -646,6 +646,10 @@ class Runtime:
             for task in monitors:
                 task.cancel()
             await asyncio.gather(*monitors, return_exceptions=True)
+        if self._exit_code == 0 and not await engine.healthy():
+            # vLLM's own error handler stops the server when a request meets a dead engine,
+            # possibly before the monitor's next poll: the death is still the reason for exiting.
+            self._fail_serving(Stage.SERVE, "the inference engine died", EXIT_ENGINE_DIED)
         return self._exit_code
 
 
