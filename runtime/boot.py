@@ -41,7 +41,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from attest.errors import AttestationError, ConfigError, Error, KeyHandoffCompromised, ModelError
@@ -52,6 +52,7 @@ from attest.providers import detect_devices, init_data_register, nvidia_gpus_pre
 from attest.providers.base import Attester, DeviceAttester, DeviceGate
 from attest.runconfig import RunConfiguration
 from attest.secret import SecretBytes
+from attest.verify import collateral_from_json
 from loader.keyhandoff import KeyHandoffServer, LoadReport
 from runtime.config import RunConfig
 from runtime.environment import apply_environment, decide_environment
@@ -574,7 +575,7 @@ class Runtime:
         cfg = self.config
         self.status.begin(Stage.SERVE)
         collateral = self._collateral()
-        typed_collateral = _typed_collateral(attester, collateral)  # refused here, before ready
+        typed_collateral = collateral_from_json(collateral).get(attester.tee)  # refused here, before ready
         not_after = int(time.time() + KEYSET_LIFETIME_S)
         service = AttestationService(
             attester=attester,
@@ -651,20 +652,6 @@ class Runtime:
             # possibly before the monitor's next poll: the death is still the reason for exiting.
             self._fail_serving(Stage.SERVE, "the inference engine died", EXIT_ENGINE_DIED)
         return self._exit_code
-
-
-def _typed_collateral(attester: Attester, collateral: Mapping[str, Any]) -> object | None:
-    """The typed collateral of ``attester``'s TEE, for local verification, or None."""
-    from attest.verify import SnpCollateral, TdxCollateral
-
-    item = collateral.get(attester.tee.value)
-    if item is None:
-        return None
-    if attester.tee is TeeKind.TDX:
-        return TdxCollateral.from_json(item)
-    if attester.tee is TeeKind.SNP:
-        return SnpCollateral(vek=base64.b64decode(item["vcek"]))
-    return None
 
 
 def _load_detail(reports: list[LoadReport], prepared: Prepared) -> str:

@@ -283,7 +283,6 @@ class DocumentCache:
         self.document: CachedEntry | None = None
         self.aci: CachedEntry | None = None
         self._task: asyncio.Task[None] | None = None
-        self.refreshed = asyncio.Event()
 
     def current(self, which: str) -> CachedEntry | None:
         """The entry for ``"document"`` or ``"aci"`` if still within its age, else None."""
@@ -299,7 +298,6 @@ class DocumentCache:
         self.document = CachedEntry(body=document.to_bytes(), made=made, expires=made + self.max_age_s)
         aci = await self._scheduler.cached_aci()
         self.aci = CachedEntry(body=_json_bytes(aci), made=made, expires=made + self.max_age_s)
-        self.refreshed.set()
 
     def start(self) -> None:
         if self._task is None:

@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -107,6 +107,14 @@ class AttestationEndpoints:
         if frontend.service.insecure:
             headers["Enclave-Serve-Insecure"] = "sample-tee"
         return {**headers, **extra}
+
+    async def handle(self, request: Request, *, aci: bool) -> Response:
+        """Answer ``GET ...?nonce=<hex>`` (or no query: the cached form); the ACI endpoint takes
+        no other parameter (400)."""
+        params = request.query_params
+        if aci and set(params) - {"nonce"}:
+            return self._bad_nonce()
+        return await self.answer(request, params.get("nonce"), aci=aci)
 
     async def answer(self, request: Request, nonce: str | None, *, aci: bool) -> Response:
         """Answer one attestation request (``nonce`` None: the cached form)."""
@@ -217,20 +225,12 @@ def enclave_router(
     endpoints = endpoints or AttestationEndpoints(status, attestation, metrics)
 
     @router.get(f"{WELL_KNOWN_PREFIX}/attestation")
-    async def attestation_document(
-        request: Request,
-        nonce: str | None = Query(None, description=f"{NONCE_SIZE} random bytes, hex-encoded"),
-    ) -> Response:
-        return await endpoints.answer(request, nonce, aci=False)
+    async def attestation_document(request: Request) -> Response:
+        return await endpoints.handle(request, aci=False)
 
     @router.get("/v1/aci/attestation")
-    async def aci_attestation(
-        request: Request,
-        nonce: str | None = Query(None, description=f"{NONCE_SIZE} random bytes, 64 lowercase hex"),
-    ) -> Response:
-        if set(request.query_params) - {"nonce"}:
-            return endpoints._bad_nonce()
-        return await endpoints.answer(request, nonce, aci=True)
+    async def aci_attestation(request: Request) -> Response:
+        return await endpoints.handle(request, aci=True)
 
     return router
 
@@ -268,12 +268,7 @@ class EnclaveFront:
                 return
             aci = _ATTESTATION_PATHS.get(path)  # type: ignore[arg-type]
             if aci is not None and self.endpoints is not None and scope.get("method") == "GET":
-                request = Request(scope)
-                params = request.query_params
-                if aci and set(params) - {"nonce"}:
-                    response = self.endpoints._bad_nonce()
-                else:
-                    response = await self.endpoints.answer(request, params.get("nonce"), aci=aci)
+                response = await self.endpoints.handle(Request(scope), aci=aci)
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -36,15 +36,14 @@ from typing import Any
 from attest.binding import document_device_nonce
 from attest.document import DOCUMENT_FORMAT, AttestationDocument, DocumentCheck
 from attest.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationError
-from attest.evidence import TeeKind, b64decode_strict
+from attest.evidence import TeeKind
 from attest.initdata import register_for_digest
 from attest.runconfig import RunConfiguration
 from attest.verify import (
     Outcome,
     RefuseInsecure,
-    SnpCollateral,
-    TdxCollateral,
     VerificationResult,
+    collateral_from_json,
     verify_device_evidence,
     verify_evidence,
 )
@@ -135,17 +134,7 @@ def document_collateral(document: AttestationDocument) -> dict[TeeKind, object]:
     Raises:
         MalformedEvidence: a collateral item is not what its TEE expects.
     """
-    typed: dict[TeeKind, object] = {}
-    for name, item in document.collateral.items():
-        if name == TeeKind.TDX.value:
-            typed[TeeKind.TDX] = TdxCollateral.from_json(item)
-        elif name == TeeKind.SNP.value:
-            if not isinstance(item, Mapping):
-                raise MalformedEvidence("collateral: snp must be an object with a 'vcek'")
-            typed[TeeKind.SNP] = SnpCollateral(vek=b64decode_strict(item.get("vcek"), "collateral snp.vcek"))
-        else:
-            raise MalformedEvidence(f"collateral: unknown TEE {name!r}")
-    return typed
+    return collateral_from_json(document.collateral)
 
 
 def verify_document(

@@ -15,7 +15,7 @@ from attest.verify import nvidia as _nvidia
 from attest.verify import sample as _sample
 from attest.verify import snp as _snp
 from attest.verify import tdx as _tdx
-from attest.verify.api import verify_device_evidence, verify_evidence
+from attest.verify.api import collateral_from_json, verify_device_evidence, verify_evidence
 from attest.verify.claims import GpuClaims, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
 from attest.verify.policy import (
     AllOf,
@@ -56,6 +56,7 @@ __all__ = [
     "TdxCollateral",
     "UnsafeNoOp",
     "VerificationResult",
+    "collateral_from_json",
     "fetch_vcek",
     "result_of",
     "verify_device_evidence",

@@ -12,15 +12,17 @@ then shows a skipped ``report_data`` (or ``gpu<i>.nonce``) step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
-from attest.errors import PolicyViolation
-from attest.evidence import Evidence
+from attest.errors import MalformedEvidence, PolicyViolation
+from attest.evidence import Evidence, TeeKind, b64decode_strict
 from attest.verify.base import get_verifier
 from attest.verify.policy import Policy
 from attest.verify.result import StepLog, VerificationResult, attach_result
 
-__all__ = ["verify_device_evidence", "verify_evidence"]
+__all__ = ["collateral_from_json", "verify_device_evidence", "verify_evidence"]
 
 logger = logging.getLogger(__name__)
 
@@ -141,3 +143,29 @@ def verify_device_evidence(
         collateral=collateral,
         allow_insecure=allow_insecure,
     )
+
+
+def collateral_from_json(items: Mapping[str, Any]) -> dict[TeeKind, object]:
+    """Type collateral given as JSON by TEE name (an attestation document's ``collateral``).
+
+    ``tdx``: dcap-qvl collateral JSON; ``snp``: ``{"vcek": <base64 DER or PEM>}``. The result is
+    what :func:`verify_evidence` takes as ``collateral``. Nothing here is trusted yet: each item
+    is checked against its own signatures (Intel's PCS chain, AMD's ARK/ASK) when used.
+
+    Raises:
+        MalformedEvidence: an item is not what its TEE expects, or the TEE is unknown.
+    """
+    from attest.verify.snp import SnpCollateral
+    from attest.verify.tdx import TdxCollateral
+
+    typed: dict[TeeKind, object] = {}
+    for name, item in items.items():
+        if name == TeeKind.TDX.value:
+            typed[TeeKind.TDX] = TdxCollateral.from_json(item)
+        elif name == TeeKind.SNP.value:
+            if not isinstance(item, Mapping):
+                raise MalformedEvidence("collateral: snp must be an object with a 'vcek'")
+            typed[TeeKind.SNP] = SnpCollateral(vek=b64decode_strict(item.get("vcek"), "collateral snp.vcek"))
+        else:
+            raise MalformedEvidence(f"collateral: unknown TEE {name!r}")
+    return typed
