@@ -4,6 +4,7 @@
 #   make lint   ruff, mypy (strict) and the package layering contract (import-linter)
 #   make bench  decrypt-to-tensor benchmark (bench/load.py)
 #   make bench-serve  serving benchmark, stock vLLM vs enclave-serve (bench/serve.py)
+#   make gpu-deps   here (needs PyPI): .gpu-deps/, what the GPU check needs beyond the GPU machine's Python
 #   make gpu-check  on a machine with an NVIDIA GPU: GPU tests, GPU load benchmark, CUDA e2e (docs/gpu.md)
 #   make lock   re-resolve requirements/*.lock (hash-pinned) after a dependency change
 
@@ -21,7 +22,7 @@ PIP_VERSION := 26.3
 BASE_IMAGE_TAG ?= docker.io/vllm/vllm-openai:v0.33.0
 BASE_IMAGE_FILE := requirements/base-image.digest
 
-.PHONY: install tools demo demo-stop test test-fast lint bench bench-serve gpu-check lock pin-base-image image clean
+.PHONY: install tools demo demo-stop test test-fast lint bench bench-serve gpu-deps gpu-check lock pin-base-image image clean
 
 ifeq ($(EXTRAS),cpu$(comma)test)
 $(STAMP): pyproject.toml $(LOCK)
@@ -88,9 +89,29 @@ image:
 	test -s $(BASE_IMAGE_FILE) || { echo "run 'make pin-base-image' first" >&2; exit 1; }
 	podman build --build-arg BASE_IMAGE=$$(cat $(BASE_IMAGE_FILE)) -t enclave-serve -f Containerfile .
 
-# Sets up its own .gpu-venv (GPU build of vLLM); GPU_CHECK_ARGS=--wheels DIR for offline machines.
+# The GPU machine has Python 3.12 with PyTorch (CUDA), nvidia-ml-py, transformers and safetensors, no
+# network, and at most 64 MiB of files travel to it: .gpu-deps holds the rest (cryptography, cffi,
+# rfc8785, pytest for CPython 3.12 manylinux x86_64, hash-checked from requirements/gpu-check.lock).
+GPU_DEPS := .gpu-deps
+GPU_DEPS_LOCK := requirements/gpu-check.lock
+GPU_DEPS_MAX_MIB := 60
+gpu-deps: $(GPU_DEPS)/.installed
+
+$(GPU_DEPS)/.installed: $(GPU_DEPS_LOCK)
+	rm -rf $(GPU_DEPS)
+	$(PYTHON) -m pip install --quiet --no-deps --require-hashes --only-binary=:all: \
+	  --implementation cp --python-version 3.12 --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --target $(GPU_DEPS) -r $(GPU_DEPS_LOCK)
+	@size=$$(du -sm $(GPU_DEPS) | cut -f1); echo "$(GPU_DEPS): $$size MiB"; \
+	  if [ $$size -gt $(GPU_DEPS_MAX_MIB) ]; then echo "$(GPU_DEPS) is over $(GPU_DEPS_MAX_MIB) MiB" >&2; exit 1; fi
+	touch $@
+
+# On the GPU machine as it is (no install step, no network): its Python plus .gpu-deps.
+# Elsewhere: GPU_PYTHON=python3 GPU_CHECK_ARGS=--setup builds .gpu-venv with vLLM instead.
+GPU_PYTHON ?= $(firstword $(wildcard /opt/torch/.venv/bin/python3) $(PYTHON))
 gpu-check:
-	$(PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)
+	PYTHONPATH=$(CURDIR)/$(GPU_DEPS):$(CURDIR) $(GPU_PYTHON) scripts/gpu_check.py --no-setup $(GPU_CHECK_ARGS)
 
 clean: demo-stop
 	rm -rf .demo .bench .pytest_cache

@@ -61,6 +61,9 @@ NONCE_SIZE = 32
 MAX_NONCES = 64
 #: How far in the future a document's ``issued_at`` may be, against the verifier's clock.
 CLOCK_SKEW_S = 300
+#: The same for the cached, unchallenged document, whose only freshness is its age: a guest
+#: clock running ahead must not stretch its use beyond ``max_age_s`` by more than this.
+UNCHALLENGED_CLOCK_SKEW_S = 5
 #: Outcomes the ``canary`` claim may state (a failed canary never yields a document).
 CANARY_STATUSES = ("passed", "not-recorded")
 
@@ -351,7 +354,13 @@ class AttestationDocument:
             at = time.time() if now is None else now
             age = at - claims.issued_at
             bound = min(claims.max_age_s, max_age_s)
-            if age > bound or age < -CLOCK_SKEW_S:
+            if age < -UNCHALLENGED_CLOCK_SKEW_S:
+                raise VerificationError(
+                    f"nonce: the cached document is dated {-age:.0f} s in the future: the enclave's or "
+                    f"this machine's clock is off by more than {UNCHALLENGED_CLOCK_SKEW_S} s; ask with a "
+                    "nonce instead"
+                )
+            if age > bound:
                 raise VerificationError(
                     f"nonce: the cached document is {age:.0f} s old; it may be used for {bound} s "
                     f"(it states {claims.max_age_s} s, the verifier allows {max_age_s} s)"

@@ -59,8 +59,15 @@ __all__ = [
 class Error(Exception):
     """Root of every enclave-serve error.
 
-    ``str(error)`` is safe to log and show to an operator.
+    ``str(error)`` is safe to log and show to anyone: it becomes the public readiness reason, so
+    it names no host path and does not reveal whether a host file exists. ``log_detail`` (keyword
+    only) carries what only the log may have: the path, the operating system's error text.
     """
+
+    def __init__(self, *args: object, log_detail: str | None = None) -> None:
+        super().__init__(*args)
+        #: For the log only (host paths, OS errors); never part of ``str(error)``.
+        self.log_detail = log_detail
 
     def diagnostics(self) -> str:
         """Return a human-readable explanation, including the chain of causes."""

@@ -27,6 +27,7 @@ import gzip
 import hashlib
 import json
 import tomllib
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ __all__ = [
     "ENCLAVE_SERVE_ENTRY",
     "INITDATA_ANNOTATION",
     "INITDATA_VERSION",
+    "INSECURE_AGENT_POLICY",
     "REGISTER_SIZES",
     "InitData",
     "WorkloadPins",
@@ -48,13 +50,68 @@ __all__ = [
 INITDATA_VERSION = "0.1.0"
 #: The Kata pod annotation carrying base64(gzip(init-data TOML)) (``kata: annotations.go``).
 INITDATA_ANNOTATION = "io.katacontainers.config.hypervisor.cc_init_data"
+
+#: An agent policy that allows every agent request except exec and reading container output
+#: streams: for development only (it pins nothing about the container). ``enclave-serve initdata
+#: --allow-insecure-agent-policy`` writes it; the runtime lists it among its insecure modes.
+INSECURE_AGENT_POLICY = "package agent_policy\n\n" + "".join(
+    f"default {name} := {'false' if name in ('ExecProcessRequest', 'ReadStreamRequest') else 'true'}\n"
+    for name in (
+        "AddARPNeighborsRequest", "AddSwapRequest", "CloseStdinRequest", "CopyFileRequest",
+        "CreateContainerRequest", "CreateSandboxRequest", "DestroySandboxRequest", "ExecProcessRequest",
+        "GetMetricsRequest", "GetOOMEventRequest", "GuestDetailsRequest", "ListInterfacesRequest",
+        "ListRoutesRequest", "MemHotplugByProbeRequest", "OnlineCPUMemRequest", "PauseContainerRequest",
+        "PullImageRequest", "ReadStreamRequest", "RemoveContainerRequest",
+        "RemoveStaleVirtiofsShareMountsRequest", "ReseedRandomDevRequest", "ResumeContainerRequest",
+        "SetGuestDateTimeRequest", "SignalProcessRequest", "StartContainerRequest", "StartTracingRequest",
+        "StatsContainerRequest", "StopTracingRequest", "TtyWinResizeRequest", "UpdateContainerRequest",
+        "UpdateEphemeralMountsRequest", "UpdateInterfaceRequest", "UpdateRoutesRequest",
+        "WaitProcessRequest", "WriteStreamRequest",
+    )
+)  # fmt: skip
+
 #: enclave-serve's own entry in the init-data's ``data`` table.
 ENCLAVE_SERVE_ENTRY = "enclave-serve.toml"
 #: Size of the register each TEE carries the digest in (TDX MRCONFIGID, SNP HOST_DATA); the
 #: sample TEE uses TDX's size.
 REGISTER_SIZES: Mapping[TeeKind, int] = {TeeKind.TDX: 48, TeeKind.SNP: 32, TeeKind.SAMPLE: 48}
 _ALGORITHMS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
+#: The largest init-data document accepted, as TOML and as the annotation's decompressed output.
+#: Real documents are a few KiB (the Cloud API Adaptor's example, with its agent policy, is
+#: 4.5 KiB) and the compressed annotation must fit Kubernetes' 256 KiB cap on all of a pod's
+#: annotations together; 1 MiB leaves room for large generated policies while a gzip bomb (about
+#: 1000:1) stops after 1 MiB of output instead of exhausting the guest's memory.
 _MAX_INITDATA = 1 << 20
+#: zlib ``wbits`` for exactly one gzip member (header and CRC-32/ISIZE trailer checked).
+_GZIP_WBITS = 16 + zlib.MAX_WBITS
+
+
+def _gunzip_bounded(packed: bytes, limit: int) -> bytes:
+    """Decompress exactly one gzip member into at most ``limit`` bytes.
+
+    Decompression stops at ``limit + 1`` bytes of output, so a bomb costs no more memory or time
+    than that. Trailing bytes after the member (a second member included) are refused: Kata's
+    agent reads one member, and the bytes measured must be the bytes parsed here.
+
+    Raises:
+        MalformedEvidence: not gzip, truncated, trailing data, or more than ``limit`` bytes.
+    """
+    inflater = zlib.decompressobj(wbits=_GZIP_WBITS)
+    try:
+        out = inflater.decompress(packed, limit + 1)
+    except zlib.error as exc:
+        raise MalformedEvidence(f"the init-data annotation is not base64 of gzip: {exc}") from None
+    if len(out) > limit:
+        raise MalformedEvidence(
+            f"the init-data annotation decompresses to more than {limit >> 20} MiB; refused"
+        )
+    if not inflater.eof:
+        raise MalformedEvidence("the init-data annotation is not base64 of gzip: truncated")
+    if inflater.unused_data:
+        raise MalformedEvidence(
+            "the init-data annotation has data after its gzip stream (one gzip member expected)"
+        )
+    return out
 
 
 def register_for_digest(tee: TeeKind, digest: bytes) -> bytes:
@@ -151,6 +208,11 @@ class InitData:
     algorithm: str
     data: Mapping[str, str]
 
+    @property
+    def insecure_agent_policy(self) -> bool:
+        """Whether ``policy.rego`` is the development policy that pins nothing about the container."""
+        return self.data.get("policy.rego") == INSECURE_AGENT_POLICY
+
     @classmethod
     def from_bytes(cls, raw: bytes) -> InitData:
         """Parse init-data TOML bytes (the exact bytes that were measured).
@@ -181,19 +243,20 @@ class InitData:
     def from_annotation(cls, value: str | bytes) -> InitData:
         """Parse the Kata annotation form: base64 (standard alphabet) of gzip of the TOML.
 
-        Missing ``=`` padding is tolerated (published examples lack it).
+        Missing ``=`` padding is tolerated (published examples lack it). Decompression is
+        bounded: output beyond 1 MiB (the init-data size limit) is refused before it is produced.
 
         Raises:
-            MalformedEvidence: not base64 of gzip, or not valid init-data.
+            MalformedEvidence: not base64 of one gzip member, larger than 1 MiB decompressed,
+                or not valid init-data.
         """
         text = (value.decode("ascii", errors="replace") if isinstance(value, bytes) else value).strip()
         text += "=" * (-len(text) % 4)  # lenient padding
         try:
             packed = base64.b64decode(text, validate=True)
-            raw = gzip.decompress(packed)
-        except (binascii.Error, OSError, EOFError, ValueError) as exc:
+        except (binascii.Error, ValueError) as exc:
             raise MalformedEvidence(f"the init-data annotation is not base64 of gzip: {exc}") from None
-        return cls.from_bytes(raw)
+        return cls.from_bytes(_gunzip_bounded(packed, _MAX_INITDATA))
 
     @classmethod
     def load(cls, data: bytes) -> InitData:

@@ -29,9 +29,11 @@ Consumers: "copy" copies each yielded tensor into a preallocated parameter, as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -500,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         "--cases", help=f"comma-separated (default: {','.join(CASES)}, plus the GPU cases on cuda)"
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument(
+        "--case-timeout-s", type=float, default=600.0, help="kill a case process (and its group) after this"
+    )
+    p.add_argument(
+        "--budget-s", type=float, help="time for all runs together; cases that do not fit are skipped"
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -507,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_case(args.case, args.dir, args)))
         return 0
 
+    # SIGTERM (a timeout above us) unwinds like Ctrl-C, so the running case's group is killed too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     meta = build(args.dir, args.size_gib, args.chunk_size, args.threads)
     gpu = args.device.startswith("cuda")
     wanted = args.cases.split(",") if args.cases else [*CASES, *(GPU_CASES if gpu else ())]
@@ -514,22 +524,29 @@ def main(argv: list[str] | None = None) -> int:
         n for n in wanted
         if (n != "tensorizer-encrypted" or (args.dir / "tensorizer.key").exists())
         and (n != "fastsafetensors-plain" or _importable("fastsafetensors"))
+        and (n not in ("vllm-safetensors-plain", "fastsafetensors-plain") or _importable("vllm"))
         and (n not in ("oci-image", "ocicrypt-bound") or "oci_digest" in meta)
         and (gpu or n not in GPU_CASES)
     ]  # fmt: skip
     best: dict[str, dict[str, Any]] = {}
     every: dict[str, list[float]] = {}
     load_avg = []
+    deadline = time.monotonic() + args.budget_s if args.budget_s else None
     for _ in range(args.repeat):  # round-robin, so that noise hits every case alike
         for name in names:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left < 5:
+                print(f"{name} skipped: out of the --budget-s time", file=sys.stderr)
+                continue
             warm(args.dir)
             load_avg.append(os.getloadavg()[0])
             cmd = [sys.executable, __file__, "--case", name, *_forward(args)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
+            timeout = min(t for t in (args.case_timeout_s, left) if t is not None)
+            code, stdout, stderr = _run_case_process(cmd, timeout)
+            if code != 0:
+                print(f"{name} failed:\n{stderr[-3000:]}", file=sys.stderr)
                 continue
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = json.loads(stdout.strip().splitlines()[-1])
             every.setdefault(name, []).append(r["gbps"])
             if name not in best or r["gbps"] > best[name]["gbps"]:
                 best[name] = r
@@ -575,6 +592,32 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_rss_mib']:>14.0f}{r['peak_rss_beyond_model_mib']:>14.0f}{vb:>8}{vp:>8}{vt:>8}{vo:>10}"
         )
     return 0
+
+
+def _run_case_process(cmd: list[str], timeout: float) -> tuple[int, str, str]:
+    """Run one case in its own process group; kill the whole group on timeout or interruption.
+
+    A case holds the GPU (and pinned memory) until its process ends: none may outlive the bench.
+    """
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        stdout, stderr = proc.communicate()
+        return 124, stdout, f"{stderr}\nkilled after {timeout:.0f} s (--case-timeout-s / --budget-s)"
+    except BaseException:  # KeyboardInterrupt, SystemExit from a signal handler
+        _kill_group(proc)
+        raise
+    return proc.returncode, stdout, stderr
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _importable(module: str) -> bool:

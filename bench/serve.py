@@ -413,6 +413,7 @@ def start_server(
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models.plain),
             "--host", HOST, "--port", str(port), *vllm_options(args),
+            "--no-enable-prefix-caching",  # as the enclave runs by default: like for like
         ]  # fmt: skip
         scheme = "http"
         if args.plain_tls:
@@ -424,7 +425,7 @@ def start_server(
         cmd = [
             str(BIN / "enclave-serve"), "run", str(models.encrypted), "--host", HOST, "--port", str(port),
             "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee", "--kbs-url", kbs_url,
-            "--", *vllm_options(args),
+            "--private-dir", "/dev/shm", "--allow-insecure-shared-private-dir", "--", *vllm_options(args),
         ]  # fmt: skip
         scheme = "https"
     env = server_env(system, args.stock_workers)

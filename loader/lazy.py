@@ -31,12 +31,11 @@ the constructor.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from loader.format import TensorEntry
 from loader.manifest import Manifest, ShardEntry
 from loader.shard import EncryptedShard, Piece, ReadMode, shard_failure
 from loader.source import TORCH_DTYPES, TensorSource, default_threads
-from loader.staging import Slot, StagingOptions, StagingRing, copy_slot_to_device
+from loader.staging import CopyLaneFactory, StagingOptions, StagingRing, copy_lane
 from loader.stats import StatsRecorder
 
 __all__ = ["EncryptedTensor", "LazyCheckpoint"]
@@ -162,19 +161,27 @@ class _Region:
 
 
 class _Lane:
-    """One destination device's staging ring, copy thread and (CUDA) copy stream."""
+    """One destination device's staging ring and copy lane (thread, and CUDA stream)."""
 
-    def __init__(self, device: torch.device, slots: int, options: StagingOptions, slot_bytes: int) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        slots: int,
+        options: StagingOptions,
+        slot_bytes: int,
+        factory: CopyLaneFactory,
+    ) -> None:
         # Pinning only helps DMA to a device (and needs an accelerator to allocate at all).
         mode = options.mode if device.type == "cuda" else "pageable"
         self.ring = StagingRing(slots=slots, slot_bytes=slot_bytes, mode=mode)
-        self.copier = ThreadPoolExecutor(1, thread_name_prefix=f"enclave-copy-{device}")
-        self.stream = (
-            torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
-        )
+        try:
+            self.copier = factory(self.ring, device)
+        except BaseException:
+            self.ring.close()
+            raise
 
     def close(self) -> None:
-        self.copier.shutdown(wait=True)
+        self.copier.close()  # every copy completed: nothing reads the slots any more
         self.ring.close()
 
 
@@ -365,8 +372,10 @@ class LazyCheckpoint:
         overlap_host_copies: bool = False,
         stats: StatsRecorder | None = None,
         on_close: Callable[[], None] | None = None,
+        copy_lanes: CopyLaneFactory = copy_lane,
     ) -> None:
         self._sources = iter(sources)
+        self._copy_lanes = copy_lanes
         self._unmap_consumed = unmap_consumed
         self.threads = threads or default_threads()
         self.staging = staging if staging is not None else StagingOptions()
@@ -601,8 +610,10 @@ class LazyCheckpoint:
         with self._lock:
             lane = self._lanes.get(dst.device)
             if lane is None:
-                slots = self.staging.slot_count(self.threads)
-                lane = self._lanes[dst.device] = _Lane(dst.device, slots, self.staging, self._slot_bytes)
+                slots = self.staging.slot_count(self.threads, self._slot_bytes)
+                lane = self._lanes[dst.device] = _Lane(
+                    dst.device, slots, self.staging, self._slot_bytes, self._copy_lanes
+                )
         flat = dst.reshape(-1).view(torch.uint8)
         shard = region.shard
         lo, hi = region.byte_range
@@ -614,11 +625,8 @@ class LazyCheckpoint:
                 "staging slots"
             )
         queue = _Pieces(pieces)
-        lock = threading.Lock()
-        copies: list[Future[None]] = []
-
-        def copy(slot: Slot, d0: int, d1: int) -> None:
-            copy_slot_to_device(lane.ring, slot, flat[d0:d1], lane.stream)
+        copier = lane.copier
+        batch = copier.begin()  # the copies wait for what the consumer queued before this copy_
 
         def work() -> None:
             while (piece := queue.next()) is not None:
@@ -636,21 +644,19 @@ class LazyCheckpoint:
                 except BaseException:
                     lane.ring.give_back(slot)
                     raise
-                with lock:
-                    copies.append(lane.copier.submit(copy, slot, d0, d1))
+                copier.submit(batch, slot, flat[d0:d1])
 
         failed = False
         try:
             self._share(queue, len(pieces), work)
-            for f in copies:
-                f.result()
         except Exception:
-            for f in copies:
-                with contextlib.suppress(Exception):
-                    f.result()
-            flat.zero_()
+            failed = True
+        try:
+            copier.finish(batch)  # every copy issued, and ordered before the consumer's next work
+        except Exception:
             failed = True
         if failed:
+            flat.zero_()  # after the copies already issued (the consumer waits for them first)
             raise shard_failure(shard.label)
         if self._unmap_consumed:
             shard.discard(pieces)

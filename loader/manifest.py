@@ -338,9 +338,11 @@ class Manifest:
             with path.open("rb") as f:
                 data = f.read(_MAX_MANIFEST + 1)
         except OSError as exc:
-            raise ModelFormatError(f"cannot read {path}: {exc.strerror}") from exc
+            raise ModelFormatError(
+                f"cannot read the model's {MANIFEST_NAME}", log_detail=f"{path}: {exc.strerror}"
+            ) from None
         if len(data) > _MAX_MANIFEST:
-            raise ModelFormatError(f"{path} is larger than {_MAX_MANIFEST} bytes")
+            raise ModelFormatError(f"the model's {MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes")
         return cls.from_bytes(data)
 
     def authenticate(self, key: SecretBytes) -> None:

@@ -40,15 +40,24 @@ _READ_BLOCK = 1 << 20
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
+def _side_file_refused(name: str, why: str) -> ModelFormatError:
+    """One public reason whatever went wrong (missing, unreadable, modified): the host learns
+    nothing about its own files from the readiness reason; the log says which."""
+    return ModelFormatError(
+        f"plain file {name!r} does not match the manifest (missing, unreadable or modified)",
+        log_detail=why,
+    )
+
+
 def _read_once(path: Path, size: int, name: str) -> bytes:
     """Return the bytes of ``path`` read through one descriptor, refusing more than ``size``."""
     try:
         fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
     except OSError as exc:
-        raise ModelFormatError(f"plain file {name!r} is missing or unreadable") from exc
+        raise _side_file_refused(name, f"cannot open: {exc.strerror}") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ModelFormatError(f"plain file {name!r} is not a regular file")
+            raise _side_file_refused(name, "not a regular file")
         chunks: list[bytes] = []
         got = 0
         while got <= size:
@@ -59,7 +68,7 @@ def _read_once(path: Path, size: int, name: str) -> bytes:
             got += len(block)
         return b"".join(chunks)
     except OSError as exc:
-        raise ModelFormatError(f"plain file {name!r} is missing or unreadable") from exc
+        raise _side_file_refused(name, f"cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
 
@@ -114,7 +123,7 @@ def stage_model_view(model_dir: Path, manifest: Manifest, view: Path) -> Path:
         data = _read_once(root / plain.name, plain.size, plain.name)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if len(data) != plain.size or not hmac.compare_digest(digest, plain.sha256):
-            raise ModelFormatError(f"plain file {plain.name!r} does not match the manifest (modified?)")
+            raise _side_file_refused(plain.name, "its bytes do not match the manifest")
         staged.append((plain.name, data))
     try:
         view.mkdir(mode=0o700)

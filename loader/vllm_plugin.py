@@ -43,9 +43,10 @@ from loader.keyhandoff import request_key
 from loader.lazy import LazyCheckpoint
 from loader.manifest import Manifest
 from loader.oci.image import VIEW_MARKER
+from loader.source import default_threads
 from loader.staging import STAGING_MODES, StagingOptions
 
-__all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "register"]
+__all__ = ["LOAD_FORMAT", "EncryptedLoaderConfig", "EncryptedModelLoader", "register", "scrub_engine_dumps"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +110,17 @@ class EncryptedLoaderConfig:
             test_corrupt_weight=corrupt,
         )
 
-    def engine_options(self) -> dict[str, Any]:
-        """The decrypt engine's options for this loader (:class:`loader.lazy.LazyCheckpoint`).
+    def engine_options(self, ranks: int = 1) -> dict[str, Any]:
+        """The decrypt engine's options for one of ``ranks`` workers loading at the same time.
 
-        Host copies are overlapped: a parameter's last chunks may land after its ``copy_``
-        returns, which is safe because weight loaders only copy into parameters, and the engine
-        settles every copy before ``load_weights`` returns (:meth:`LazyCheckpoint.synchronize`).
+        Without a configured thread count each rank takes its share of this process's CPUs
+        (every rank of the VM decrypts at once; more threads than cores only contend). Host
+        copies are overlapped: a parameter's last chunks may land after its ``copy_`` returns,
+        which is safe because weight loaders only copy into parameters, and the engine settles
+        every copy before ``load_weights`` returns (:meth:`LazyCheckpoint.synchronize`).
         """
-        return {"threads": self.threads, "staging": self.staging, "overlap_host_copies": True}
+        threads = self.threads or max(1, default_threads() // max(1, ranks))
+        return {"threads": threads, "staging": self.staging, "overlap_host_copies": True}
 
     def capability(self, rank: int) -> str:
         """Return the capability of ``rank``. Raises ConfigError for a rank the runtime did not expect."""
@@ -135,6 +139,16 @@ def _engine_rank() -> int:
         return int(get_world_group().rank_in_group)
     except (AssertionError, ImportError, RuntimeError, AttributeError):
         return 0
+
+
+def _engine_ranks() -> int:
+    """How many workers of this engine load at once (tensor x pipeline parallel), 1 without."""
+    try:
+        from vllm.distributed.parallel_state import get_world_group
+
+        return max(1, int(get_world_group().world_size))
+    except (AssertionError, ImportError, RuntimeError, AttributeError):
+        return 1
 
 
 def _tp_rank_and_size() -> tuple[int, int]:
@@ -182,11 +196,15 @@ class EncryptedModelLoader(BaseModelLoader):
         try:
             if image is not None:
                 checkpoint: LazyCheckpoint | _ImageLoad = image
-                loaded = image.load(model, key, threads=self.options.threads)
+                loaded = image.load(
+                    model, key, threads=self.options.engine_options(_engine_ranks())["threads"]
+                )
             else:
                 # Each parameter's weight_loader copies an EncryptedTensor into its slice: the
                 # chunks holding exactly those rows are decrypted straight into the parameter.
-                with LazyCheckpoint.open(model_dir, manifest, key, **self.options.engine_options()) as lazy:
+                with LazyCheckpoint.open(
+                    model_dir, manifest, key, **self.options.engine_options(_engine_ranks())
+                ) as lazy:
                     checkpoint = lazy
                     loaded = model.load_weights(lazy.tensors())  # type: ignore[operator]
                     lazy.synchronize()  # overlapped host copies have all landed (or raise)
@@ -255,13 +273,12 @@ class _ImageLoad:
             raise ModelFormatError(f"the model view names {marker.get('digest')}, not the attested {digest}")
         return cls(marker)
 
-    def load(self, model: nn.Module, key: Any, *, threads: int | None) -> Any:
+    def load(self, model: nn.Module, key: Any, *, threads: int) -> Any:
         from loader.oci.blobs import open_store
         from loader.oci.image import load_image
         from loader.oci.layers import LayerKeys, image_tensors
         from loader.oci.ocicrypt import private_key_from_pem
         from loader.oci.reference import ImageReference
-        from loader.source import default_threads
 
         reference = ImageReference.parse(str(self.marker["image"]))
         store = open_store(reference, allow_http=bool(self.marker.get("allow_http")))
@@ -270,11 +287,36 @@ class _ImageLoad:
             keys = LayerKeys(image, private_key_from_pem(key.reveal()))
             tensors = image_tensors(
                 store, image, keys, root=str(self.marker.get("root", "")),
-                threads=threads or default_threads(), stats=self.stats,
+                threads=threads, stats=self.stats,
             )  # fmt: skip
             return model.load_weights(tensors)  # type: ignore[operator]
         finally:
             store.close()
+
+
+def _suppressed_dump(config: Any, scheduler_output: Any, scheduler_stats: Any) -> None:
+    logger.error(
+        "the engine failed during a model step; vLLM's input dump is suppressed (it would log request "
+        "data: prompts' token ids, stop strings, output schemas, and the loader's configuration)"
+    )
+
+
+def scrub_engine_dumps() -> None:
+    """Replace vLLM's engine-crash input dump, which logs the scheduler's requests and the config.
+
+    The dump (``vllm.logging_utils.dump_input``) prints every scheduled request's sampling
+    parameters (stop strings, structured-output schemas: user data) and the whole ``VllmConfig``
+    (with the loader's per-rank key capabilities) to the host-visible log. The engine core imports
+    it by name, so both bindings are replaced. Idempotent.
+    """
+    import sys
+
+    from vllm.logging_utils import dump_input
+
+    setattr(dump_input, "dump_engine_exception", _suppressed_dump)  # noqa: B010
+    core = sys.modules.get("vllm.v1.engine.core")
+    if core is not None and hasattr(core, "dump_engine_exception"):
+        setattr(core, "dump_engine_exception", _suppressed_dump)  # noqa: B010
 
 
 def register() -> None:
@@ -288,6 +330,7 @@ def register() -> None:
     configure_logging(only_if_unconfigured=True)
     # Every vLLM process (API server, engine core, workers) will hold the key or the weights.
     protect_process_memory()
+    scrub_engine_dumps()
 
     if _LOAD_FORMAT_TO_MODEL_LOADER.get(LOAD_FORMAT) is not EncryptedModelLoader:
         register_model_loader(LOAD_FORMAT)(EncryptedModelLoader)

@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from attest.errors import AttestationError, ConfigError, Error, KeyHandoffCompromised, ModelError
 from attest.evidence import TeeKind
@@ -68,6 +68,9 @@ from server.metrics import Metrics
 from server.routes import AttestationEndpoints, EnclaveFront, boot_app, enclave_router
 from server.status import BootStatus, Stage
 from server.tls import EnclaveTls, generate_enclave_tls
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 __all__ = [
     "EXIT_BOOT_FAILED",
@@ -168,6 +171,7 @@ class Runtime:
             )
         set_stage_provider(lambda: None if self.status.current is None else self.status.current.value)
         self._frontend: AttestationFrontend | None = None
+        self._app: FastAPI | None = None
         self._http: HttpServer | None = None
         self._exit_code = 0
         self._configuration: RunConfiguration | None = None
@@ -193,11 +197,18 @@ class Runtime:
     # -- stages ----------------------------------------------------------------------------
 
     def _config_stage(self) -> Prepared:
-        self._private = PrivateDirectory.create(self.config.private_dir)
+        self._private = PrivateDirectory.create(
+            self.config.private_dir, allow_insecure_shared=self.config.allow_insecure_shared_private_dir
+        )
         environment = _apply_environment(self._private)  # before anything imports vLLM
         tls_files = (self._tls.keyfile, self._tls.certfile) if self._tls is not None else None
         prepared = prepare(self.config, self._private, environment=environment, tls_files=tls_files)
         self._configuration = prepared.configuration
+        self.status.mounts = [m.to_json() for m in prepared.mounts]
+        if prepared.init_data is not None and prepared.init_data.insecure_agent_policy:
+            mode = "init-data agent policy pins nothing about the container (--allow-insecure-agent-policy)"
+            logger.warning("INSECURE MODE: %s", mode)
+            self.status.insecure_modes.append(mode)
         return prepared
 
     def _attest_stage(self, prepared: Prepared) -> tuple[Attester, list[DeviceAttester]]:
@@ -233,6 +244,10 @@ class Runtime:
         )
         if self.config.gpus == "none" and nvidia_gpus_present():
             self.status.insecure_modes.append("NVIDIA GPUs present but not attested (--gpus none)")
+        elif self.config.allow_insecure_gpu_cc_off and not devices and nvidia_gpus_present():
+            self.status.insecure_modes.append(
+                "NVIDIA GPUs not attested: confidential computing is off (--allow-insecure-gpu-cc-off)"
+            )
         # Before any key is requested: every GPU genuine, in CC mode, counted, verified locally.
         self._gates = [device.gate(expected_count=self.config.expected_gpus) for device in devices]
         return attester, devices
@@ -502,10 +517,16 @@ class Runtime:
             return {"status": "not-recorded"}, "not run: the model records no canary reference"
         started = time.monotonic()
         try:
-            prompt_ids, token_ids = await asyncio.wait_for(
-                engine.generate_ids(reference.prompt, reference.sampling, request_id="enclave-serve-canary"),
-                CANARY_TIMEOUT_S,
-            )
+            if reference.render == "chat":  # the way requests go: the app's chat route and template
+                self._app = await engine.build_app()
+                run = engine.chat_ids(
+                    self._app, reference.messages, reference.sampling, request_id="enclave-serve-canary"
+                )
+            else:  # a plain-prompt canary (models packed before chat canaries): the engine itself
+                run = engine.generate_ids(
+                    reference.prompt, reference.sampling, request_id="enclave-serve-canary"
+                )
+            prompt_ids, token_ids = await asyncio.wait_for(run, CANARY_TIMEOUT_S)
         except TimeoutError:
             self.metrics.canary_outcome("failed")
             raise ModelError(
@@ -515,18 +536,31 @@ class Runtime:
             self.metrics.canary_outcome("failed")
             raise ModelError(f"canary: the generation failed ({type(exc).__name__})") from None
         seconds = time.monotonic() - started
-        why = reference.mismatch(prompt_ids, token_ids)
+        served_on = engine.device_family()
+        why = reference.mismatch(prompt_ids, token_ids, served_on=served_on)
         if why is not None:
             self.metrics.canary_outcome("failed", seconds)
             raise ModelError(f"canary: {why}; refusing to serve")
         self.metrics.canary_outcome("passed", seconds)
-        detail = f"{len(token_ids)} tokens equal to the reference ({reference.reference}) in {seconds:.2f} s"
-        return {"status": "passed", "tokens": len(token_ids), "reference_sha256": reference.sha256}, detail
+        detail = (
+            f"{len(token_ids)} tokens equal to the reference ({reference.reference}) on {served_on} "
+            f"in {seconds:.2f} s"
+        )
+        claim = {
+            "status": "passed",
+            "tokens": len(token_ids),
+            "reference_sha256": reference.sha256,
+            "render": reference.render or "prompt",
+            "reference_computed_on": reference.computed_in,
+            "served_on": served_on,
+        }
+        return claim, detail
 
     def _fail(self, stage: Stage, exc: Exception) -> None:
         if isinstance(exc, Error):
-            reason = str(exc)
-            logger.error("boot failed at stage %s: %s", stage.value, reason)
+            reason = str(exc)  # public: names no host path (attest/errors.py)
+            detail = f" ({exc.log_detail})" if exc.log_detail else ""
+            logger.error("boot failed at stage %s: %s%s", stage.value, reason, detail)
         else:  # a bug, not a verdict: keep the traceback in the log, only the type in the reason
             reason = f"internal error ({type(exc).__name__}); see the log"
             logger.exception("boot failed at stage %s: %s", stage.value, reason)
@@ -608,7 +642,8 @@ class Runtime:
             metrics=self.metrics,
             endpoints=endpoints,
         )
-        app = await engine.build_app([router])
+        app = self._app if self._app is not None else await engine.build_app()  # the canary's, if any
+        app.include_router(router)
         await self._frontend.start()  # the cached document exists before ready
         # Hand the port over from the boot server to the serving one.
         await boot_server.stop()
@@ -673,7 +708,9 @@ def print_configuration(config: RunConfig) -> RunConfiguration:
         Error: the configuration would be refused at boot.
     """
     config.validate()
-    private = PrivateDirectory.create(config.private_dir)
+    private = PrivateDirectory.create(
+        config.private_dir, allow_insecure_shared=config.allow_insecure_shared_private_dir
+    )
     try:
         environment = _apply_environment(private)
         tls_files = ("<tls key>", "<tls certificate>") if config.tls else None

@@ -13,8 +13,17 @@ from collections.abc import Sequence
 
 from attest.errors import Error
 from attest.logs import configure_logging
+from attest.secret import protect_process_memory
 
 __all__ = ["build_parser", "main"]
+
+# A process spawned by vLLM (its engine core and workers: multiprocessing's spawn runs
+# ``python -c 'from multiprocessing.spawn import spawn_main; ...' --multiprocessing-fork``) imports
+# the parent's main module, and so this one, *before* it unpickles its process object, which
+# carries the key handoff capabilities: become non-dumpable first. (The loader plugin does it
+# again later; that is too late for the unpickling.)
+if "--multiprocessing-fork" in sys.orig_argv:  # sys.argv is the parent's by then
+    protect_process_memory()
 
 #: Subcommand modules, in the order ``--help`` lists them.
 COMMANDS = (

@@ -12,12 +12,41 @@ from typing import Any
 
 from attest.errors import ConfigError
 
-__all__ = ["DEFAULT_PRIVATE_DIR", "KEY_SOURCES", "RunConfig"]
+__all__ = ["ATTESTED_AS", "DEFAULT_PRIVATE_DIR", "KEY_SOURCES", "OPERATIONAL_SETTINGS", "RunConfig"]
 
 KEY_SOURCES = ("kbs", "cdh", "file")
 
-#: Where the guest-private working directory is created (a tmpfs in every Linux container).
-DEFAULT_PRIVATE_DIR = Path("/dev/shm")
+#: Where the guest-private working directory is created: the mount point of a memory emptyDir
+#: that only the runtime's container mounts (runtime/private.py; never the pod-wide /dev/shm).
+DEFAULT_PRIVATE_DIR = Path("/run/enclave-serve")
+
+
+#: Settings that are attested under another name or as what they lead to.
+ATTESTED_AS = {
+    "model": "model.manifest_digest (the identity of what is served, not the path)",
+    "key_id": "settings.key_resource",
+    "kbs_cacert": "settings.kbs_ca_sha256 (the bytes read, not the path)",
+    "vllm_args": "vllm.options (the parsed, checked values)",
+}
+
+#: Settings left out of the attested configuration, each with why that is safe: they change
+#: where or how long the server is reachable, or how its output is formatted, never what runs,
+#: what is loaded or who receives the key. A test holds every other setting to being attested.
+OPERATIONAL_SETTINGS = {
+    "host": "the listen address: the host controls the network anyway; nothing that runs changes",
+    "port": "the listen port: as the address",
+    "init_data": "the init-data's bytes are checked against the hardware register and claimed by digest; "
+    "the path changes nothing",
+    "sample_init_data": "as init_data, for the sample TEE",
+    "drain_timeout_s": "how long in-flight requests may finish at SIGTERM: availability only",
+    "attestation_rate": "attestation documents per client and second: availability only",
+    "attestation_burst": "as attestation_rate",
+    "attestation_queue": "fresh documents waiting for evidence (429 beyond): availability only",
+    "tdx_collateral": "data each verifier authenticates by its own signatures against pinned roots; it "
+    "decides only whether verification completes without fetching it",
+    "snp_vcek": "as tdx_collateral",
+    "log_format": "text or JSON lines: the same messages",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +78,8 @@ class RunConfig:
     tls_hostnames: tuple[str, ...] = ("localhost", "127.0.0.1")
     exit_on_failure: bool = False
     private_dir: Path = DEFAULT_PRIVATE_DIR
+    #: Accept a private directory on the pod-wide /dev/shm (development machines only).
+    allow_insecure_shared_private_dir: bool = False
     init_data: Path | None = None
     sample_init_data: Path | None = None
     #: Refuse a model that records no canary reference (instead of serving it with the claim
@@ -70,6 +101,8 @@ class RunConfig:
     snp_vcek: Path | None = None
     #: One-line JSON logs (``text`` otherwise).
     log_format: str = "text"
+    #: Debug logging (``-v``): libraries log more at DEBUG (URLs, request details), so it is attested.
+    verbose: bool = False
     vllm_args: tuple[str, ...] = field(default_factory=tuple)
 
     def validate(self) -> None:
@@ -177,12 +210,15 @@ class RunConfig:
             "key_file": str(self.key_file) if self.key_source == "file" and self.key_file else None,
             "allow_insecure_key_file": self.allow_insecure_key_file,
             "allow_insecure_http_registry": self.allow_insecure_http_registry,
+            "allow_insecure_shared_private_dir": self.allow_insecure_shared_private_dir,
             "tls": self.tls,
             "tls_hostnames": list(self.tls_hostnames) if self.tls else [],
             "exit_on_failure": self.exit_on_failure,
             "require_canary": self.require_canary,
             "watchdog_interval_s": self.watchdog_interval_s,
             "attestation_max_age_s": self.attestation_max_age_s,
+            "private_dir": str(self.private_dir),
+            "verbose": self.verbose,
             "insecure_modes": self.insecure_modes,
         }
 
@@ -204,4 +240,6 @@ class RunConfig:
             modes.append("plain-HTTP key broker")
         if self.allow_insecure_http_registry:
             modes.append("plain-HTTP image registry (loopback)")
+        if self.allow_insecure_shared_private_dir:
+            modes.append("private directory on the pod-wide /dev/shm (other containers can reach it)")
         return modes

@@ -7,7 +7,8 @@ variables (``VLLM_SERVER_DEV_MODE`` opens development routes that can dump the w
 :func:`decide_environment` sorts every variable into one of four classes:
 
 * **allowed**: sizes, thread counts, device selection, locale, timeouts (:data:`ALLOWED`, some
-  with a value check). They are kept, and their values go into the attested configuration.
+  with a value check: paths compared by whole components, locale and time zone by name, never
+  a path). They are kept, and their values go into the attested configuration.
 * **forced**: set by the runtime whatever the host says (:data:`FORCED`): offline Hugging Face,
   no usage statistics, only enclave-serve's vLLM plugin, spawned (not forked) workers, a fixed
   ``PATH``, and ``HOME``/``TMPDIR``/every cache directory inside the guest-private directory.
@@ -30,6 +31,7 @@ variables (``VLLM_SERVER_DEV_MODE`` opens development routes that can dump the w
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -72,19 +74,68 @@ def _number(value: str) -> str | None:
     return None
 
 
+#: The image's system library directories, as CUDA base images put them on LD_LIBRARY_PATH.
+_SYSTEM_LIBRARY_ROOTS = (("usr",), ("lib",), ("lib32",), ("lib64",), ("opt", "nvidia"))
+_PATH_COMPONENT = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*", re.ASCII)
+
+
 def _system_dirs(value: str) -> str | None:
-    for entry in value.split(":"):
-        if entry and not entry.startswith(("/usr/", "/lib", "/opt/nvidia/")):
-            return f"entry {entry!r} is outside the image's system library directories"
+    """Every entry an absolute path under one of :data:`_SYSTEM_LIBRARY_ROOTS`, by whole components.
+
+    The dynamic linker splits on ``:`` and ``;``, reads an empty entry as the working directory
+    and expands ``$ORIGIN``; ``..`` is resolved by the kernel, through symbolic links. So each
+    entry must be absolute, made of plain components (no ``.``, ``..``, ``$``), and start with
+    a root's components (``/usr/lib`` yes, ``/usr/../models/lib`` and ``/libhost`` no).
+    """
+    if value == "":
+        return None  # the linker ignores an empty LD_LIBRARY_PATH
+    for entry in re.split(r"[:;]", value):
+        if not entry.startswith("/"):
+            return (
+                "every entry must be an absolute path (an empty or relative entry is the working directory)"
+            )
+        parts = [p for p in entry.split("/") if p]
+        if not all(_PATH_COMPONENT.fullmatch(p) for p in parts):
+            return "entries must be plain paths (no '.', '..', '$' or unusual characters)"
+        if not any(tuple(parts[: len(root)]) == root for root in _SYSTEM_LIBRARY_ROOTS):
+            return (
+                "an entry is outside the image's system library directories "
+                "(/usr, /lib, /lib32, /lib64, /opt/nvidia)"
+            )
     return None
 
 
 def _cuda_home(value: str) -> str | None:
-    return (
-        None
-        if value == "/usr/local/cuda" or value.startswith("/usr/local/cuda-")
-        else "must be /usr/local/cuda"
-    )
+    matched = re.fullmatch(r"/usr/local/cuda(-[0-9]+(\.[0-9]+)*)?/?", value, re.ASCII)
+    return None if matched else "must be /usr/local/cuda or /usr/local/cuda-<version>"
+
+
+# A time zone by name, looked up under /usr/share/zoneinfo (TZDIR is not allowed): glibc reads
+# a value that starts with ':' or '/', or that climbs with '..', as a file anywhere.
+_TZ_NAME = re.compile(r"[A-Za-z0-9_+-]{1,32}(/[A-Za-z0-9_+-]{1,32}){0,2}", re.ASCII)
+# language[_territory][.codeset][@modifier], or C / POSIX: glibc reads a name with '/' as a path.
+_LOCALE_NAME = re.compile(
+    r"[A-Za-z]{1,8}(_[A-Za-z0-9]{1,8})?(\.[A-Za-z0-9-]{1,16})?(@[A-Za-z0-9]{1,16})?", re.ASCII
+)
+
+
+def _time_zone(value: str) -> str | None:
+    if value == "" or _TZ_NAME.fullmatch(value):  # empty: UTC
+        return None
+    return "must be a time zone name such as UTC or Europe/Paris (no path, no ':' form, no '..')"
+
+
+def _locale(value: str) -> str | None:
+    if value == "" or _LOCALE_NAME.fullmatch(value):  # empty: as if unset
+        return None
+    return "must be a locale name such as C.UTF-8 or en_US.UTF-8 (no path)"
+
+
+def _languages(value: str) -> str | None:
+    """``LANGUAGE``: gettext's ``:``-separated list of locale names."""
+    if value == "" or all(_LOCALE_NAME.fullmatch(item) for item in value.split(":")):
+        return None
+    return "must be locale names separated by ':' such as en_US:en (no path, no empty entry)"
 
 
 _SYSTEM_CA_STORES = frozenset(
@@ -159,12 +210,12 @@ ALLOWED: Mapping[str, Check] = {
     "SSL_CERT_DIR": _system_ca_store,
     "REQUESTS_CA_BUNDLE": _system_ca_store,
     "CURL_CA_BUNDLE": _system_ca_store,
-    # Locale and time.
-    "LANG": _any,
-    "LANGUAGE": _any,
-    "LC_ALL": _any,
-    "LC_CTYPE": _any,
-    "TZ": _any,
+    # Locale and time: names only (a path would make the C library read a host file).
+    "LANG": _locale,
+    "LANGUAGE": _languages,
+    "LC_ALL": _locale,
+    "LC_CTYPE": _locale,
+    "TZ": _time_zone,
     "NO_COLOR": _any,
 }
 
@@ -301,7 +352,7 @@ def _refusal(name: str, value: str) -> str | None:
         return REFUSED[name]
     if name in ALLOWED:
         problem = ALLOWED[name](value)
-        return None if problem is None else f"{problem} (got {value!r})"
+        return problem
     if name in FORCED:
         return None
     if name.startswith(REFUSED_PREFIXES):
@@ -318,19 +369,21 @@ def decide_environment(
     ``python_dir`` the directory of the interpreter (first on ``PATH``).
 
     Raises:
-        ConfigError: naming every refused variable and why (values are never shown for
-            refused names, which may hold credentials).
+        ConfigError: naming every refused variable and why; values never in the message
+            (host paths, credentials), those of allowed, non-secret names in ``log_detail``.
     """
     python_dir = python_dir if python_dir is not None else os.path.dirname(sys.executable)
-    refused = []
+    refused, values = [], []
     for name in sorted(environ):
         reason = _refusal(name, environ[name])
         if reason is not None:
-            shown = reason if name in ALLOWED else reason.replace(f" (got {environ[name]!r})", "")
-            refused.append(f"{name} ({shown})")
+            refused.append(f"{name} ({reason})")
+            if name in ALLOWED and name not in SECRET_VALUES:
+                values.append(f"{name}={environ[name]!r}")
     if refused:
         raise ConfigError(
-            "refused environment variable(s): " + "; ".join(refused) + ". Remove them from the pod spec."
+            "refused environment variable(s): " + "; ".join(refused) + ". Remove them from the pod spec.",
+            log_detail=("values: " + ", ".join(values)) if values else None,  # the log only: host paths
         )
     final: dict[str, str] = {}
     attested: dict[str, str] = {}

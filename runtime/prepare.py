@@ -27,6 +27,7 @@ from attest.kbs.uri import ResourceUri
 from attest.runconfig import RunConfiguration
 from runtime.config import RunConfig
 from runtime.models import ImageModel, NativeModel, prepare_model
+from runtime.mounts import SYSTEM_CODE_PATHS, Mount, check_mounts, code_paths, read_mount_table
 from runtime.private import PrivateDirectory
 from runtime.vllm_args import VllmArguments, parse_vllm_arguments, runtime_argv
 
@@ -49,6 +50,8 @@ class Prepared:
     #: The CoCo init-data the runtime was given, whose pins it enforced (the attest stage checks
     #: it against the hardware register).
     init_data: InitData | None = None
+    #: The mount table the config stage checked (:mod:`runtime.mounts`), for the boot report.
+    mounts: tuple[Mount, ...] = ()
 
     @property
     def ranks(self) -> int:
@@ -83,9 +86,11 @@ def _copy_ca_bundle(source: Path, private: PrivateDirectory) -> tuple[Path, str]
         with source.open("rb") as f:
             data = f.read(_MAX_CA_BUNDLE + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read the KBS CA certificate {source}: {exc.strerror}") from exc
+        raise ConfigError(
+            "cannot read the KBS CA certificate (--kbs-cacert)", log_detail=f"{source}: {exc.strerror}"
+        ) from None
     if len(data) > _MAX_CA_BUNDLE or b"-----BEGIN CERTIFICATE-----" not in data:
-        raise ConfigError(f"{source} is not a PEM CA certificate bundle")
+        raise ConfigError("the KBS CA certificate (--kbs-cacert) is not a PEM CA certificate bundle")
     copy = private.root / "kbs-ca.pem"
     fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
     with os.fdopen(fd, "wb") as f:
@@ -98,11 +103,31 @@ def _load_init_data(path: Path) -> InitData:
         with path.open("rb") as f:
             data = f.read(_MAX_CA_BUNDLE + 1)
     except OSError as exc:
-        raise ConfigError(f"cannot read the init-data {path}: {exc.strerror}") from exc
+        raise ConfigError("cannot read the init-data file", log_detail=f"{path}: {exc.strerror}") from None
     try:
         return InitData.load(data)
     except MalformedEvidence as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"the init-data file: {exc}") from exc
+
+
+def _model_location(model: str) -> str | None:
+    """The local path of ``run``'s model argument: a directory or an ``oci:`` layout (None: a registry)."""
+    if model.startswith("oci:"):
+        return model[len("oci:") :].split("@", 1)[0]
+    return None if "://" in model else model
+
+
+def _check_mounts(config: RunConfig, mounts: tuple[Mount, ...]) -> tuple[Mount, ...]:
+    allowed = [p for p in (_model_location(config.model), config.init_data_file) if p is not None]
+    refused = check_mounts(
+        mounts, code=[*SYSTEM_CODE_PATHS, *code_paths()], allowed=[str(p) for p in allowed]
+    )
+    if refused:
+        raise ConfigError(
+            f"refusing to run where the host could supply code: {'; '.join(refused[:3])}"
+            + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
+        )
+    return mounts
 
 
 def _enforce_pins(pins: WorkloadPins, *, model: str, resource: str, args: tuple[str, ...]) -> None:
@@ -126,16 +151,20 @@ def prepare(
     environment: Mapping[str, str],
     tls_files: tuple[str, str] | None = None,
     parser: argparse.ArgumentParser | None = None,
+    mount_table: tuple[Mount, ...] | None = None,
 ) -> Prepared:
     """Run the ``config`` stage (see the module docstring).
 
     ``environment`` is the attested view of the environment already applied; ``tls_files`` the
-    in-memory TLS key and certificate paths for vLLM's server (None without TLS).
+    in-memory TLS key and certificate paths for vLLM's server (None without TLS);
+    ``mount_table`` this process's mounts (read from ``/proc/self/mountinfo`` when None).
 
     Raises:
-        ConfigError: a refused option, a bad CA bundle, an unusable key resource.
+        ConfigError: a mount where code is loaded from (:mod:`runtime.mounts`), a refused
+            option, a bad CA bundle, an unusable key resource.
         ModelFormatError: the manifest or a side file is missing, malformed or modified.
     """
+    mounts = _check_mounts(config, read_mount_table() if mount_table is None else mount_table)
     model, view = prepare_model(
         config.model, private.model_view, allow_http=config.allow_insecure_http_registry
     )
@@ -191,4 +220,5 @@ def prepare(
         configuration=configuration,
         kbs_cacert=cacert,
         init_data=init,
+        mounts=mounts,
     )

@@ -48,7 +48,8 @@ KBS_URL="http://127.0.0.1:$KBS_PORT"
 # 2. The provider pins the workload (docs/policy.md): the run configuration the enclave will
 #    attest, CoCo init-data pinning model, key, options and configuration, and the workload policy
 #    the KBS enforces (the sample TEE: insecure_development).
-CONFIG=$("$ES" run "$DEMO/tiny-encrypted" --tee sample --gpus none --allow-insecure-sample-tee \
+PRIVATE=(--private-dir /dev/shm --allow-insecure-shared-private-dir)  # no memory emptyDir on a dev box
+CONFIG=$("$ES" run "$DEMO/tiny-encrypted" --tee sample --gpus none --allow-insecure-sample-tee "${PRIVATE[@]}" \
   --kbs-url "$KBS_URL" --print-config -- "${VLLM_ARGS[@]}" 2>&1 >/dev/null | sed -n 's/^config sha256://p' | tail -1)
 "$ES" initdata --kbs-url "$KBS_URL" --allow-insecure-agent-policy --expect-model "$DIGEST" \
   --key-id "$KEY_ID" --config-sha256 "$CONFIG" -o "$DEMO/initdata.toml" -- "${VLLM_ARGS[@]}" >/dev/null
@@ -75,7 +76,7 @@ echo $! > "$DEMO/kbs.pid"
 # 4. The enclave: sample TEE (INSECURE, development only) launched with the init-data, key from
 #    the KBS, vLLM on the CPU.
 "$ES" run "$DEMO/tiny-encrypted" \
-  --host 127.0.0.1 --port "$PORT" --tee sample --gpus none --allow-insecure-sample-tee \
+  --host 127.0.0.1 --port "$PORT" --tee sample --gpus none --allow-insecure-sample-tee "${PRIVATE[@]}" \
   --kbs-url "$KBS_URL" --sample-init-data "$DEMO/initdata.toml" \
   -- "${VLLM_ARGS[@]}" \
   >"$DEMO/runtime.log" 2>&1 &

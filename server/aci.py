@@ -1,47 +1,49 @@
-"""The draft vendor-neutral Attested Confidential Inference report (``aci/1``), served beside ours.
+"""Build the draft vendor-neutral Attested Confidential Inference report (``aci/1``), served beside ours.
 
 ACI (dstack's draft spec, ``Dstack-TEE/private-ai-gateway spec/aci.md``) lets aggregators list
-a confidential inference server without custom code. Its report binds a *workload keyset* to the
-TEE evidence through one statement::
+a confidential inference server without custom code. The binding (keyset digest, statement,
+report data, the device nonce) and the report's typed, checked form live in :mod:`attest.aci`,
+shared with the user's verifier; this module assembles the keyset and the response body.
 
-    keyset_digest = "sha256:" + hex(sha256(JCS(keyset)))
-    statement     = {"keyset_digest":"sha256:<hex>","nonce":"<64 hex>"|null,"purpose":"aci.report_data.v1"}
-    report_data   = sha256(statement) zero-padded to 64 bytes
-
-What this module adds to the spec, inside the keyset (so bound by its digest): an
+What enclave-serve adds to the spec, inside the keyset (so bound by its digest): an
 ``enclave_serve`` member with the model identity (the manifest digest), the SHA-256 of the run
-configuration, the init-data digest and the canary outcome — the model identity and
-configuration ACI lacks. What it leaves out: receipts (``/v1/aci/receipts``), E2EE keys and
-sessions (a direct service has none); the keyset lists no receipt-signing key, so a strict ACI
-client that requires receipts will not accept this server yet. GPU evidence is collected with
-the 32-byte ``report_data`` digest as its nonce.
+configuration, the init-data digest, the canary outcome, every insecure development mode, an
+enclave nonce, and the SHA-384 of each device (GPU) evidence object, collected once per keyset
+over :func:`attest.aci.aci_device_nonce`. What it leaves out: receipts (``/v1/aci/receipts``),
+E2EE keys and sessions (a direct service has none); the keyset lists no receipt-signing key, so
+a strict ACI client that requires receipts will not accept this server yet.
 
 Pure functions: nothing here collects evidence or opens a connection.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from attest.binding import canonical_json
-from attest.evidence import Evidence, TeeKind
+from attest.aci import (
+    ACI_PURPOSE,
+    ACI_TEE_TYPES,
+    ACI_VERSION,
+    AciWorkload,
+    aci_device_nonce,
+    aci_report_data,
+    aci_statement,
+    device_claims,
+    keyset_digest,
+)
+from attest.evidence import Evidence
 
 __all__ = [
     "ACI_PURPOSE",
     "ACI_VERSION",
+    "aci_device_nonce",
     "aci_report",
     "aci_report_data",
     "aci_statement",
     "keyset_digest",
     "workload_keyset",
 ]
-
-ACI_VERSION = "aci/1"
-ACI_PURPOSE = "aci.report_data.v1"
-#: ACI ``tee_type`` by our TEE kind; the sample TEE needs a verifier extension (and proves nothing).
-_TEE_TYPES = {TeeKind.TDX: "tdx", TeeKind.SNP: "sev_snp", TeeKind.SAMPLE: "enclave-serve-sample-insecure"}
 
 
 def workload_keyset(
@@ -52,40 +54,34 @@ def workload_keyset(
     config_sha256: str,
     init_data: str | None,
     canary: Mapping[str, Any] | None,
+    insecure_modes: Sequence[str],
+    enclave_nonce: bytes,
+    devices: Sequence[Evidence] = (),
     subject: str | None = None,
 ) -> dict[str, Any]:
-    """Return the workload keyset: the TLS key, plus the ``enclave_serve`` workload member."""
+    """Return the workload keyset: the TLS key, plus the ``enclave_serve`` workload member.
+
+    Build it first with ``devices=()``, collect each device's evidence over
+    :func:`attest.aci.aci_device_nonce` of that keyset, then build it again with the evidence:
+    the nonce is the same for both (it is derived with the device list empty).
+    """
+    workload = AciWorkload(
+        model=model_digest,
+        config_sha256=config_sha256,
+        init_data=init_data,
+        canary="not-recorded" if canary is None else str(canary.get("status")),
+        insecure_modes=tuple(insecure_modes),
+        enclave_nonce=enclave_nonce,
+        devices=device_claims(devices),
+    )
     return {
         "subject": subject,
         "not_after": not_after,
         "receipt_signing_keys": [],
         "e2ee_public_keys": [],
         "tls_public_keys": [] if tls_spki_sha256 is None else [{"spki_sha256": tls_spki_sha256}],
-        "enclave_serve": {
-            "model": model_digest,
-            "config_sha256": "sha256:" + config_sha256,
-            "init_data": init_data,
-            "canary": None if canary is None else canary.get("status"),
-        },
+        "enclave_serve": workload.to_json(),
     }
-
-
-def keyset_digest(keyset: Mapping[str, Any]) -> str:
-    """``"sha256:<hex>"`` of the keyset's JCS form."""
-    return "sha256:" + hashlib.sha256(canonical_json(dict(keyset))).hexdigest()
-
-
-def aci_statement(digest: str, nonce: bytes | None) -> bytes:
-    """The exact statement bytes for ``digest`` and a 32-byte ``nonce`` (None: unchallenged)."""
-    if not digest.startswith("sha256:") or len(digest) != 71:
-        raise ValueError("keyset digest must be sha256:<64 hex>")
-    nonce_json = "null" if nonce is None else f'"{nonce.hex()}"'
-    return f'{{"keyset_digest":"{digest}","nonce":{nonce_json},"purpose":"{ACI_PURPOSE}"}}'.encode()
-
-
-def aci_report_data(digest: str, nonce: bytes | None) -> bytes:
-    """The 32-byte ``report_data``: SHA-256 of the statement (the TEE field holds it zero-padded)."""
-    return hashlib.sha256(aci_statement(digest, nonce)).digest()
 
 
 def aci_report(
@@ -101,14 +97,15 @@ def aci_report(
     """Return the ``GET /v1/aci/attestation`` response body for evidence already collected.
 
     ``report_data`` is the 32-byte statement digest (:func:`aci_report_data`); ``primary`` was
-    collected over it zero-padded to 64 bytes.
+    collected over it zero-padded to 64 bytes. ``devices`` is the evidence whose digests the
+    keyset lists; ``insecure_modes`` the keyset's (repeated, unbound, for ACI readers).
     """
     digest = keyset_digest(keyset)
     return {
         "api_version": ACI_VERSION,
         "workload_keyset_digest": digest,
         "attestation": {
-            "tee_type": _TEE_TYPES.get(primary.tee, primary.tee.value),
+            "tee_type": ACI_TEE_TYPES.get(primary.tee, primary.tee.value),
             "workload_keyset": dict(keyset),
             "report_data": report_data.hex(),
             "source_provenance": dict(source_provenance),

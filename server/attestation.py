@@ -18,9 +18,10 @@ from typing import Any
 
 from attest.binding import document_device_nonce, pad_report_data
 from attest.document import AttestationClaims, AttestationDocument, DeviceClaim, device_evidence_digest
+from attest.evidence import Evidence
 from attest.providers.base import Attester, DeviceAttester
 from attest.runconfig import RunConfiguration
-from server.aci import aci_report, aci_report_data, keyset_digest, workload_keyset
+from server.aci import aci_device_nonce, aci_report, aci_report_data, keyset_digest, workload_keyset
 
 __all__ = ["AttestationService"]
 
@@ -66,14 +67,20 @@ class AttestationService:
         self._canary = dict(canary) if canary is not None else {"status": "not-recorded"}
         self._collateral = dict(collateral or {})
         self._clock = clock
-        self._keyset = workload_keyset(
-            not_after=keyset_not_after if keyset_not_after is not None else int(clock()) + 7 * 86400,
-            tls_spki_sha256=tls_spki_sha256,
-            model_digest=model_digest,
-            config_sha256=config.sha256,
-            init_data=init_data,
-            canary=self._canary,
-        )
+        self._keyset_args: dict[str, Any] = {
+            "not_after": keyset_not_after if keyset_not_after is not None else int(clock()) + 7 * 86400,
+            "tls_spki_sha256": tls_spki_sha256,
+            "model_digest": model_digest,
+            "config_sha256": config.sha256,
+            "init_data": init_data,
+            "canary": self._canary,
+            "insecure_modes": self._insecure_modes,
+            "enclave_nonce": secrets.token_bytes(32),
+        }
+        # Filled on first use (it needs one device collection): see _bound_keyset.
+        self._keyset: dict[str, Any] | None = None
+        self._keyset_devices: tuple[Evidence, ...] = ()
+        self._keyset_digest: str | None = None
         self._provenance = dict(
             source_provenance
             or {"repo_url": None, "repo_commit": None, "image_digest": None, "image_provenance": None}
@@ -91,8 +98,36 @@ class AttestationService:
 
     @property
     def keyset_digest(self) -> str:
-        """The ACI workload keyset digest (the ``X-ACI-Keyset-Digest`` header)."""
-        return keyset_digest(self._keyset)
+        """The ACI workload keyset digest (the ``X-ACI-Keyset-Digest`` header).
+
+        The first call collects the device evidence the keyset binds (blocking I/O, under
+        :attr:`lock`); the frontend makes it in its worker thread, with the first cached ACI
+        report, before the server is ready, so the routes only read the stored value.
+
+        Raises:
+            EvidenceCollectionError: (first call only) a device failed to produce evidence.
+        """
+        digest = self._keyset_digest
+        if digest is None:
+            with self._lock:
+                self._bound_keyset()
+            digest = self._keyset_digest
+            assert digest is not None
+        return digest
+
+    def _bound_keyset(self) -> tuple[dict[str, Any], tuple[Evidence, ...]]:
+        """The keyset with its device evidence digests, collecting that evidence once (lock held).
+
+        The devices sign :func:`attest.aci.aci_device_nonce` of the keyset built without them
+        (it carries the enclave's random nonce, so it was unknown before this keyset existed).
+        """
+        if self._keyset is None:
+            nonce = aci_device_nonce(workload_keyset(**self._keyset_args))
+            devices = tuple(dev.collect(nonce) for dev in self._devices)
+            keyset = workload_keyset(**self._keyset_args, devices=devices)
+            self._keyset, self._keyset_devices = keyset, devices
+            self._keyset_digest = keyset_digest(keyset)
+        return self._keyset, self._keyset_devices
 
     def document(self, nonces: Sequence[bytes], *, max_age_s: int | None = None) -> AttestationDocument:
         """Collect fresh evidence whose report data commits to the claims answering ``nonces``.
@@ -133,15 +168,18 @@ class AttestationService:
     def aci(self, nonce: bytes | None) -> dict[str, Any]:
         """Collect evidence over the ACI statement for ``nonce`` (None: unchallenged); the report.
 
+        The CPU evidence is fresh for ``nonce``; the device evidence is the keyset's, collected
+        once over a nonce derived from the keyset and bound by its digests (:mod:`attest.aci`).
+
         Raises:
             EvidenceCollectionError: the hardware failed to produce evidence.
         """
-        report_data = aci_report_data(self.keyset_digest, nonce)
         with self._lock:
-            devices = tuple(dev.collect(report_data) for dev in self._devices)
+            keyset, devices = self._bound_keyset()
+            report_data = aci_report_data(keyset_digest(keyset), nonce)
             primary = self._attester.collect(pad_report_data(report_data))
         return aci_report(
-            keyset=self._keyset,
+            keyset=keyset,
             report_data=report_data,
             primary=primary,
             devices=devices,

@@ -14,6 +14,14 @@ parts keep a burst from starving real verifiers:
 * :class:`DocumentCache` — the unchallenged document (and ACI report), refreshed in the
   background well before its stated maximum age; requests without a nonce are answered from
   memory and never wait for hardware. An expired entry is never served.
+
+Expiry is judged by two clocks, and the earlier deadline wins: the monotonic clock (a deadline
+taken before the collection started, so never later than ``issued_at + max_age`` in elapsed
+time, whatever the wall clock says) and the wall clock against the document's own
+``issued_at + max_age_s``. The host influences the guest's wall clock (a fast clock, a step
+forward or back); neither moves the monotonic deadline, and a step forward ends the entry early
+by the wall clock (the cache then refreshes at once). What a *verifier* accepts is its own
+decision, against its own clock (:meth:`attest.document.AttestationDocument.check_binding`).
 """
 
 from __future__ import annotations
@@ -253,21 +261,42 @@ class EvidenceScheduler:
 
 @dataclass(frozen=True, slots=True)
 class CachedEntry:
-    """Serialised bytes, when they were made (monotonic) and until when they may be served."""
+    """Serialised bytes, when they were made and until when they may be served, by both clocks.
+
+    ``made`` and ``expires`` are monotonic seconds (``made`` taken before the collection began);
+    ``wall_expires`` is Unix time: the document's ``issued_at + max_age_s`` (for the ACI report,
+    which states no time, the wall clock before its collection plus the maximum age).
+    """
 
     body: bytes
     made: float
     expires: float
+    wall_expires: float = math.inf
 
     def age(self, now: float) -> float:
+        """Seconds since the entry was made, by the monotonic clock ``now``."""
         return now - self.made
+
+    def alive(self, now: float, wall_now: float) -> bool:
+        """Whether the entry may still be served: before both deadlines, each by its own clock."""
+        return now < self.expires and wall_now < self.wall_expires
+
+    def remaining(self, now: float, wall_now: float) -> float:
+        """Seconds it may still be served (``Cache-Control: max-age``): the nearer deadline."""
+        return max(0.0, min(self.expires - now, self.wall_expires - wall_now))
 
 
 class DocumentCache:
     """The unchallenged document and ACI report, refreshed in the background.
 
-    Refreshes every ``max_age_s / 3`` seconds; a failed refresh is logged and retried sooner, and
-    the previous entry is served only until its own expiry.
+    Refreshes every ``max_age_s / 3`` seconds, and at once when an entry was found dead before
+    its monotonic deadline (the wall clock stepped forward); a failed refresh is logged and
+    retried sooner, and the previous entry is served only until its own expiry.
+
+    ``clock`` is the monotonic clock, ``wall_clock`` Unix time (both parameters for tests). An
+    entry is served only while *both* say it is younger than ``max_age_s``
+    (:meth:`CachedEntry.alive`): a document never outlives ``issued_at + max_age`` by the
+    enclave's wall clock, nor ``max_age`` seconds of elapsed time from before its collection.
     """
 
     def __init__(
@@ -276,28 +305,61 @@ class DocumentCache:
         *,
         max_age_s: int,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._scheduler = scheduler
         self.max_age_s = max_age_s
         self._clock = clock
+        self._wall_clock = wall_clock
         self.document: CachedEntry | None = None
         self.aci: CachedEntry | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stale = asyncio.Event()
 
     def current(self, which: str) -> CachedEntry | None:
-        """The entry for ``"document"`` or ``"aci"`` if still within its age, else None."""
+        """The entry for ``"document"`` or ``"aci"`` if alive by both clocks, else None."""
         entry = self.document if which == "document" else self.aci
-        if entry is None or self._clock() >= entry.expires:
+        if entry is None:
+            return None
+        now = self._clock()
+        if not entry.alive(now, self._wall_clock()):
+            if now < entry.expires:  # dead by the wall clock first: refresh now, not at the next tick
+                self._stale.set()
             return None
         return entry
 
     async def refresh(self) -> None:
-        """Collect both unchallenged forms now."""
+        """Collect both unchallenged forms now.
+
+        Each entry's monotonic deadline is taken before its collection is queued (so it is never
+        later than the evidence's own issue plus ``max_age_s``); the document's wall-clock
+        deadline is the ``issued_at + max_age_s`` it states (the smaller of its and ours).
+        """
         made = self._clock()
         document = await self._scheduler.cached_document()
-        self.document = CachedEntry(body=document.to_bytes(), made=made, expires=made + self.max_age_s)
+        stated = document.claims.max_age_s or self.max_age_s
+        self.document = CachedEntry(
+            body=document.to_bytes(),
+            made=made,
+            expires=made + self.max_age_s,
+            wall_expires=document.claims.issued_at + min(stated, self.max_age_s),
+        )
+        if not self.document.alive(self._clock(), self._wall_clock()):
+            logger.warning(
+                "attestation cache: the new unchallenged document is already past issued_at + %d s "
+                "by the enclave's wall clock (issued_at %d, clock %.0f): not served",
+                self.max_age_s,
+                document.claims.issued_at,
+                self._wall_clock(),
+            )
+        made, wall = self._clock(), self._wall_clock()
         aci = await self._scheduler.cached_aci()
-        self.aci = CachedEntry(body=_json_bytes(aci), made=made, expires=made + self.max_age_s)
+        self.aci = CachedEntry(
+            body=_json_bytes(aci),
+            made=made,
+            expires=made + self.max_age_s,
+            wall_expires=wall + self.max_age_s,
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -311,7 +373,11 @@ class DocumentCache:
         interval = max(1.0, self.max_age_s / 3)
         delay = interval
         while True:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stale.wait(), delay)
+            if self._stale.is_set():
+                self._stale.clear()
+                await asyncio.sleep(1.0)  # at most one early refresh a second, whatever the clocks do
             try:
                 await self.refresh()
                 delay = interval

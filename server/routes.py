@@ -139,7 +139,7 @@ class AttestationEndpoints:
             headers = self._headers(
                 frontend,
                 **{
-                    "Cache-Control": f"max-age={max(0, int(frontend.cache.max_age_s - age))}",
+                    "Cache-Control": f"max-age={max(0, int(entry.remaining(time.monotonic(), time.time())))}",
                     "Age": str(int(age)),
                 },
             )

@@ -66,6 +66,8 @@ class BootStatus:
         self._ready = False
         self._started = clock()
         self.insecure_modes: list[str] = []
+        #: The mount table the config stage checked (public form), for the boot report.
+        self.mounts: list[dict[str, Any]] = []
 
     def begin(self, stage: Stage) -> None:
         with self._lock:
@@ -164,4 +166,5 @@ class BootStatus:
             body["stages"] = [r.to_json() for r in self._records]
             body["uptime_seconds"] = round(self._clock() - self._started, 3)
             body["insecure_modes"] = list(self.insecure_modes)
+            body["mounts"] = list(self.mounts)
         return body

@@ -6,6 +6,8 @@
   the run configuration and verifies them against a policy.
 * :mod:`attest.client.sdk`: :func:`attested_openai`, an OpenAI SDK client that refuses
   unattested servers and pins the attested TLS key.
+* :mod:`attest.client.aci`: :func:`verify_aci_report`, the same checks for the draft ACI
+  ``aci/1`` report (keyset, statement, bound insecure modes and device evidence).
 
 Nothing here imports the key broker (client or development server): the contract in
 ``pyproject.toml`` keeps it so.
@@ -13,6 +15,7 @@ Nothing here imports the key broker (client or development server): the contract
 
 from __future__ import annotations
 
+from attest.client.aci import AciVerdict, verify_aci_report
 from attest.client.remote import (
     ATTESTATION_PATH,
     CONFIG_PATH,
@@ -28,6 +31,7 @@ from attest.client.verdict import ServerRefused, Verdict, verify_document
 __all__ = [
     "ATTESTATION_PATH",
     "CONFIG_PATH",
+    "AciVerdict",
     "ServerRefused",
     "Verdict",
     "VerificationBundle",
@@ -36,6 +40,7 @@ __all__ = [
     "attested_openai",
     "fetch_bundle",
     "pinned_ssl_context",
+    "verify_aci_report",
     "verify_bundle",
     "verify_document",
     "verify_server",

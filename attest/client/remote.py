@@ -217,8 +217,17 @@ def verify_bundle(
     expected_config_sha256: str | None = None,
     collateral: Mapping[TeeKind, object] | None = None,
     now: datetime | None = None,
+    max_age_s: int | None = None,
 ) -> VerifiedServer:
     """Verify a fetched (or saved) bundle; return the server if every step passed.
+
+    For a *saved* bundle give ``max_age_s``: its nonce proved freshness only when it was fetched,
+    so the document must have been issued at most that long before ``now``. Nothing binds a saved
+    bundle to its ``url`` (anyone can rewrite it) nor its recorded TLS key to a connection: the
+    caller must not present ``url`` as verified.
+
+    .. warning::
+       ``VerifiedServer.base_url`` of a saved bundle is whatever the file says.
 
     Raises:
         ServerRefused: a step failed; ``exc.verdict`` holds every step.
@@ -236,6 +245,7 @@ def verify_bundle(
         expected_config_sha256=expected_config_sha256,
         collateral=collateral,
         now=now,
+        max_age_s=max_age_s,
     )
     if not verdict.ok or verdict.document is None or verdict.config is None:
         raise ServerRefused(verdict)

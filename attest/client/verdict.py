@@ -7,6 +7,8 @@ client saw, and a :class:`~attest.verify.workload.WorkloadPolicy`; it opens no c
 its outcome, and a failed binding step stops the steps after it (their inputs are untrusted)::
 
     (1) document       parses as enclave-serve/attestation/v3
+    (1a) age           only with ``max_age_s`` (``verify --offline``): issued at most that long
+                       ago, by its ``issued_at`` (the enclave's clock) against ``now``
     (2) nonce          answers the client's nonce (freshness)
     (3) devices        the device evidence is what the claims list
     (4) tls            the attested TLS key is the one the client talked to
@@ -19,6 +21,10 @@ its outcome, and a failed binding step stops the steps after it (their inputs ar
     (10) policy:<rule> every rule of the workload policy (measurements, TCB, attributes,
                        init-data, GPUs, model, configuration, runtime version)
 
+A saved document's nonce proves freshness only as of when it was fetched, and nothing in it
+names a URL: offline, step (1a) bounds its age and the caller must say that the URL is not
+verified (``enclave-serve verify --offline`` does).
+
 Without a policy, step (10) refuses: genuine hardware running *unpinned* software proves
 nothing about the software (the host can boot its own VM). ``allow_unpinned_software`` turns
 that refusal into a loud warning, for inspection only.
@@ -28,15 +34,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from attest.binding import document_device_nonce
-from attest.document import DOCUMENT_FORMAT, AttestationDocument, DocumentCheck
+from attest.document import CLOCK_SKEW_S, DOCUMENT_FORMAT, AttestationDocument, DocumentCheck
 from attest.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationError
-from attest.evidence import TeeKind
+from attest.evidence import Evidence, TeeKind
 from attest.initdata import register_for_digest
 from attest.runconfig import RunConfiguration
 from attest.verify import (
@@ -49,18 +56,30 @@ from attest.verify import (
 )
 from attest.verify.workload import WorkloadFacts, WorkloadPolicy, init_data_register_of
 
-__all__ = ["ServerRefused", "Verdict", "document_collateral", "verify_document"]
+__all__ = [
+    "Hardware",
+    "ServerRefused",
+    "StepFailed",
+    "StepsVerdict",
+    "Verdict",
+    "document_age",
+    "document_collateral",
+    "duration_text",
+    "evidence_summary",
+    "init_data_binding",
+    "policy_steps",
+    "verify_document",
+    "verify_hardware",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Verdict:
-    """Every step of one verification, and what was verified."""
+class StepsVerdict:
+    """Every step of one verification, and the hardware evidence verified (shared by the verdicts)."""
 
     steps: tuple[DocumentCheck, ...]
-    document: AttestationDocument | None = None
-    config: RunConfiguration | None = None
     primary: VerificationResult | None = None
     devices: tuple[VerificationResult, ...] = ()
     unpinned: bool = False
@@ -76,6 +95,14 @@ class Verdict:
         """The failed steps."""
         return tuple(s for s in self.steps if not s.ok)
 
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Verdict(StepsVerdict):
+    """Every step of one document's verification, and what was verified."""
+
+    document: AttestationDocument | None = None
+    config: RunConfiguration | None = None
+
     def to_json(self) -> dict[str, Any]:
         """Return ``{"verified", "steps", "warnings", ...}``."""
         claims = None if self.document is None else self.document.claims
@@ -87,6 +114,7 @@ class Verdict:
             "model_digest": None if claims is None else claims.model_digest,
             "config_sha256": None if claims is None else claims.config_sha256,
             "init_data": None if claims is None else claims.init_data,
+            "issued_at": None if claims is None else claims.issued_at,
             "config": None if self.config is None else self.config.to_json(),
             "key_release": None if claims is None else claims.key_release,
             "steps": [s.to_json() for s in self.steps],
@@ -102,15 +130,62 @@ class ServerRefused(PolicyViolation):
         self.verdict = verdict
 
 
-def _summary(result: VerificationResult) -> str:
+def evidence_summary(result: VerificationResult) -> str:
+    """One line for a verified evidence step: what passed, and what was not checked."""
     passed = [s.name for s in result.steps if s.outcome is Outcome.PASSED]
     skipped = [s.name for s in result.steps if s.outcome is Outcome.SKIPPED and s.name != "policy"]
     text = "verified: " + ", ".join(passed) if passed else "verified"
     return text + (f"; not checked: {', '.join(skipped)}" if skipped else "")
 
 
-def _init_data_binding(document: AttestationDocument, register: bytes | None) -> str:
-    claimed = document.claims.init_data
+def duration_text(seconds: float) -> str:
+    """``seconds`` for people: ``42 s``, ``17 min``, ``5 h``, ``365 d``."""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def document_age(document: AttestationDocument, *, max_age_s: int, now: float) -> str:
+    """Check that ``document`` was issued at most ``max_age_s`` before ``now``; return the detail.
+
+    The age is ``now - issued_at``: the verifier's clock against the enclave's (which the host
+    influences), so it bounds how stale a *saved* document may be, not how fresh it is. A
+    document issued more than :data:`~attest.document.CLOCK_SKEW_S` in the future is refused too.
+
+    Raises:
+        VerificationError: older than ``max_age_s``, or from the future.
+    """
+    issued_at = document.claims.issued_at
+    age = now - issued_at
+    when = datetime.fromtimestamp(issued_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if age < -CLOCK_SKEW_S:
+        raise VerificationError(
+            f"age: the document says it was issued {duration_text(age)} in the future ({when}); the "
+            "enclave's clock or this machine's is wrong: check this machine's clock, or fetch a new one"
+        )
+    if age > max_age_s:
+        raise VerificationError(
+            f"age: the document was issued {duration_text(age)} ago ({when}, by the enclave's clock); "
+            f"at most {duration_text(max_age_s)} is allowed: fetch a fresh one "
+            "(enclave-serve verify URL --save FILE) or pass a larger --max-age"
+        )
+    return (
+        f"issued {duration_text(max(age, 0))} ago ({when}, by the enclave's clock); "
+        f"at most {duration_text(max_age_s)} allowed"
+    )
+
+
+def init_data_binding(claimed: str | None, tee: TeeKind, register: bytes | None) -> str:
+    """Check that the ``claimed`` init-data digest (``"<alg>:<hex>"``) is what ``register`` holds.
+
+    Returns the step's detail.
+
+    Raises:
+        MalformedEvidence: the claimed digest is not hex.
+        VerificationError: the register holds something else (or nothing).
+    """
     if claimed is None:
         return "no init-data claimed" + ("" if register is None else f" (register {register.hex()[:16]}…)")
     hexpart = claimed.partition(":")[2]
@@ -118,7 +193,7 @@ def _init_data_binding(document: AttestationDocument, register: bytes | None) ->
         digest = bytes.fromhex(hexpart)
     except ValueError:
         raise MalformedEvidence("claims: init_data digest is not hex") from None
-    if register is None or register != register_for_digest(document.claims.tee, digest):
+    if register is None or register != register_for_digest(tee, digest):
         raise VerificationError(
             "init_data: the claimed init-data digest is not what the hardware register holds"
         )
@@ -137,6 +212,128 @@ def document_collateral(document: AttestationDocument) -> dict[TeeKind, object]:
     return collateral_from_json(document.collateral)
 
 
+class StepFailed(Exception):
+    """A shared verification step failed: its name, the error, and what was verified before it."""
+
+    def __init__(
+        self,
+        name: str,
+        error: Exception,
+        *,
+        primary: VerificationResult | None = None,
+        devices: tuple[VerificationResult, ...] = (),
+    ) -> None:
+        super().__init__(name)
+        self.name, self.error, self.primary, self.devices = name, error, primary, devices
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hardware:
+    """What the hardware steps established: verified CPU and device evidence, the init-data register."""
+
+    primary: VerificationResult
+    devices: tuple[VerificationResult, ...]
+    register: bytes | None
+
+
+def verify_hardware(
+    steps: list[DocumentCheck],
+    *,
+    primary: Evidence,
+    report_data: bytes,
+    devices: Sequence[Evidence],
+    device_nonce: bytes,
+    claimed_init_data: str | None,
+    claimed_tee: TeeKind,
+    collateral: Mapping[TeeKind, object],
+    refuse_insecure: bool,
+    now: datetime | None,
+    allow_insecure: bool,
+) -> Hardware:
+    """The hardware steps every statement shares (documents and ACI reports), appended to ``steps``.
+
+    ``evidence:<tee>``: the CPU evidence verifies and its report data is ``report_data`` (with
+    ``refuse_insecure``, a debug or otherwise insecure TEE is refused here, for verifiers without
+    a policy); ``device:<tee>``: each device's evidence verifies over ``device_nonce``;
+    ``init_data``: the claimed init-data digest is what the hardware register holds. Validation
+    against measurements and TCB floors is the policy's (:func:`policy_steps`).
+
+    Raises:
+        StepFailed: naming the step, with what was verified before it.
+    """
+    tee = primary.tee
+    try:
+        result = verify_evidence(
+            primary,
+            expected_report_data=report_data,
+            policy=RefuseInsecure() if refuse_insecure else None,
+            now=now,
+            collateral=collateral.get(tee),
+            allow_insecure=allow_insecure,
+        )
+    except (AttestationError, ValueError) as exc:
+        raise StepFailed(f"evidence:{tee.value}", exc) from None
+    steps.append(DocumentCheck(name=f"evidence:{tee.value}", ok=True, detail=evidence_summary(result)))
+    verified: list[VerificationResult] = []
+    for device in devices:
+        try:
+            device_result = verify_device_evidence(
+                device,
+                expected_runtime_data=device_nonce,
+                now=now,
+                collateral=collateral.get(device.tee),
+                allow_insecure=allow_insecure,
+            )
+        except AttestationError as exc:
+            raise StepFailed(f"device:{device.tee.value}", exc, primary=result) from None
+        verified.append(device_result)
+        steps.append(
+            DocumentCheck(name=f"device:{device.tee.value}", ok=True, detail=evidence_summary(device_result))
+        )
+    register = init_data_register_of(result)
+    try:
+        detail = init_data_binding(claimed_init_data, claimed_tee, register)
+    except AttestationError as exc:
+        raise StepFailed("init_data", exc, primary=result, devices=tuple(verified)) from None
+    steps.append(DocumentCheck(name="init_data", ok=True, detail=detail))
+    return Hardware(primary=result, devices=tuple(verified), register=register)
+
+
+def policy_steps(
+    steps: list[DocumentCheck],
+    warnings: list[str],
+    policy: WorkloadPolicy | None,
+    facts: Callable[[], WorkloadFacts],
+    *,
+    allow_unpinned_software: bool,
+) -> bool:
+    """The workload policy's steps (``policy:<rule>``), appended to ``steps``; return whether unpinned.
+
+    Without a policy the step fails, unless ``allow_unpinned_software``: then a loud warning.
+    """
+    if policy is None:
+        if not allow_unpinned_software:
+            steps.append(
+                DocumentCheck(
+                    name="policy",
+                    ok=False,
+                    detail="no policy: genuine hardware was verified but not WHICH software runs (the host "
+                    "can boot its own VM); pass --policy FILE (enclave-serve policy record writes one)",
+                )
+            )
+            return False
+        warnings.append(
+            "UNPINNED SOFTWARE: no policy was applied; this proves only that genuine hardware runs SOME "
+            "software, which claims the model and configuration shown"
+        )
+        logger.warning("INSECURE: %s", warnings[-1])
+        steps.append(DocumentCheck(name="policy", ok=True, detail="NOT APPLIED (--allow-unpinned-software)"))
+        return True
+    for outcome in policy.evaluate(facts()):
+        steps.append(DocumentCheck(name=f"policy:{outcome.rule}", ok=outcome.ok, detail=outcome.detail))
+    return False
+
+
 def verify_document(
     document_json: Mapping[str, Any],
     config_bytes: bytes,
@@ -151,8 +348,11 @@ def verify_document(
     expected_config_sha256: str | None = None,
     collateral: Mapping[TeeKind, object] | None = None,
     now: datetime | None = None,
+    max_age_s: int | None = None,
 ) -> Verdict:
     """Run every step of the module docstring and return the verdict (never raises for a refusal).
+
+    ``max_age_s`` adds step (1a), for a saved document (``now``, default this machine's clock).
 
     Raises:
         TypeError: collateral of the wrong type for its TEE (a caller bug).
@@ -170,6 +370,15 @@ def verify_document(
     except AttestationError as exc:
         return failed("document", exc)
     steps.append(DocumentCheck(name="document", ok=True, detail=DOCUMENT_FORMAT))
+    # (1a) age, for a saved document: its nonce proved freshness only when it was fetched
+    if max_age_s is not None:
+        at = time.time() if now is None else now.timestamp()
+        try:
+            steps.append(
+                DocumentCheck(name="age", ok=True, detail=document_age(document, max_age_s=max_age_s, now=at))
+            )
+        except AttestationError as exc:
+            return failed("age", exc, document=document)
     # (2)-(5) binding: nonce, devices, TLS, expected model/config, insecure TEE
     try:
         steps += document.check_binding(
@@ -197,79 +406,47 @@ def verify_document(
         collateral = {**document_collateral(document), **(collateral or {})}
     except AttestationError as exc:
         return failed("collateral", exc, document=document, config=config)
-    # (7) CPU evidence: cryptography and binding; validation is the policy's job (step 10)
-    primary_tee = document.primary.tee
-    cpu_policy = RefuseInsecure() if (policy is None and not primary_tee.is_insecure) else None
+    # (7) CPU evidence, (8) device evidence, (9) init-data: the hardware's word for the claims
     try:
-        primary = verify_evidence(
-            document.primary,
-            expected_report_data=document.claims.report_data(),
-            policy=cpu_policy,
+        hardware = verify_hardware(
+            steps,
+            primary=document.primary,
+            report_data=document.claims.report_data(),
+            devices=document.devices,
+            device_nonce=document_device_nonce(document.claims.nonces, document.claims.enclave_nonce),
+            claimed_init_data=document.claims.init_data,
+            claimed_tee=document.claims.tee,
+            collateral=collateral,
+            refuse_insecure=policy is None and not document.primary.tee.is_insecure,
             now=now,
-            collateral=collateral.get(primary_tee),
             allow_insecure=allow_insecure,
         )
-    except (AttestationError, ValueError) as exc:
-        return failed(f"evidence:{primary_tee.value}", exc, document=document, config=config)
-    steps.append(DocumentCheck(name=f"evidence:{primary_tee.value}", ok=True, detail=_summary(primary)))
-    # (8) device evidence
-    device_nonce = document_device_nonce(document.claims.nonces, document.claims.enclave_nonce)
-    devices: list[VerificationResult] = []
-    for device in document.devices:
-        try:
-            result = verify_device_evidence(
-                device,
-                expected_runtime_data=device_nonce,
-                now=now,
-                collateral=collateral.get(device.tee),
-                allow_insecure=allow_insecure,
-            )
-        except AttestationError as exc:
-            return failed(
-                f"device:{device.tee.value}", exc, document=document, config=config, primary=primary
-            )
-        devices.append(result)
-        steps.append(DocumentCheck(name=f"device:{device.tee.value}", ok=True, detail=_summary(result)))
-    kw: dict[str, Any] = {
-        "document": document,
-        "config": config,
-        "primary": primary,
-        "devices": tuple(devices),
-    }
-    # (9) the claimed init-data is the register's
-    register = init_data_register_of(primary)
-    try:
-        steps.append(DocumentCheck(name="init_data", ok=True, detail=_init_data_binding(document, register)))
-    except AttestationError as exc:
-        return failed("init_data", exc, **kw)
-    # (10) the workload policy
-    if policy is None:
-        if not allow_unpinned_software:
-            steps.append(
-                DocumentCheck(
-                    name="policy",
-                    ok=False,
-                    detail="no policy: genuine hardware was verified but not WHICH software runs (the host "
-                    "can boot its own VM); pass --policy FILE (enclave-serve policy record writes one)",
-                )
-            )
-            return Verdict(steps=tuple(steps), warnings=tuple(warnings), **kw)
-        warnings.append(
-            "UNPINNED SOFTWARE: no policy was applied; this proves only that genuine hardware runs SOME "
-            "software, which claims the model and configuration shown"
+    except StepFailed as exc:
+        return failed(
+            exc.name, exc.error, document=document, config=config, primary=exc.primary, devices=exc.devices
         )
-        logger.warning("INSECURE: %s", warnings[-1])
-        steps.append(DocumentCheck(name="policy", ok=True, detail="NOT APPLIED (--allow-unpinned-software)"))
-        return Verdict(steps=tuple(steps), warnings=tuple(warnings), unpinned=True, **kw)
-    facts = WorkloadFacts(
-        primary=primary,
-        devices=tuple(devices),
-        model_digest=document.claims.model_digest,
-        config_sha256=document.claims.config_sha256,
-        runtime_version=str(config.to_json()["runtime"].get("version")),
-        init_data_register=register,
-        allow_insecure=allow_insecure,
+    # (10) the workload policy
+    unpinned = policy_steps(
+        steps,
+        warnings,
+        policy,
+        lambda: WorkloadFacts(
+            primary=hardware.primary,
+            devices=hardware.devices,
+            model_digest=document.claims.model_digest,
+            config_sha256=document.claims.config_sha256,
+            runtime_version=str(config.to_json()["runtime"].get("version")),
+            init_data_register=hardware.register,
+            allow_insecure=allow_insecure,
+        ),
+        allow_unpinned_software=allow_unpinned_software,
     )
-    for outcome in policy.evaluate(facts):
-        steps.append(DocumentCheck(name=f"policy:{outcome.rule}", ok=outcome.ok, detail=outcome.detail))
-    return Verdict(steps=tuple(steps), warnings=tuple(warnings), **kw)
+    return Verdict(
+        steps=tuple(steps),
+        warnings=tuple(warnings),
+        unpinned=unpinned,
+        document=document,
+        config=config,
+        primary=hardware.primary,
+        devices=hardware.devices,
+    )

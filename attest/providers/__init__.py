@@ -9,10 +9,14 @@ from __future__ import annotations
 import importlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from attest.errors import BackendUnavailable, ConfigError
 from attest.evidence import TeeKind
 from attest.providers.base import Attester, DeviceAttester
+
+if TYPE_CHECKING:
+    from attest.providers.nvidia import NvidiaAttester
 
 __all__ = [
     "PRIMARY_TEES",
@@ -133,21 +137,34 @@ def nvidia_gpus_present(pci_root: Path | None = None) -> bool:
     return NvidiaAttester.detect()
 
 
+def _cc_off(attester: NvidiaAttester) -> bool:
+    """Whether NVML reports CC off (False when NVML cannot tell: the gate then decides)."""
+    from attest.errors import Error
+
+    try:
+        return not attester.cc_state().enabled
+    except Error:
+        return False
+
+
 def detect_devices(
     *,
     gpus: str = "auto",
     allow_insecure: bool = False,
     allow_gpu_cc_off: bool = False,
     pci_root: Path | None = None,
+    nvml: Any | None = None,
 ) -> list[DeviceAttester]:
     """Return device attesters for the GPUs present.
 
     ``gpus`` is ``auto`` (NVIDIA when GPUs are on the PCI bus or NVML sees them), ``none``,
     ``nvidia`` (required), or ``sample`` (insecure sample device, development only).
-    ``allow_gpu_cc_off`` lets the NVIDIA attester report GPUs whose confidential-computing mode
-    is off instead of refusing them (development only). GPUs on the PCI bus always get an
-    attester, even when NVML is missing: its gate then refuses them (fail closed) rather than
-    letting the model run on GPUs nobody attested.
+    ``allow_gpu_cc_off`` (development only): GPUs whose confidential-computing mode is off give
+    no evidence (the driver refuses), so they get **no** attester and run unattested (the caller
+    records that as an insecure mode); GPUs in CC developer-tools mode are attested with a
+    warning. Otherwise GPUs on the PCI bus always get an attester, even when NVML is missing:
+    its gate then refuses them (fail closed) rather than letting the model run on GPUs nobody
+    attested. ``nvml`` is a test seam.
 
     Raises:
         ConfigError: unknown value, or ``sample`` without ``allow_insecure``.
@@ -181,8 +198,15 @@ def detect_devices(
                 "NVIDIA GPUs are present but the NVIDIA provider needs nvidia-ml-py"
             ) from exc
         return []
-    if on_bus or NvidiaAttester.detect():
-        return [NvidiaAttester(allow_cc_off=allow_gpu_cc_off, pci_root=root)]
+    if on_bus or NvidiaAttester.detect(nvml=nvml):
+        attester = NvidiaAttester(allow_cc_off=allow_gpu_cc_off, pci_root=root, nvml=nvml)
+        if allow_gpu_cc_off and _cc_off(attester):
+            logger.warning(
+                "INSECURE: GPU confidential computing is off: the GPUs are NOT attested and the host "
+                "can read their memory (--allow-insecure-gpu-cc-off)"
+            )
+            return []
+        return [attester]
     if gpus == "nvidia":
         raise BackendUnavailable("--gpus nvidia was given but no NVIDIA GPU is on the PCI bus or in NVML")
     return []

@@ -5,9 +5,12 @@ as ``nvml``): NVML init, the system confidential-computing state and settings, t
 GPU its UUID, architecture, PCI address, attestation report over a 32-byte nonce and
 certificate chain.
 
-Confidential computing must be on (``ccFeature`` enabled, or multi-GPU protected PCIe mode);
-otherwise collection is refused unless ``allow_cc_off=True`` (development only). NVLink
-encryption alone (``multiGpuMode`` NVLE) is not confidential computing.
+Confidential computing must be on (``ccFeature`` enabled, or multi-GPU protected PCIe mode)
+and developer-tools mode off. Outside CC mode the driver produces no attestation report at all
+(``NV_ERR_OBJECT_NOT_FOUND``), so such GPUs cannot be attested: collection is refused, and
+:func:`attest.providers.detect_devices` reports them "not attested" under the development flag
+``--allow-insecure-gpu-cc-off``. ``allow_cc_off=True`` here tolerates developer-tools mode only
+(development). NVLink encryption alone (``multiGpuMode`` NVLE) is not confidential computing.
 
 :meth:`NvidiaAttester.gate` is what the runtime runs before it asks for a key: it counts the
 NVIDIA GPUs on the PCI bus (sysfs, independent of the driver), refuses when NVML cannot start
@@ -125,8 +128,9 @@ class NvidiaAttester(DeviceAttester):
     """Collect :class:`~attest.formats.nvidia_report.NvidiaEvidence` for every GPU through NVML.
 
     .. warning::
-       ``allow_cc_off=True`` collects from GPUs whose memory the host can read. It exists for
-       development on non-CC machines; evidence from such GPUs must never release a key.
+       ``allow_cc_off=True`` collects from GPUs in CC developer-tools mode, which the host can
+       debug. It exists for development; evidence from such GPUs must never release a key. GPUs
+       with CC off give no evidence at all and are refused whatever the flag.
     """
 
     tee: ClassVar[TeeKind] = TeeKind.NVIDIA
@@ -382,18 +386,20 @@ class NvidiaAttester(DeviceAttester):
             raise GpuGateError(f"{extra[0]} is not on the guest's PCI bus")
 
     def _check_cc(self, state: CcState) -> None:
-        problems = []
         if not state.enabled:
-            problems.append("GPU confidential computing is off")
-        if state.dev_tools_mode:
-            problems.append("GPU CC developer-tools mode is on (the host can debug the GPU)")
-        if not problems:
+            raise BackendUnavailable(
+                "GPU confidential computing is off: the driver gives no attestation report outside "
+                "CC mode. Enable CC mode on the GPUs (nvidia-smi conf-compute / the host's "
+                "gpu-admin-tools); for development, --allow-insecure-gpu-cc-off runs on them "
+                "unattested."
+            )
+        if not state.dev_tools_mode:
             return
-        message = "; ".join(problems)
+        message = "GPU CC developer-tools mode is on (the host can debug the GPU)"
         if not self._allow_cc_off:
             raise BackendUnavailable(
-                f"{message}. Enable CC mode on the GPUs (nvidia-smi conf-compute / the host's "
-                "gpu-admin-tools), or pass allow_cc_off=True for development only."
+                f"{message}. Turn developer-tools mode off (the host's gpu-admin-tools), or pass "
+                "allow_cc_off=True for development only."
             )
         logger.warning("INSECURE: %s; collecting GPU evidence anyway (allow_cc_off)", message)
 

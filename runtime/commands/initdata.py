@@ -17,25 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-__all__ = ["INSECURE_AGENT_POLICY", "add_parser", "run"]
+from attest.initdata import INSECURE_AGENT_POLICY
 
-#: An agent policy that allows every agent request except exec and reading container output
-#: streams: for development only (it pins nothing about the container).
-INSECURE_AGENT_POLICY = "package agent_policy\n\n" + "".join(
-    f"default {name} := {'false' if name in ('ExecProcessRequest', 'ReadStreamRequest') else 'true'}\n"
-    for name in (
-        "AddARPNeighborsRequest", "AddSwapRequest", "CloseStdinRequest", "CopyFileRequest",
-        "CreateContainerRequest", "CreateSandboxRequest", "DestroySandboxRequest", "ExecProcessRequest",
-        "GetMetricsRequest", "GetOOMEventRequest", "GuestDetailsRequest", "ListInterfacesRequest",
-        "ListRoutesRequest", "MemHotplugByProbeRequest", "OnlineCPUMemRequest", "PauseContainerRequest",
-        "PullImageRequest", "ReadStreamRequest", "RemoveContainerRequest",
-        "RemoveStaleVirtiofsShareMountsRequest", "ReseedRandomDevRequest", "ResumeContainerRequest",
-        "SetGuestDateTimeRequest", "SignalProcessRequest", "StartContainerRequest", "StartTracingRequest",
-        "StatsContainerRequest", "StopTracingRequest", "TtyWinResizeRequest", "UpdateContainerRequest",
-        "UpdateEphemeralMountsRequest", "UpdateInterfaceRequest", "UpdateRoutesRequest",
-        "WaitProcessRequest", "WriteStreamRequest",
-    )
-)  # fmt: skip
+__all__ = ["INSECURE_AGENT_POLICY", "add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

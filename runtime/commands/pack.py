@@ -22,7 +22,7 @@ from typing import Any
 
 from attest.errors import ConfigError
 from attest.secret import SecretBytes
-from loader.canary import CanaryReference
+from loader.canary import CANARY_DEVICES, CANARY_DTYPES, CANARY_ENGINES, CanaryReference
 from loader.format import DEFAULT_CHUNK_SIZE, MODEL_KEY_SIZE
 from loader.packer import generate_model_key, pack_model
 
@@ -70,7 +70,29 @@ def add_parser(subparsers: Any) -> None:
         "--no-canary",
         action="store_true",
         help="record no canary reference (the runtime then claims canary not-recorded); by default "
-        "the canary generation runs on the plaintext model with transformers (CPU, float32)",
+        "the canary generation runs on the plaintext model with transformers",
+    )
+    p.add_argument(
+        "--canary-engine",
+        choices=("auto", *CANARY_ENGINES),
+        default="auto",
+        help="the implementation computing the canary reference; auto: vLLM where it is installed "
+        "(the served engine: the boot reproduces its tokens exactly), else transformers",
+    )
+    p.add_argument(
+        "--canary-device",
+        choices=("auto", *CANARY_DEVICES),
+        default="auto",
+        help="transformers only (vLLM runs where it was built for): where to compute the canary "
+        "reference, the device family the model will be served on; auto: cuda when this machine has "
+        "a GPU, else cpu",
+    )
+    p.add_argument(
+        "--canary-dtype",
+        choices=("auto", *CANARY_DTYPES),
+        default="auto",
+        help="the dtype of the canary computation: the one the model will be served in; auto: the "
+        "model's own (what vLLM serves by default; float32 for transformers on the CPU)",
     )
     p.set_defaults(func=run)
 
@@ -122,9 +144,16 @@ def _run_oci(args: argparse.Namespace) -> int:
 def _canary(args: argparse.Namespace) -> CanaryReference | None:
     if args.no_canary:
         return None
-    from loader.canary import compute_reference
+    from loader.canary import compute_reference, default_canary_device, vllm_available
 
-    reference = compute_reference(args.src)
+    engine = (
+        ("vllm" if vllm_available() else "transformers")
+        if args.canary_engine == "auto"
+        else args.canary_engine
+    )
+    device = default_canary_device() if args.canary_device == "auto" else args.canary_device
+    dtype = None if args.canary_dtype == "auto" else args.canary_dtype
+    reference = compute_reference(args.src, device=device, dtype=dtype, engine=engine)
     print(f"canary: {len(reference.token_ids)} reference tokens ({reference.reference})", file=sys.stderr)
     return reference
 

@@ -183,11 +183,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="exit with status 3 when boot fails (default: stay up and report the reason)",
     )
+    from runtime.config import DEFAULT_PRIVATE_DIR
+
     p.add_argument(
         "--private-dir",
         type=Path,
-        default=Path("/dev/shm"),
-        help="memory-backed directory (tmpfs) for the runtime's private files (default /dev/shm)",
+        default=DEFAULT_PRIVATE_DIR,
+        help="memory-backed directory (tmpfs) only this container mounts, owned by the runtime's "
+        f"user or root (sticky), for the runtime's private files (default {DEFAULT_PRIVATE_DIR}: "
+        "a memory emptyDir, docs/operations.md)",
+    )
+    p.add_argument(
+        "--allow-insecure-shared-private-dir",
+        action="store_true",
+        help="DEVELOPMENT ONLY: accept a --private-dir on the pod-wide /dev/shm, which every "
+        "container of the pod can reach",
     )
     p.add_argument(
         "--print-config",
@@ -229,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         tls_hostnames=tuple(dict.fromkeys(hostnames)),
         exit_on_failure=args.exit_on_failure,
         private_dir=args.private_dir,
+        allow_insecure_shared_private_dir=args.allow_insecure_shared_private_dir,
         init_data=args.init_data,
         sample_init_data=args.sample_init_data,
         require_canary=args.require_canary,
@@ -241,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
         tdx_collateral=args.tdx_collateral,
         snp_vcek=args.snp_vcek,
         log_format=args.log_format,
+        verbose=bool(getattr(args, "verbose", False)),
         vllm_args=tuple(vllm_args),
     )
     if args.print_config:

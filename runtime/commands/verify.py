@@ -7,21 +7,42 @@ Prints every step with ✓ or ✗ and its reason (``--json``: one object) and ex
 * 2: could not check (the server is unreachable or answers an error, unusable collateral or
   policy file).
 
-``--save FILE`` keeps what was fetched; ``--offline FILE`` verifies a saved bundle again (the
-nonce is the one used when it was fetched, so it proves freshness only as of then).
+``--save FILE`` keeps what was fetched; ``--offline FILE`` verifies a saved bundle again. The
+nonce is the one used when it was fetched, so it proves freshness only as of then: offline, the
+document's age (its ``issued_at``, by the enclave's clock) is printed and a document older than
+``--max-age`` (default 300 s, the verifier's bound on an unchallenged document) is refused
+(exit 1). Nothing binds a saved bundle to the URL it names, nor its recorded TLS key to a
+connection (anyone can rewrite those), so offline output says "URL not verified" and never
+"verified: <url>".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
 from pathlib import Path
 
-__all__ = ["EXIT_NOT_VERIFIED", "EXIT_UNAVAILABLE", "add_parser", "print_verdict", "run"]
+__all__ = [
+    "DEFAULT_OFFLINE_MAX_AGE_S",
+    "EXIT_NOT_VERIFIED",
+    "EXIT_UNAVAILABLE",
+    "add_parser",
+    "parse_duration",
+    "print_verdict",
+    "run",
+]
 
 EXIT_NOT_VERIFIED = 1
 EXIT_UNAVAILABLE = 2
+#: ``--max-age`` by default: the bound the verifier puts on an unchallenged (nonce-less) document
+#: (``AttestationDocument.check_binding``), the online path's only age rule.
+DEFAULT_OFFLINE_MAX_AGE_S = 300
+
+_DURATION = re.compile(r"(\d+)\s*(s|m|min|h|d)?")
+_UNITS = {None: 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -58,18 +79,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     p.add_argument("--save", type=Path, metavar="FILE", help="save what was fetched, for --offline")
     p.add_argument("--offline", type=Path, metavar="FILE", help="verify a bundle saved with --save")
+    p.add_argument(
+        "--max-age",
+        metavar="DURATION",
+        help="with --offline: refuse a document issued longer ago than this, by its issued_at (seconds, "
+        f"or with s, m, h, d; default {DEFAULT_OFFLINE_MAX_AGE_S} s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
-def print_verdict(verdict: object, *, url: str, out: object = None) -> None:
-    """Print a :class:`~attest.client.verdict.Verdict` as ✓/✗ lines."""
+def print_verdict(verdict: object, *, url: str, out: object = None, offline: Path | None = None) -> None:
+    """Print a :class:`~attest.client.verdict.Verdict` as ✓/✗ lines.
+
+    With ``offline`` (the saved bundle's path) the first line names the file, not ``url``, and
+    the second says the URL is not verified.
+    """
     from attest.client.verdict import Verdict
 
     assert isinstance(verdict, Verdict)
     stream = out if out is not None else sys.stdout
     width = max((len(s.name) for s in verdict.steps), default=8)
-    print(f"{'verified' if verdict.ok else 'NOT VERIFIED'}: {url}", file=stream)  # type: ignore[arg-type]
+    outcome = "verified" if verdict.ok else "NOT VERIFIED"
+    if offline is None:
+        print(f"{outcome}: {url}", file=stream)  # type: ignore[arg-type]
+    else:
+        print(f"{outcome} offline: {offline}", file=stream)  # type: ignore[arg-type]
+        print(
+            f"  URL not verified: the bundle names {url}, but nothing binds a saved document to a URL "
+            "or to a TLS connection",
+            file=stream,  # type: ignore[arg-type]
+        )
     for step in verdict.steps:
         mark = "✓" if step.ok else "✗"
         print(f"  {mark} {step.name:<{width}}  {step.detail}", file=stream)  # type: ignore[arg-type]
@@ -81,6 +121,21 @@ def print_verdict(verdict: object, *, url: str, out: object = None) -> None:
         print(f"  config  sha256:{claims.config_sha256}", file=stream)  # type: ignore[arg-type]
         if claims.tls_spki_sha256:
             print(f"  pin TLS key: SPKI sha256 {claims.tls_spki_sha256}", file=stream)  # type: ignore[arg-type]
+
+
+def parse_duration(value: str, flag: str) -> int:
+    """Seconds from ``300``, ``300s``, ``5m``, ``12h`` or ``400d``.
+
+    Raises:
+        ConfigError: anything else, or zero.
+    """
+    from attest.errors import ConfigError
+
+    match = _DURATION.fullmatch(value.strip())
+    seconds = 0 if match is None else int(match[1]) * _UNITS[match[2]]
+    if seconds <= 0:
+        raise ConfigError(f"{flag} must be a positive number of seconds, or one with s, m, h or d (e.g. 30d)")
+    return seconds
 
 
 def _digest(value: str | None, flag: str) -> str | None:
@@ -95,8 +150,10 @@ def _digest(value: str | None, flag: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
     from attest.client.remote import VerificationBundle, fetch_bundle, verify_bundle
-    from attest.client.verdict import ServerRefused
+    from attest.client.verdict import ServerRefused, Verdict
     from attest.errors import ConfigError, Error, MalformedEvidence, VerificationUnavailable
     from attest.evidence import TeeKind
     from attest.verify import TdxCollateral
@@ -111,6 +168,16 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.url is None) == (args.offline is None):
         raise ConfigError("give a server URL, or --offline FILE (one of them)")
+    if args.max_age is not None and args.offline is None:
+        raise ConfigError(
+            "--max-age applies to --offline only: online, the fresh nonce the verifier sends proves freshness"
+        )
+    max_age_s = None
+    if args.offline is not None:
+        max_age_s = DEFAULT_OFFLINE_MAX_AGE_S
+        if args.max_age is not None:
+            max_age_s = parse_duration(args.max_age, "--max-age")
+    now = time.time()
     try:
         policy = None if args.policy is None else WorkloadPolicy.load(args.policy)
         collateral: dict[TeeKind, object] = {}
@@ -132,6 +199,19 @@ def run(args: argparse.Namespace) -> int:
     except MalformedEvidence as exc:
         return unavailable(f"the server's answer is malformed: {exc}")
     url = bundle.url
+
+    def offline_json(verdict: Verdict) -> dict[str, object]:
+        # A saved bundle's URL is whatever the file says; its age is the document's own.
+        if args.offline is None:
+            return {}
+        document = verdict.document
+        return {
+            "offline": str(args.offline),
+            "url_verified": False,
+            "age_s": None if document is None else int(now - document.claims.issued_at),
+            "max_age_s": max_age_s,
+        }
+
     try:
         verified = verify_bundle(
             bundle,
@@ -142,18 +222,20 @@ def run(args: argparse.Namespace) -> int:
             expected_model_digest=expect_model,
             expected_config_sha256=expect_config,
             collateral=collateral,
+            now=datetime.fromtimestamp(now, UTC),
+            max_age_s=max_age_s,
         )
     except ServerRefused as exc:
         if args.json:
-            print(json.dumps({"url": url, **exc.verdict.to_json()}, indent=2))
+            print(json.dumps({"url": url, **offline_json(exc.verdict), **exc.verdict.to_json()}, indent=2))
         else:
-            print_verdict(exc.verdict, url=url)
+            print_verdict(exc.verdict, url=url, offline=args.offline)
             print(f"enclave-serve verify: {exc}", file=sys.stderr)
         return EXIT_NOT_VERIFIED
     except Error as exc:
         return unavailable(str(exc))
     if args.json:
-        print(json.dumps(verified.to_json(), indent=2))
+        print(json.dumps({**verified.to_json(), **offline_json(verified.verdict)}, indent=2))
     else:
-        print_verdict(verified.verdict, url=url)
+        print_verdict(verified.verdict, url=url, offline=args.offline)
     return 0

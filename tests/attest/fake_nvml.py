@@ -102,6 +102,10 @@ class FakeNvml:
     def nvmlDeviceGetConfComputeGpuAttestationReport(self, handle: FakeGpu, nonce: bytes) -> SimpleNamespace:
         if self.fail_report:
             raise FakeNVMLError("Not Supported")
+        if not self.cc_feature and self.multi_gpu_mode != 1:
+            # As the driver: no attestation report outside CC or protected-PCIe mode
+            # (NV_ERR_OBJECT_NOT_FOUND, NVML_ERROR_NOT_FOUND).
+            raise FakeNVMLError("Not Found")
         self.nonces.append(bytes(nonce))
         buf = handle.report + b"\0" * 64  # NVML's buffer is larger than the report
         return SimpleNamespace(attestationReport=buf, attestationReportSize=len(handle.report))

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import gzip
 import hashlib
+import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
@@ -92,3 +99,74 @@ def test_a_bad_annotation_is_refused() -> None:
 def test_malformed_pins_are_refused(text: str, message: str) -> None:
     with pytest.raises(MalformedEvidence, match=message):
         WorkloadPins.from_toml(text)
+
+
+def _annotation_of(packed: bytes) -> str:
+    return base64.b64encode(packed).decode("ascii")
+
+
+def test_a_gzip_bomb_annotation_is_refused_without_inflating_it() -> None:
+    # 64 MiB of zeros in 64 KiB of gzip (1000:1); a bigger bomb costs the test time, not the
+    # parser: decompression stops at the same 1 MiB. gzip.decompress peaked at over 128 MiB here.
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    packed = b"".join(bomb.compress(zeros) for _ in range(64)) + bomb.flush()
+    assert len(packed) < 100 << 10
+    tracemalloc.start()
+    try:
+        with pytest.raises(MalformedEvidence, match="decompresses to more than 1 MiB"):
+            InitData.from_annotation(_annotation_of(packed))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20  # the bounded output and the decoded input, not 64 MiB
+
+
+def test_an_annotation_just_under_the_bound_is_parsed() -> None:
+    padding = "#" * ((1 << 20) - 200) + "\n"
+    raw = f'version = "0.1.0"\nalgorithm = "sha384"\n{padding}[data]\n"a" = "b"\n'.encode()
+    assert len(raw) <= 1 << 20
+    assert InitData.from_annotation(_annotation_of(gzip.compress(raw))).raw == raw
+
+
+@pytest.mark.parametrize(
+    ("packed", "message"),
+    [
+        (gzip.compress(b'version = "0.1.0"\nalgorithm = "sha384"\n')[:-6], "truncated"),
+        (gzip.compress(b'version = "0.1.0"\n') + gzip.compress(b'algorithm = "sha384"\n'), "one gzip member"),
+        (gzip.compress(b'version = "0.1.0"\nalgorithm = "sha384"\n') + b"\0", "one gzip member"),
+        (zlib.compress(b'version = "0.1.0"\nalgorithm = "sha384"\n'), "not base64 of gzip"),
+    ],
+    ids=["truncated", "second-member", "trailing-byte", "zlib-not-gzip"],
+)
+def test_an_annotation_that_is_not_exactly_one_gzip_member_is_refused(packed: bytes, message: str) -> None:
+    with pytest.raises(MalformedEvidence, match=message):
+        InitData.from_annotation(_annotation_of(packed))
+
+
+def test_a_corrupted_gzip_checksum_is_refused() -> None:
+    packed = bytearray(gzip.compress(b'version = "0.1.0"\nalgorithm = "sha384"\n'))
+    packed[-8] ^= 0xFF  # the CRC-32 in the trailer
+    with pytest.raises(MalformedEvidence, match="not base64 of gzip"):
+        InitData.from_annotation(_annotation_of(bytes(packed)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=512), st.binary(max_size=512).map(gzip.compress)))
+def test_arbitrary_annotation_bytes_give_init_data_or_a_clean_error(payload: bytes) -> None:
+    with contextlib.suppress(MalformedEvidence):
+        InitData.from_annotation(_annotation_of(payload))
+    with contextlib.suppress(MalformedEvidence):
+        InitData.load(b"H4sI" + payload)
+
+
+def test_the_development_agent_policy_is_recognised_as_insecure() -> None:
+    from attest.initdata import INSECURE_AGENT_POLICY
+
+    insecure = InitData.build(entries=[("policy.rego", INSECURE_AGENT_POLICY)], algorithm="sha384")
+    assert insecure.insecure_agent_policy
+    pinned = InitData.build(
+        entries=[("policy.rego", "package agent_policy\ndefault X := false\n")], algorithm="sha384"
+    )
+    assert not pinned.insecure_agent_policy
+    assert not InitData.build(entries=[], algorithm="sha384").insecure_agent_policy

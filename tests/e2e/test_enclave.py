@@ -159,6 +159,8 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         assert [s["stage"] for s in boot["stages"]] == stages
         assert all(s["ok"] for s in boot["stages"])
         assert any("sample TEE" in m for m in boot["insecure_modes"])
+        root = [m for m in boot["mounts"] if m["mount_point"] == "/"]  # the table the config stage checked
+        assert root and root[-1]["host_served"] is False
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").json()["ready"] is True
 

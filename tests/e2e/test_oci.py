@@ -18,6 +18,7 @@ import pytest
 
 from tests import oci_support as oci
 from tests.e2e.conftest import (
+    DEV_PRIVATE_DIR,
     ES,
     VLLM_ARGS,
     Launcher,
@@ -142,7 +143,7 @@ def test_a_layer_failing_its_hmac_fails_the_load_and_nothing_is_served(
 
 def _config_stage(model: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [ES, "run", model, "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee",
+        [ES, "run", model, "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee", *DEV_PRIVATE_DIR,
          "--kbs-url", "http://127.0.0.1:9", "--key-id", EC_KEY_ID, *extra, "--print-config", "--", *VLLM_ARGS],
         capture_output=True, text=True, env=child_env(), timeout=300,
     )  # fmt: skip

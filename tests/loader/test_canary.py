@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -103,3 +104,75 @@ def test_a_directory_transformers_cannot_load_says_what_to_do(tmp_path: Path) ->
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelFormatError, match="--no-canary"):
         compute_reference(tmp_path)
+
+
+def test_the_reference_names_where_it_was_computed(reference: CanaryReference) -> None:
+    assert (reference.device, reference.dtype) == ("cpu", "float32")
+    assert reference.to_json()["device"] == "cpu" and reference.computed_in == "cpu float32"
+    assert reference.reference.endswith("float32 cpu")
+
+
+def test_references_packed_before_devices_parse_as_cpu_float32_and_keep_their_digest(
+    reference: CanaryReference,
+) -> None:
+    legacy = {k: v for k, v in reference.to_json().items() if k not in ("device", "dtype")}
+    parsed = CanaryReference.from_json(legacy)
+    assert parsed.device is None and parsed.device_family == "cpu" and parsed.computed_in == "cpu float32"
+    assert parsed.to_json() == legacy  # serialised unchanged: the claimed digest stays
+    assert parsed.sha256 == hashlib.sha256(rfc8785.dumps(legacy)).hexdigest()
+
+
+def test_device_and_dtype_are_parsed_strictly(reference: CanaryReference) -> None:
+    good = reference.to_json()
+    for bad in (
+        {k: v for k, v in good.items() if k != "dtype"},
+        {**good, "device": "tpu"},
+        {**good, "dtype": "int8"},
+        {**good, "device": 1},
+    ):
+        with pytest.raises(ModelFormatError, match="canary"):
+            CanaryReference.from_json(bad)
+
+
+def test_a_mismatch_across_device_families_says_where_to_repack(reference: CanaryReference) -> None:
+    flipped = list(reference.token_ids)
+    flipped[0] += 1
+    why = str(reference.mismatch(None, flipped, served_on="cuda"))
+    assert "computed on cpu float32" in why and "runs on cuda" in why and "--canary-device cuda" in why
+    assert "canary-device" not in str(reference.mismatch(None, flipped, served_on="cpu"))
+    assert reference.mismatch(None, list(reference.token_ids), served_on="cuda") is None  # exact is exact
+
+
+def test_a_cuda_reference_needs_a_gpu(tiny: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        ref = compute_reference(tiny, device="cuda")
+        assert (ref.device, ref.dtype) == ("cuda", "bfloat16")  # the demo model's own dtype
+    else:
+        with pytest.raises(ModelFormatError, match="no CUDA GPU"):
+            compute_reference(tiny, device="cuda")
+    with pytest.raises(ModelFormatError, match="device"):
+        compute_reference(tiny, device="tpu")
+
+
+def test_a_model_with_a_chat_template_records_a_chat_canary(tiny: Path, reference: CanaryReference) -> None:
+    """The rendered conversation is recorded: the boot replays it through the served chat route."""
+    import transformers
+
+    assert reference.render == "chat" and reference.messages == [
+        {"role": "user", "content": reference.prompt}
+    ]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny), local_files_only=True)
+    rendered = tokenizer.apply_chat_template(reference.messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith("<s>user\n") and rendered.endswith("<s>assistant\n")
+    plain = compute_reference(tiny, chat=False)
+    assert plain.render is None and "render" not in plain.to_json()
+    assert plain.prompt_token_ids != reference.prompt_token_ids
+
+
+def test_a_changed_chat_rendering_is_named(reference: CanaryReference) -> None:
+    why = str(reference.mismatch([1, 2, 3], list(reference.token_ids)))
+    assert "chat rendering of the canary differs" in why
+    with pytest.raises(ModelFormatError, match="render"):
+        CanaryReference.from_json({**reference.to_json(), "render": "completion"})

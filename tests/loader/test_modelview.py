@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -70,8 +71,9 @@ def test_a_fifo_in_place_of_a_side_file_is_refused(packed: Path, tmp_path: Path)
     os.mkfifo(packed / "tokenizer.json")
     fd = os.open(packed / "tokenizer.json", os.O_RDWR | os.O_NONBLOCK)  # so the open does not block
     try:
-        with pytest.raises(ModelFormatError, match=r"'tokenizer.json' is not a regular file"):
+        with pytest.raises(ModelFormatError, match=r"'tokenizer.json' does not match") as info:
             stage_model_view(packed, Manifest.load(packed), tmp_path / "view")
+        assert info.value.log_detail == "not a regular file"
     finally:
         os.close(fd)
 
@@ -86,3 +88,26 @@ def test_a_plaintext_shard_left_beside_the_encrypted_model_is_refused(packed: Pa
     (packed / "model-00001-of-00003.safetensors").write_bytes(b"plaintext weights")
     with pytest.raises(ModelFormatError, match=r"unexpected file 'model-00001-of-00003\.safetensors'"):
         stage_model_view(packed, Manifest.load(packed), tmp_path / "view")
+
+
+def test_a_missing_and_a_modified_side_file_give_one_public_reason(packed: Path, tmp_path: Path) -> None:
+    """The readiness reason is public: it must not tell the host whether a file it points at exists."""
+    manifest = Manifest.load(packed)
+    name = manifest.plain_files[0].name
+    reasons, details = [], []
+    for damage in ("modify", "remove", "directory"):
+        model = tmp_path / damage
+        shutil.copytree(packed, model)
+        target = model / name
+        if damage == "modify":
+            target.write_bytes(target.read_bytes() + b" ")
+        else:
+            target.unlink()
+            if damage == "directory":
+                target.mkdir()
+        with pytest.raises(ModelFormatError) as info:
+            stage_model_view(model, manifest, tmp_path / f"view-{damage}")
+        reasons.append(str(info.value))
+        details.append(info.value.log_detail)
+    assert len(set(reasons)) == 1 and str(tmp_path) not in reasons[0]
+    assert len(set(details)) == 3  # the log says which

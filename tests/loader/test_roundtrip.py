@@ -161,3 +161,56 @@ def test_round_trip_to_gpu_with_each_staging_mode(
     for name, ref in reference.items():
         assert out[name].device.type == "cuda"
         assert as_bytes(out[name]) == as_bytes(ref), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["pinned", "pageable"])
+def test_copies_land_after_a_fill_queued_on_the_consumers_stream(
+    packed_pristine: Path, reference: dict[str, torch.Tensor], mode: str
+) -> None:
+    """The race probe: a sleep kernel and a fill queued just before ``copy_`` on the current
+    stream; the decrypted bytes must land after the fill, not under it."""
+    from loader.lazy import LazyCheckpoint
+    from loader.staging import StagingOptions
+
+    name = "model.embed_tokens.weight"
+    manifest = Manifest.load(packed_pristine)
+    staging = StagingOptions(mode=mode)  # type: ignore[arg-type]
+    with LazyCheckpoint.open(packed_pristine, manifest, KEY, threads=2, staging=staging) as checkpoint:
+        lazy = dict(checkpoint.tensors())[name]
+        dst = torch.empty(lazy.shape, dtype=lazy.dtype, device="cuda")
+        torch.cuda._sleep(100_000_000)  # type: ignore[no-untyped-call]  # ~0.05-0.1 s of GPU time
+        dst.fill_(7)
+        dst.copy_(lazy)
+        after = dst.float().sum()  # consumer work queued after copy_: must see the bytes
+        torch.cuda.synchronize()
+    assert as_bytes(dst) == as_bytes(reference[name])
+    assert after.item() == reference[name].float().sum().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_copy_thread_uses_the_destination_device_and_its_own_stream(packed_pristine: Path) -> None:
+    from loader.lazy import LazyCheckpoint
+    from loader.staging import CopyLane, CudaCopyLane, StagingRing
+
+    seen: dict[str, int] = {}
+
+    class Probe(CudaCopyLane):
+        def _copy(self, dst: torch.Tensor, src: torch.Tensor, after: object) -> object:
+            seen["device"] = torch.cuda.current_device()
+            seen["stream"] = torch.cuda.current_stream().cuda_stream
+            seen["lane"] = self.stream.cuda_stream
+            return super()._copy(dst, src, after)
+
+    def factory(ring: StagingRing, device: torch.device) -> CopyLane:
+        return Probe(ring, device)
+
+    last = torch.cuda.device_count() - 1
+    manifest = Manifest.load(packed_pristine)
+    with LazyCheckpoint.open(packed_pristine, manifest, KEY, threads=2, copy_lanes=factory) as checkpoint:
+        _name, lazy = next(checkpoint.tensors())
+        torch.empty(lazy.shape, dtype=lazy.dtype, device=f"cuda:{last}").copy_(lazy)
+    assert seen["device"] == last
+    assert seen["stream"] == seen["lane"]

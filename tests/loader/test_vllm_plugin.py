@@ -54,3 +54,45 @@ def test_staging_options_reach_the_engine() -> None:
 def test_incomplete_or_unknown_options_are_refused(extra: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         EncryptedLoaderConfig.from_extra(extra)
+
+
+def test_each_rank_decrypts_with_its_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    import loader.vllm_plugin as plugin
+
+    monkeypatch.setattr(plugin, "default_threads", lambda: 16)
+    options = EncryptedLoaderConfig.from_extra(
+        {"key_socket": "/s", "manifest_digest": DIGEST, "capabilities": CAPS}
+    )
+    assert options.engine_options(1)["threads"] == 16
+    assert options.engine_options(4)["threads"] == 4
+    assert options.engine_options(32)["threads"] == 1
+    configured = EncryptedLoaderConfig.from_extra(
+        {"key_socket": "/s", "manifest_digest": DIGEST, "capabilities": CAPS, "threads": 3}
+    )
+    assert configured.engine_options(8)["threads"] == 3  # a configured count is per rank, as given
+
+
+def test_the_engine_crash_dump_logs_no_request_data(caplog: pytest.LogCaptureFixture) -> None:
+    """vLLM's dump prints sampling parameters and the config; after register() nothing of them."""
+    import logging
+    from types import SimpleNamespace
+
+    import vllm.v1.engine.core as core
+    from vllm.logging_utils import dump_input
+
+    from loader.vllm_plugin import scrub_engine_dumps
+
+    request = SimpleNamespace(sampling_params=SimpleNamespace(stop=["SECRET-STOP-STRING"]))
+    output = SimpleNamespace(scheduled_new_reqs=[request])
+    config = SimpleNamespace(capabilities=["CAPABILITY-0123"])
+    original = dump_input._dump_engine_exception
+    with caplog.at_level(logging.ERROR):
+        original(config, output, None)  # type: ignore[arg-type]  # the control: it does leak
+    assert "SECRET-STOP-STRING" in caplog.text
+    caplog.clear()
+    scrub_engine_dumps()
+    with caplog.at_level(logging.ERROR):
+        core.dump_engine_exception(config, output, None)  # type: ignore[arg-type]
+        dump_input.dump_engine_exception(config, output, None)  # type: ignore[arg-type]
+    assert "SECRET-STOP-STRING" not in caplog.text and "CAPABILITY-0123" not in caplog.text
+    assert "input dump is suppressed" in caplog.text

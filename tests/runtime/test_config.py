@@ -51,3 +51,34 @@ def test_insecure_modes_are_listed(tmp_path: Path) -> None:
     modes = " ".join(config.insecure_modes)
     assert "sample TEE" in modes and "plain HTTP" in modes and "plain-HTTP key broker" in modes
     assert cfg(tmp_path).insecure_modes == []
+
+
+def test_every_setting_is_attested_or_argued_operational(tmp_path: Path) -> None:
+    """No runtime setting escapes the attested configuration without a stated reason."""
+    import dataclasses
+
+    from runtime.config import ATTESTED_AS, OPERATIONAL_SETTINGS
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    attested = set(cfg(tmp_path).attested_settings(resource="kbs:///r/t/x", kbs_ca_sha256=None))
+    covered = (attested & fields) | set(ATTESTED_AS) | set(OPERATIONAL_SETTINGS)
+    assert fields - covered == set(), "attest these, or argue them in OPERATIONAL_SETTINGS"
+    assert not set(OPERATIONAL_SETTINGS) & attested  # one place each
+    assert {"private_dir", "verbose", "allow_insecure_shared_private_dir"} <= attested
+
+
+def test_every_run_flag_reaches_the_configuration() -> None:
+    """Each option of ``enclave-serve run`` is a RunConfig setting (so the test above holds it)."""
+    import argparse
+    import dataclasses
+
+    from runtime.commands import run as run_command
+
+    parser = argparse.ArgumentParser()
+    run_command.add_parser(parser.add_subparsers())
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    dests = {a.dest for a in sub.choices["run"]._actions} - {"help", "print_config", "model"}
+    renamed = {"kbs_deadline": "kbs_deadline_s", "watchdog_interval": "watchdog_interval_s",
+               "drain_timeout": "drain_timeout_s", "attestation_max_age": "attestation_max_age_s"}  # fmt: skip
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert {renamed.get(d, d) for d in dests} - fields == set()

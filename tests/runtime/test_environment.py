@@ -139,3 +139,76 @@ def test_the_documented_environment_rules_are_the_rules() -> None:
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     assert [n for n in [*ALLOWED, *FORCED, *REFUSED] if f"`{n}" not in doc] == []
+
+
+# -- Paths compared by whole components; locale and time zone by name (issue 17, item 3) ----
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/usr/../models/lib",  # climbs out of /usr
+        "/libhost",  # a prefix of /lib's name, not a directory under it
+        "/usr/lib;/models/lib",  # the dynamic linker splits on ';' too
+        ":/usr/lib",  # an empty entry is the working directory
+        "/usr/lib::/usr/lib64",
+        "lib",  # relative: the working directory again
+        "/usr/lib/./../../models",
+        "$ORIGIN/../models",
+        "/opt/nvidiahost/lib",
+        "/opt/../models",
+    ],
+)
+def test_library_path_outside_the_system_directories_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="LD_LIBRARY_PATH"):
+        decide(LD_LIBRARY_PATH=value)
+
+
+def test_library_paths_that_base_images_set_are_kept() -> None:
+    value = "/usr/local/nvidia/lib:/usr/local/nvidia/lib64:/usr/local/cuda/lib64:/lib/x86_64-linux-gnu:/opt/nvidia/lib/"
+    assert decide(LD_LIBRARY_PATH=value).attested["LD_LIBRARY_PATH"] == value
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("TZ", "/host/zone"),
+        ("TZ", ":/host/zone"),  # glibc reads ':'-prefixed values as a file
+        ("TZ", ":Europe/Paris"),
+        ("TZ", "../../../models/zone"),
+        ("TZ", "Europe/../../models/zone"),
+        ("LC_ALL", "../x"),
+        ("LC_ALL", "/models/locale"),  # glibc reads a locale name with '/' as a path
+        ("LC_CTYPE", "en_US.UTF-8/../../x"),
+        ("LANG", "./x"),
+        ("LANGUAGE", "en_US:/models/locale"),
+        ("LANGUAGE", ":en"),
+    ],
+)
+def test_a_path_in_the_locale_or_time_zone_is_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"refused environment variable.*{name}"):
+        decide(**{name: value})
+
+
+def test_plain_locale_and_time_zone_names_are_kept() -> None:
+    for tz in ("UTC", "Europe/Paris", "America/Argentina/Buenos_Aires", "Etc/GMT+5", ""):
+        assert decide(TZ=tz).environ["TZ"] == tz
+    for locale in ("C", "POSIX", "C.UTF-8", "en_US.UTF-8", "de_DE@euro", "sr_RS.UTF-8@latin", ""):
+        assert decide(LANG=locale, LC_ALL=locale, LC_CTYPE=locale).environ["LC_ALL"] == locale
+    assert decide(LANGUAGE="en_US:en").environ["LANGUAGE"] == "en_US:en"
+
+
+def test_cuda_home_climbing_out_of_the_cuda_directory_is_refused() -> None:
+    with pytest.raises(ConfigError, match="CUDA_HOME"):
+        decide(CUDA_HOME="/usr/local/cuda-12/../../../models")
+    assert decide(CUDA_HOME="/usr/local/cuda-12.4").environ["CUDA_HOME"] == "/usr/local/cuda-12.4"
+
+
+def test_a_refused_value_goes_to_the_log_only() -> None:
+    """Host paths in values stay out of the public reason; the log detail has them."""
+    with pytest.raises(ConfigError) as info:
+        decide_environment(
+            {"TZ": "/host/secret/zone", "PATH": "/usr/bin"}, private_root="/p", python_dir="/v/bin"
+        )
+    assert "TZ" in str(info.value) and "/host/secret/zone" not in str(info.value)
+    assert info.value.log_detail is not None and "/host/secret/zone" in info.value.log_detail

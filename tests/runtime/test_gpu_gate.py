@@ -129,3 +129,38 @@ def test_verified_gpus_pass_the_gate_and_the_boot_goes_on_to_the_key(
     assert "1 nvidia device(s) verified locally" in stages["attest"]["detail"]
     assert runtime.status.readiness()["stage"] == "key"
     assert nvml.ready_writes == [1]
+
+
+def test_cc_off_gpus_under_the_development_flag_boot_unattested_and_say_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, nvml: FakeNvml
+) -> None:
+    """--allow-insecure-gpu-cc-off on a GPU with CC off: no evidence exists, so the boot goes on
+    without a GPU attester and the status lists the GPUs as not attested (never a silent pass)."""
+    nvml.cc_feature = 0
+    sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
+    runtime = _runtime(tmp_path, allow_insecure_gpu_cc_off=True)
+    real_detect = boot.detect_devices
+
+    def detect(**kw: Any) -> list[Any]:
+        return real_detect(**kw, pci_root=sysfs, nvml=nvml)
+
+    calls: list[str] = []
+    prepared = SimpleNamespace(
+        model=SimpleNamespace(digest="sha256:" + "0" * 64),
+        configuration=SimpleNamespace(sha256="1" * 64),
+        init_data=None,
+    )
+    monkeypatch.setattr(runtime, "_config_stage", lambda: prepared)
+    monkeypatch.setattr(boot, "detect_devices", detect)
+    monkeypatch.setattr(boot, "nvidia_gpus_present", lambda: True)
+
+    def key_stage(*_: object) -> None:
+        calls.append("key")
+        raise KeyRetrievalError("stopped by the test after the gate")
+
+    monkeypatch.setattr(runtime, "_key_stage", key_stage)
+    with socket.socket() as sock:
+        asyncio.run(runtime._boot_and_serve(sock, None))  # type: ignore[arg-type]
+    assert calls == ["key"] and nvml.nonces == []  # nothing collected from a CC-off GPU
+    modes = runtime.status.to_json()["insecure_modes"]
+    assert any("NVIDIA GPUs not attested: confidential computing is off" in m for m in modes)

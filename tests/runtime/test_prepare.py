@@ -24,7 +24,7 @@ ARGS = ("--enforce-eager", "--max-model-len", "512", "--served-model-name", "tin
 
 @pytest.fixture
 def private() -> Iterator[PrivateDirectory]:
-    directory = PrivateDirectory.create(Path("/dev/shm"))
+    directory = PrivateDirectory.create(Path("/dev/shm"), allow_insecure_shared=True)
     try:
         yield directory
     finally:
@@ -71,7 +71,7 @@ def test_same_inputs_same_digest_any_change_another(
     packed_demo: Path, parser: argparse.ArgumentParser
 ) -> None:
     def digest(config: RunConfig, env: dict[str, str] = ENV) -> str:
-        directory = PrivateDirectory.create(Path("/dev/shm"))
+        directory = PrivateDirectory.create(Path("/dev/shm"), allow_insecure_shared=True)
         try:
             return stage(config, directory, parser, env).configuration.sha256
         finally:

@@ -163,6 +163,17 @@ def test_a_cached_document_past_its_age_does_not_verify() -> None:
         doc.check_binding(**{**args, "nonce": NONCE})  # type: ignore[arg-type]
 
 
+def test_a_cached_document_from_a_fast_guest_clock_is_not_stretched_past_its_age() -> None:
+    """A guest clock running ahead dates the document in the future; verifiers allow 5 s of that,
+    not the 300 s of challenged documents, so its use ends at most 5 s after its stated age."""
+    doc = service().document([], max_age_s=60)
+    at = doc.claims.issued_at
+    args = CACHED_CHECK
+    doc.check_binding(**args, now=at - 4)  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="in the future"):
+        doc.check_binding(**args, now=at - 30)  # type: ignore[arg-type]
+
+
 def test_the_frontend_has_a_cached_document_before_it_returns() -> None:
     async def go() -> bool:
         frontend = AttestationFrontend.create(service(), max_age_s=10)
@@ -208,3 +219,111 @@ def test_the_verifier_bounds_a_cached_documents_age_whatever_it_states() -> None
     with pytest.raises(Exception, match="the verifier allows 300 s"):
         doc.check_binding(**args, now=at + 301)  # type: ignore[arg-type]
     doc.check_binding(**args, now=at + 1800, max_age_s=3600)  # type: ignore[arg-type]
+
+
+# -- the cached document's deadline, whatever the host does to the guest's clocks ----------------
+
+#: A real Unix time; the guest's wall clock is set relative to it.
+REAL = 1_800_000_000.0
+
+
+async def _cache(wall: Clock, mono: Clock, max_age_s: int = 60) -> tuple[EvidenceScheduler, DocumentCache]:
+    scheduler = EvidenceScheduler(service(clock=wall), cached_max_age_s=max_age_s)
+    scheduler.start()
+    cache = DocumentCache(scheduler, max_age_s=max_age_s, clock=mono, wall_clock=wall)
+    await cache.refresh()
+    return scheduler, cache
+
+
+def _alive(cache: DocumentCache) -> tuple[bool, bool]:
+    return cache.current("document") is not None, cache.current("aci") is not None
+
+
+def test_a_cached_document_dies_at_issued_at_plus_max_age_under_a_fast_guest_clock() -> None:
+    """The review's scenario: the guest's wall clock runs 300 s ahead. The document states the
+    fast issued_at; the cache still stops serving it max_age seconds after it was made."""
+    mono, wall = Clock(), Clock()
+    wall.now = REAL + 300
+
+    async def go() -> list[tuple[bool, bool]]:
+        scheduler, cache = await _cache(wall, mono)
+        try:
+            assert cache.document is not None
+            issued = json.loads(cache.document.body)["claims"]["issued_at"]
+            assert issued == int(REAL + 300) and cache.document.wall_expires == issued + 60
+            seen = []
+            for step in (59.0, 2.0):
+                mono.now += step
+                wall.now += step
+                seen.append(_alive(cache))
+            return seen
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(go()) == [(True, True), (False, False)]
+
+
+def test_a_slowed_monotonic_clock_does_not_stretch_a_cached_document_past_issued_at_plus_max_age() -> None:
+    """The host slows the guest's monotonic clock: 61 s pass by the wall clock, 10 s by the
+    monotonic one. The wall clock's deadline (issued_at + max_age) ends the entry."""
+    mono, wall = Clock(), Clock()
+    wall.now = REAL
+
+    async def go() -> list[tuple[bool, bool]]:
+        scheduler, cache = await _cache(wall, mono)
+        try:
+            seen = []
+            for mono_step, wall_step in ((5.0, 30.0), (5.0, 31.0)):
+                mono.now += mono_step
+                wall.now += wall_step
+                seen.append(_alive(cache))
+            return seen
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(go()) == [(True, True), (False, False)]
+
+
+def test_a_wall_clock_stepped_back_does_not_stretch_it_either() -> None:
+    """The host steps the guest's wall clock back an hour after issue: the monotonic deadline,
+    taken before the collection, still ends the entry max_age seconds later."""
+    mono, wall = Clock(), Clock()
+    wall.now = REAL
+
+    async def go() -> list[tuple[bool, bool]]:
+        scheduler, cache = await _cache(wall, mono)
+        try:
+            wall.now -= 3600
+            seen = [_alive(cache)]
+            mono.now += 60
+            wall.now += 60
+            seen.append(_alive(cache))
+            return seen
+        finally:
+            await scheduler.stop()
+
+    assert asyncio.run(go()) == [(True, True), (False, False)]
+
+
+def test_a_wall_clock_stepped_forward_ends_the_entry_and_the_cache_refreshes_at_once() -> None:
+    mono, wall = Clock(), Clock()
+    wall.now = REAL
+
+    async def go() -> tuple[bool, int, int]:
+        scheduler, cache = await _cache(wall, mono, max_age_s=600)  # next regular refresh: 200 s
+        cache.start()
+        try:
+            wall.now += 601
+            dead = cache.current("document") is None
+            for _ in range(300):  # the early refresh waits 1 s, then collects (slow machines: up to 30 s)
+                await asyncio.sleep(0.1)
+                entry = cache.current("document")
+                if entry is not None:
+                    return dead, json.loads(entry.body)["claims"]["issued_at"], int(wall.now)
+            return dead, 0, int(wall.now)
+        finally:
+            await cache.stop()
+            await scheduler.stop()
+
+    dead, issued, now = asyncio.run(go())
+    assert dead and issued == now
