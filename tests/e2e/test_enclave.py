@@ -147,6 +147,7 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         assert a["claims"]["nonces"] == ["11" * 32] and b["claims"]["nonces"] == ["22" * 32]
         assert a["format"] == "enclave-serve/attestation/v3"
         assert a["claims"]["max_age_s"] is None and a["claims"]["canary"]["status"] == "passed"
+        assert a["claims"]["canary"]["render"] == "chat"  # through the served chat route, in process
         assert a["claims"]["config"] == b["claims"]["config"]
         assert "sample TEE (evidence proves nothing)" in a["claims"]["insecure_modes"]
         assert a["evidence"]["primary"]["report_data"] != b["evidence"]["primary"]["report_data"]
