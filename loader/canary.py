@@ -252,7 +252,9 @@ def _model_dtype(model_dir: Path) -> str:
         config = json.loads((model_dir / "config.json").read_bytes())
     except (OSError, ValueError):
         return "float32"
-    value = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        return "float32"
+    value = config.get("dtype") or config.get("torch_dtype")
     return value if value in CANARY_DTYPES else "float32"
 
 

@@ -56,6 +56,7 @@ from attest.verify import collateral_from_json
 from loader.keyhandoff import KeyHandoffServer, LoadReport
 from runtime.config import RunConfig
 from runtime.environment import apply_environment, decide_environment
+from runtime.mounts import parse_mountinfo, read_mountinfo
 from runtime.prepare import Prepared, prepare, runtime_versions
 from runtime.private import PrivateDirectory
 from runtime.watchdog import Watchdog
@@ -197,12 +198,21 @@ class Runtime:
     # -- stages ----------------------------------------------------------------------------
 
     def _config_stage(self) -> Prepared:
+        mountinfo = read_mountinfo()  # read once: the private directory's and the mount checks
         self._private = PrivateDirectory.create(
-            self.config.private_dir, allow_insecure_shared=self.config.allow_insecure_shared_private_dir
+            self.config.private_dir,
+            allow_insecure_shared=self.config.allow_insecure_shared_private_dir,
+            mountinfo=mountinfo,
         )
         environment = _apply_environment(self._private)  # before anything imports vLLM
         tls_files = (self._tls.keyfile, self._tls.certfile) if self._tls is not None else None
-        prepared = prepare(self.config, self._private, environment=environment, tls_files=tls_files)
+        prepared = prepare(
+            self.config,
+            self._private,
+            environment=environment,
+            tls_files=tls_files,
+            mount_table=parse_mountinfo(mountinfo),
+        )
         self._configuration = prepared.configuration
         self.status.mounts = [m.to_json() for m in prepared.mounts]
         if prepared.init_data is not None and prepared.init_data.insecure_agent_policy:
@@ -708,13 +718,22 @@ def print_configuration(config: RunConfig) -> RunConfiguration:
         Error: the configuration would be refused at boot.
     """
     config.validate()
+    mountinfo = read_mountinfo()
     private = PrivateDirectory.create(
-        config.private_dir, allow_insecure_shared=config.allow_insecure_shared_private_dir
+        config.private_dir,
+        allow_insecure_shared=config.allow_insecure_shared_private_dir,
+        mountinfo=mountinfo,
     )
     try:
         environment = _apply_environment(private)
         tls_files = ("<tls key>", "<tls certificate>") if config.tls else None
-        return prepare(config, private, environment=environment, tls_files=tls_files).configuration
+        return prepare(
+            config,
+            private,
+            environment=environment,
+            tls_files=tls_files,
+            mount_table=parse_mountinfo(mountinfo),
+        ).configuration
     finally:
         private.remove()
 

@@ -50,6 +50,7 @@ __all__ = [
     "filesystem_of",
     "parse_mountinfo",
     "read_mount_table",
+    "read_mountinfo",
 ]
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -125,16 +126,25 @@ def parse_mountinfo(text: str) -> tuple[Mount, ...]:
     return tuple(mounts)
 
 
+def read_mountinfo(path: Path = MOUNTINFO) -> str:
+    """Return this process's mount table as text (``/proc/self/mountinfo``).
+
+    Raises:
+        ConfigError: it cannot be read.
+    """
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the mount table: {exc.strerror}") from exc
+
+
 def read_mount_table(path: Path = MOUNTINFO) -> tuple[Mount, ...]:
     """Read and parse this process's mount table.
 
     Raises:
         ConfigError: it cannot be read.
     """
-    try:
-        return parse_mountinfo(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read the mount table: {exc.strerror}") from exc
+    return parse_mountinfo(read_mountinfo(path))
 
 
 def filesystem_of(path: str | Path, mounts: Sequence[Mount]) -> Mount | None:

@@ -40,23 +40,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attest.errors import ConfigError
+from runtime.mounts import MEMORY_FILESYSTEMS, filesystem_of, parse_mountinfo, read_mountinfo
 
 __all__ = ["MEMORY_FILESYSTEMS", "SHARED_MEMORY", "PrivateDirectory", "filesystem_type"]
 
 logger = logging.getLogger(__name__)
 
-#: Filesystems whose contents live in (guest) memory only.
-MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 #: The pod-wide shared memory filesystem (one per pod sandbox, bound into every container).
 SHARED_MEMORY = Path("/dev/shm")
 
 _SUBDIRS = ("cache", "config", "home", "key", "tmp")
 _PRIVATE_MODE = 0o700
-
-
-def _unescape_mount_path(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal (proc(5)).
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
 def filesystem_type(path: Path, *, mountinfo: str | None = None) -> str:
@@ -65,26 +59,11 @@ def filesystem_type(path: Path, *, mountinfo: str | None = None) -> str:
     Raises:
         ConfigError: the mount table cannot be read or names no mount for ``path``.
     """
-    if mountinfo is None:
-        try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the mount table: {exc.strerror}") from exc
-    target = os.path.realpath(path)
-    best: tuple[int, str] | None = None
-    for line in mountinfo.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5 or not right.split():
-            continue
-        mount_point = _unescape_mount_path(fields[4])
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        # Later lines over-mount earlier ones at the same point: >= keeps the last.
-        if inside and (best is None or len(mount_point) >= best[0]):
-            best = (len(mount_point), right.split()[0])
-    if best is None:
-        raise ConfigError(f"no mount holds {path}")
-    return best[1]
+    mounts = parse_mountinfo(read_mountinfo() if mountinfo is None else mountinfo)
+    mount = filesystem_of(path, mounts)
+    if mount is None:
+        raise ConfigError(f"the mount table names no filesystem for {path}")
+    return mount.fstype
 
 
 def _check_base(

@@ -143,7 +143,7 @@ def test_the_config_stage_refuses_a_host_mount_before_reading_the_model(
     try:
         with pytest.raises(ConfigError, match="refusing to run where the host could supply code: a tmpfs"):
             prepare(config, private, environment={}, parser=parser, mount_table=table)
-        assert not any(private.model_view.iterdir()) if private.model_view.exists() else True
+        assert not private.model_view.exists() or not any(private.model_view.iterdir())  # nothing read
         prepared = prepare(
             config, private, environment={}, parser=parser, mount_table=parse_mountinfo("\n".join(POD))
         )
