@@ -7,8 +7,10 @@ SNP ``HOST_DATA`` (32 bytes), zero-padded when shorter and truncated when longer
 (:func:`register_for_digest`). Inside, ``policy.rego`` is the Kata agent policy that pins the
 container image, its arguments and environment; ``aa.toml`` and ``cdh.toml`` configure the
 attestation agent and the confidential data hub. enclave-serve adds one entry,
-:data:`ENCLAVE_SERVE_ENTRY`, with its own pins (:class:`WorkloadPins`): the expected model
-identity, the key resource, the vLLM options and optionally the exact run configuration.
+:data:`ENCLAVE_SERVE_ENTRY`, with its declaration of everything that is attested
+(:class:`WorkloadPins`): the model identity, the key resource, the software the image runs,
+every attested runtime setting, the vLLM options and the attested environment. The runtime takes
+its configuration from it, and the run configuration it claims is computed from it alone.
 
 The digest covers the **exact bytes** (no canonicalisation, a final newline counts), so the
 bytes sent to the KBS (RCAR ``init-data``) must be the bytes that were hashed: :class:`InitData`
@@ -26,14 +28,16 @@ import binascii
 import gzip
 import hashlib
 import json
+import math
 import tomllib
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
+from attest.runconfig import RunConfiguration
 
 __all__ = [
     "ENCLAVE_SERVE_ENTRY",
@@ -41,7 +45,9 @@ __all__ = [
     "INITDATA_VERSION",
     "INSECURE_AGENT_POLICY",
     "REGISTER_SIZES",
+    "RUNTIME_FACTS",
     "InitData",
+    "SettingValue",
     "WorkloadPins",
     "register_for_digest",
 ]
@@ -133,64 +139,149 @@ def _basic(value: object, what: str) -> str:
     return value
 
 
+#: The members of :attr:`WorkloadPins.runtime`: the software the image runs (``enclave-serve
+#: image-facts`` prints them inside the image).
+RUNTIME_FACTS = ("name", "version", "vllm", "torch", "python", "python_isolated")
+#: A declared setting's value: TOML scalars and lists of strings (no tables, no dates).
+SettingValue = str | int | float | bool | list[str]
+_ENTRY_KEYS = frozenset({"model", "key_resource", "vllm_args", "runtime", "settings", "environment"})
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string for ``text`` (JSON's escapes are TOML's; DEL must be escaped too)."""
+    return json.dumps(text).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    """A bare TOML key where the key allows it, else a quoted one."""
+    return key if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key) else _toml_string(key)
+
+
+def _toml_value(value: SettingValue) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("a declared number must be finite")
+        return json.dumps(value)
+    return "[" + ", ".join(_toml_string(item) for item in value) + "]"
+
+
+def _setting_value(name: str, value: object) -> SettingValue:
+    if isinstance(value, bool | str | int):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise MalformedEvidence(
+        f"init-data {ENCLAVE_SERVE_ENTRY}: setting {name} must be a string, number, boolean or a list "
+        "of strings"
+    )
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkloadPins:
-    """enclave-serve's entry in the init-data: what the runtime must load and how.
+    """enclave-serve's entry in the init-data: the declaration of everything that is attested.
 
-    ``model`` is the manifest digest the runtime must load (required). ``key_resource`` the KBS
-    resource of the key, ``vllm_args`` the exact pass-through vLLM options, ``config_sha256``
-    the exact attested run configuration (``enclave-serve run … --print-config``); each that is
-    set the runtime enforces at its ``config`` stage.
+    ``model`` is the manifest digest the runtime must load, ``key_resource`` the KBS resource
+    of its key, ``runtime`` the software the image runs (:data:`RUNTIME_FACTS`), ``settings``
+    every attested runtime setting by name (a setting not declared is null), ``vllm_args`` the
+    exact vLLM options and ``environment`` the attested environment variables (a secret one,
+    ``VLLM_API_KEY``, as ``"<redacted>"``: it must be set, its value is not pinned).
+
+    The run configuration the enclave claims is a function of this object alone
+    (:meth:`configuration`, specified in :mod:`attest.runconfig`), so a provider computes it
+    offline and a verifier recomputes it from the init-data. Which setting names exist, and
+    their types, is the runtime's declaration (``runtime/config.py``); this class checks only
+    the entry's shape.
     """
 
     model: str
-    key_resource: str | None = None
-    vllm_args: tuple[str, ...] | None = None
-    config_sha256: str | None = None
+    key_resource: str
+    runtime: Mapping[str, str | bool]
+    settings: Mapping[str, SettingValue]
+    vllm_args: tuple[str, ...] = ()
+    environment: Mapping[str, str] = field(default_factory=dict)
 
     def to_toml(self) -> str:
-        """Return the entry's TOML text."""
-        lines = [f"model = {json.dumps(self.model)}"]
-        if self.key_resource is not None:
-            lines.append(f"key_resource = {json.dumps(self.key_resource)}")
-        if self.vllm_args is not None:
-            lines.append("vllm_args = [" + ", ".join(json.dumps(a) for a in self.vllm_args) + "]")
-        if self.config_sha256 is not None:
-            lines.append(f"config_sha256 = {json.dumps(self.config_sha256)}")
+        """Return the entry's TOML text (keys in a fixed order: the same pins give the same bytes)."""
+        lines = [
+            f"model = {_toml_string(self.model)}",
+            f"key_resource = {_toml_string(self.key_resource)}",
+            "vllm_args = [" + ", ".join(_toml_string(a) for a in self.vllm_args) + "]",
+        ]
+        for table, values in (
+            ("runtime", {k: self.runtime[k] for k in RUNTIME_FACTS if k in self.runtime}),
+            ("settings", dict(sorted(self.settings.items()))),
+            ("environment", dict(sorted(self.environment.items()))),
+        ):
+            lines += ["", f"[{table}]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in values.items()]
         return "\n".join(lines) + "\n"
 
     @classmethod
     def from_toml(cls, text: str) -> WorkloadPins:
-        """Parse the entry. Raises MalformedEvidence."""
+        """Parse the entry (strict: known keys only, typed values).
+
+        Raises:
+            MalformedEvidence: not TOML, an unknown or missing key, or a value of the wrong type.
+        """
+        what = f"init-data {ENCLAVE_SERVE_ENTRY}"
         try:
             obj = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
-            raise MalformedEvidence(f"init-data {ENCLAVE_SERVE_ENTRY} is not TOML: {exc}") from None
-        unknown = sorted(set(obj) - {"model", "key_resource", "vllm_args", "config_sha256"})
+            raise MalformedEvidence(f"{what} is not TOML: {exc}") from None
+        unknown = sorted(set(obj) - _ENTRY_KEYS)
         if unknown:
             raise MalformedEvidence(
-                f"init-data {ENCLAVE_SERVE_ENTRY} has unknown key(s) {', '.join(unknown)}"
+                f"{what} has unknown key(s) {', '.join(unknown)} (written by another enclave-serve "
+                "version? make it again with 'enclave-serve initdata')"
             )
-        model = _basic(obj.get("model"), "model")
-        if not model.startswith("sha256:") or len(model) != 71:
-            raise MalformedEvidence(f"init-data {ENCLAVE_SERVE_ENTRY}: model must be sha256:<64 hex>")
-        args = obj.get("vllm_args")
-        if args is not None and (not isinstance(args, list) or not all(isinstance(a, str) for a in args)):
-            raise MalformedEvidence(f"init-data {ENCLAVE_SERVE_ENTRY}: vllm_args must be a list of strings")
-        config = obj.get("config_sha256")
-        if config is not None:
-            config = _basic(config, "config_sha256").removeprefix("sha256:")
-            if len(config) != 64 or config.strip("0123456789abcdef"):
-                raise MalformedEvidence(
-                    f"init-data {ENCLAVE_SERVE_ENTRY}: config_sha256 must be 64 hex digits"
-                )
-        resource = obj.get("key_resource")
+        missing = sorted({"model", "key_resource", "runtime", "settings"} - set(obj))
+        if missing:
+            raise MalformedEvidence(
+                f"{what} declares no {', '.join(missing)}: make it with 'enclave-serve initdata'"
+            )
+        model = _basic(obj["model"], "model")
+        if not model.startswith("sha256:") or len(model) != 71 or model[7:].strip("0123456789abcdef"):
+            raise MalformedEvidence(f"{what}: model must be sha256:<64 lowercase hex>")
+        args = obj.get("vllm_args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise MalformedEvidence(f"{what}: vllm_args must be a list of strings")
+        runtime, settings, environment = obj["runtime"], obj["settings"], obj.get("environment", {})
+        if not all(isinstance(t, dict) for t in (runtime, settings, environment)):
+            raise MalformedEvidence(f"{what}: runtime, settings and environment must be tables")
+        if set(runtime) != set(RUNTIME_FACTS):
+            raise MalformedEvidence(f"{what}: [runtime] must declare exactly {', '.join(RUNTIME_FACTS)}")
+        for key, value in runtime.items():
+            if not isinstance(value, bool if key == "python_isolated" else str):
+                raise MalformedEvidence(f"{what}: [runtime] {key} has the wrong type")
+        if not all(isinstance(v, str) for v in environment.values()):
+            raise MalformedEvidence(f"{what}: [environment] values must be strings")
         return cls(
             model=model,
-            key_resource=None if resource is None else _basic(resource, "key_resource"),
-            vllm_args=None if args is None else tuple(args),
-            config_sha256=config,
+            key_resource=_basic(obj["key_resource"], "key_resource"),
+            runtime=dict(runtime),
+            settings={str(k): _setting_value(str(k), v) for k, v in settings.items()},
+            vllm_args=tuple(args),
+            environment=dict(environment),
         )
+
+    def configuration(self) -> RunConfiguration:
+        """The run configuration these pins declare (what the enclave claims; attest.runconfig).
+
+        Raises:
+            ValueError: a value has no canonical JSON form.
+        """
+        return RunConfiguration.from_pins(self)
+
+    @property
+    def config_sha256(self) -> str:
+        """Hex SHA-256 of :meth:`configuration`: the ``config`` digest verifiers pin."""
+        return self.configuration().sha256
 
 
 def _multiline(text: str) -> str:

@@ -1,46 +1,47 @@
 """The attested run configuration: one canonical JSON object of what runs.
 
-The runtime builds it at the ``config`` stage from what it will actually use, serves its exact
-bytes at ``GET /.well-known/enclave-serve/config`` and puts ``{"sha256": <hex>}`` of those bytes
-into every attestation document's claims (which the hardware report data commits to). A
-verifier fetches the bytes, checks their digest against the claim and reads or pins them.
+The runtime builds it at the ``config`` stage from the declaration it runs under (the CoCo
+init-data's ``enclave-serve.toml`` entry, :class:`attest.initdata.WorkloadPins`; in development,
+the same declaration made from the command line), serves its exact bytes at
+``GET /.well-known/enclave-serve/config`` and puts ``{"sha256": <hex>}`` of those bytes into
+every attestation document's claims (which the hardware report data commits to). A verifier
+fetches the bytes, checks their digest against the claim and reads or pins them.
 
-Members (all required, nothing else allowed)::
+**Canonical form** (``enclave-serve/config/v2``): the RFC 8785 (JCS) encoding of the object ::
 
-    format        "enclave-serve/config/v1"
-    model         {"manifest_digest": "sha256:…"}     the model identity
-    runtime       {"name", "version", "vllm", "torch", "python", "python_isolated"}
-    settings      the runtime's own settings: TEE, GPUs, key source, KBS URL and CA digest,
-                  key resource, TLS, insecure modes…
-    vllm          {"options": {...}}  every allowed vLLM option with its effective value
-    environment   {name: value}       allowed and forced variables (private paths as
-                                      "<private>/…", secrets as "<redacted>")
-    private       {"filesystem": "tmpfs"}
+    format        "enclave-serve/config/v2"
+    model         {"manifest_digest": <entry model>}
+    runtime       <entry [runtime]>: name, version, vllm, torch, python, python_isolated
+    settings      <entry [settings]>, plus "key_resource": <entry key_resource>
+    vllm          {"args": <entry vllm_args>}
+    environment   <entry [environment]>
 
-Per-boot values (the TLS key, socket and private paths, listen address and port) are not in
-it, so two boots with the same inputs give the same bytes, and any change of an input gives
-other bytes. The encoding is RFC 8785 (JCS), so an independent implementation reproduces the
-digest from the parsed object.
+Nothing else goes in: no per-boot value (TLS key, paths, listen address) and nothing from the
+operator's shell, so anyone holding the init-data recomputes the digest (:meth:`from_pins`),
+and two boots under the same init-data claim the same bytes. JCS writes numbers in their
+shortest form (``60.0`` and ``60`` both as ``60``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import rfc8785
 
 from attest.errors import MalformedEvidence
 
+if TYPE_CHECKING:
+    from attest.initdata import WorkloadPins
+
 __all__ = ["CONFIG_FORMAT", "CONFIG_MEMBERS", "RunConfiguration"]
 
 #: Format identifier of the configuration object (bumped on any incompatible change).
-CONFIG_FORMAT = "enclave-serve/config/v1"
+CONFIG_FORMAT = "enclave-serve/config/v2"
 #: The members of the object, exactly.
-CONFIG_MEMBERS = frozenset({"format", "model", "runtime", "settings", "vllm", "environment", "private"})
+CONFIG_MEMBERS = frozenset({"format", "model", "runtime", "settings", "vllm", "environment"})
 _MAX_CONFIG = 1 << 20
 
 
@@ -51,29 +52,19 @@ class RunConfiguration:
     raw: bytes = field(repr=False)
 
     @classmethod
-    def build(
-        cls,
-        *,
-        manifest_digest: str,
-        runtime: Mapping[str, Any],
-        settings: Mapping[str, Any],
-        vllm_options: Mapping[str, Any],
-        environment: Mapping[str, str],
-        private_filesystem: str,
-    ) -> RunConfiguration:
-        """Encode a configuration canonically.
+    def from_pins(cls, pins: WorkloadPins) -> RunConfiguration:
+        """Encode the configuration a declaration makes (the module docstring's canonical form).
 
         Raises:
-            ValueError: a value has no canonical JSON form (a float NaN, a non-JSON object).
+            ValueError: a value has no canonical JSON form.
         """
         obj: dict[str, Any] = {
             "format": CONFIG_FORMAT,
-            "model": {"manifest_digest": manifest_digest},
-            "runtime": dict(runtime),
-            "settings": dict(settings),
-            "vllm": {"options": dict(vllm_options)},
-            "environment": dict(environment),
-            "private": {"filesystem": private_filesystem},
+            "model": {"manifest_digest": pins.model},
+            "runtime": dict(pins.runtime),
+            "settings": {**pins.settings, "key_resource": pins.key_resource},
+            "vllm": {"args": list(pins.vllm_args)},
+            "environment": dict(pins.environment),
         }
         try:
             return cls(rfc8785.dumps(obj))

@@ -41,11 +41,21 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from attest.errors import AttestationError, ConfigError, Error, KeyHandoffCompromised, ModelError
+from attest.errors import (
+    AttestationError,
+    ConfigError,
+    Error,
+    KeyHandoffCompromised,
+    MalformedEvidence,
+    ModelError,
+)
 from attest.evidence import TeeKind
+from attest.initdata import InitData, WorkloadPins
 from attest.keysource.base import KeyRelease, KeySource
 from attest.logs import set_stage_provider
 from attest.providers import detect_devices, init_data_register, nvidia_gpus_present, select_attester
@@ -59,6 +69,7 @@ from runtime.environment import apply_environment, decide_environment
 from runtime.mounts import parse_mountinfo, read_mountinfo
 from runtime.prepare import Prepared, prepare, runtime_versions
 from runtime.private import PrivateDirectory
+from runtime.settings import read_bounded, resolve
 from runtime.watchdog import Watchdog
 from server.attestation import AttestationService
 from server.boot_server import BootServer
@@ -77,7 +88,10 @@ __all__ = [
     "EXIT_BOOT_FAILED",
     "EXIT_ENGINE_DIED",
     "EXIT_WATCHDOG",
+    "Loaded",
+    "RunRequest",
     "Runtime",
+    "load_request",
     "print_configuration",
     "run_blocking",
 ]
@@ -118,9 +132,56 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _apply_environment(private: PrivateDirectory) -> dict[str, str]:
+#: The largest init-data file read (the parser's own limit is the same).
+_MAX_INITDATA_FILE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RunRequest:
+    """What the command line gave ``run``: setting name → value, only those given."""
+
+    given: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Loaded:
+    """A request resolved into the configuration to run (:func:`load_request`)."""
+
+    config: RunConfig
+    #: The host's init-data file (``--init-data``) and the declaration it carries.
+    init_data: InitData | None = None
+    pins: WorkloadPins | None = None
+    #: The sample TEE's register (``--sample-init-data``): what the hardware would hold.
+    sample_init_data: InitData | None = None
+
+
+def _read_init_data(path: Path, what: str) -> InitData:
+    data = read_bounded(path, f"the {what} file", _MAX_INITDATA_FILE)
+    try:
+        return InitData.load(data)
+    except MalformedEvidence as exc:
+        raise ConfigError(f"the {what} file: {exc}") from exc
+
+
+def load_request(request: RunRequest) -> Loaded:
+    """Read the init-data (if given) and resolve the configuration to run (runtime.settings).
+
+    Raises:
+        ConfigError: an unreadable or malformed init-data, a setting other than the pinned one,
+            or an inconsistent configuration.
+    """
+    path = request.given.get("init_data")
+    init = None if path is None else _read_init_data(path, "init-data")
+    sample_path = request.given.get("sample_init_data")
+    sample = None if sample_path is None else _read_init_data(sample_path, "sample init-data")
+    config, pins = resolve(request.given, init)
+    config.validate()
+    return Loaded(config=config, init_data=init, pins=pins, sample_init_data=sample)
+
+
+def _apply_environment(private: PrivateDirectory, declared: Mapping[str, str] | None) -> dict[str, str]:
     """Sort this process's environment by the allowlist, apply it, return the attested view."""
-    decision = decide_environment(os.environ, private_root=str(private.root))
+    decision = decide_environment(os.environ, private_root=str(private.root), declared=declared)
     apply_environment(decision)
     if decision.removed:
         logger.info(
@@ -160,9 +221,18 @@ class Runtime:
     loader_test_hooks: dict[str, str] = {}
 
     def __init__(
-        self, config: RunConfig, *, status: BootStatus | None = None, metrics: Metrics | None = None
+        self,
+        config: RunConfig,
+        *,
+        loaded: Loaded | None = None,
+        failure: Error | None = None,
+        status: BootStatus | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
+        self.loaded = loaded if loaded is not None else Loaded(config=config)
+        #: A configuration refused before the boot could start: reported at stage ``config``.
+        self._config_failure = failure
         self.metrics = metrics or Metrics.default()
         self.status = status or BootStatus(metrics=self.metrics)
         self.status.insecure_modes = config.insecure_modes
@@ -204,7 +274,9 @@ class Runtime:
             allow_insecure_shared=self.config.allow_insecure_shared_private_dir,
             mountinfo=mountinfo,
         )
-        environment = _apply_environment(self._private)  # before anything imports vLLM
+        pins = self.loaded.pins
+        # Before anything imports vLLM; with init-data, exactly the declared variables.
+        environment = _apply_environment(self._private, None if pins is None else pins.environment)
         tls_files = (self._tls.keyfile, self._tls.certfile) if self._tls is not None else None
         prepared = prepare(
             self.config,
@@ -212,6 +284,8 @@ class Runtime:
             environment=environment,
             tls_files=tls_files,
             mount_table=parse_mountinfo(mountinfo),
+            init_data=self.loaded.init_data,
+            pins=pins,
         )
         self._configuration = prepared.configuration
         self.status.mounts = [m.to_json() for m in prepared.mounts]
@@ -222,31 +296,13 @@ class Runtime:
         return prepared
 
     def _attest_stage(self, prepared: Prepared) -> tuple[Attester, list[DeviceAttester]]:
-        init = prepared.init_data
-        sample_register = (
-            init.register(TeeKind.SAMPLE) if init is not None and self.config.tee == "sample" else None
-        )
+        sample = self.loaded.sample_init_data
         attester = select_attester(
             self.config.tee,
             allow_insecure=self.config.allow_insecure_sample_tee,
-            sample_init_data=sample_register,
+            sample_init_data=None if sample is None else sample.register(TeeKind.SAMPLE),
         )
-        if init is not None and not attester.insecure:
-            # The host supplies the init-data file: only the hardware register makes it the one
-            # this TEE was launched with (and so the pins the runtime enforced the real ones).
-            register = init_data_register(attester)
-            if register is None or not init.matches(attester.tee, register):
-                shown = "nothing" if register is None else register.hex()
-                raise AttestationError(
-                    f"the init-data given is not the one this {attester.tee.value} guest was launched "
-                    f"with: the register holds {shown}, the file's {init.algorithm} digest gives "
-                    f"{init.register(attester.tee).hex()}"
-                )
-        elif init is None and not attester.insecure:
-            logger.warning(
-                "no init-data given (--init-data): the runtime enforces no pins, and verifiers that pin "
-                "an init-data digest will refuse this enclave"
-            )
+        self._check_init_data_register(attester, prepared.init_data)
         devices = detect_devices(
             gpus=self.config.gpus,
             allow_insecure=self.config.allow_insecure_sample_tee,
@@ -261,6 +317,41 @@ class Runtime:
         # Before any key is requested: every GPU genuine, in CC mode, counted, verified locally.
         self._gates = [device.gate(expected_count=self.config.expected_gpus) for device in devices]
         return attester, devices
+
+    def _check_init_data_register(self, attester: Attester, init: InitData | None) -> None:
+        """Fail closed on the init-data register (read from what the host cannot forge).
+
+        Register set and no init-data given: refuse. Register not the file's digest: refuse.
+        Register zero (launched without init-data): refuse in a real TEE unless
+        ``--allow-insecure-no-initdata`` (claimed); the sample TEE boots from flags.
+
+        Raises:
+            AttestationError: one of the refusals above, or a register that cannot be trusted.
+        """
+        register = init_data_register(attester)  # TDX: the TDREPORT, or a quote verified locally
+        tee = attester.tee.value
+        if init is not None:
+            if not init.matches(attester.tee, register):
+                shown = "zeros (launched without init-data)" if not any(register) else register.hex()
+                expected = init.register(attester.tee).hex()
+                raise AttestationError(
+                    f"the init-data given is not the one this {tee} guest was launched with: the register "
+                    f"holds {shown}, the file's {init.algorithm} digest gives {expected}"
+                )
+            return
+        if any(register):
+            raise AttestationError(
+                f"this {tee} guest was launched with init-data (register {register.hex()}), but no "
+                "--init-data was given: pass the pod's init-data file; it decides the configuration"
+            )
+        if attester.insecure:
+            return  # the sample TEE without --sample-init-data: configured from flags (claimed)
+        if not self.config.allow_insecure_no_initdata:
+            raise AttestationError(
+                f"this {tee} guest was launched without init-data: nothing pins what it runs. Launch it "
+                "with the init-data 'enclave-serve initdata' writes, or add --allow-insecure-no-initdata "
+                "(development only)"
+            )
 
     def _key_source(self, prepared: Prepared, attester: Attester, devices: list[DeviceAttester]) -> KeySource:
         from attest.keysource import CdhKeySource, KbsKeySource, UnsafeFileKeySource
@@ -452,6 +543,9 @@ class Runtime:
         stage = Stage.CONFIG
         engine: VllmEngine | None = None
         try:
+            if self._config_failure is not None:
+                self.status.begin(stage)
+                raise self._config_failure
             prepared = await self._stage(
                 stage,
                 self._config_stage,
@@ -708,16 +802,17 @@ def _load_detail(reports: list[LoadReport], prepared: Prepared) -> str:
     return f"{len(reports)} rank(s) decrypted parts of {prepared.model.describe_size()}: {per_rank}"
 
 
-def print_configuration(config: RunConfig) -> RunConfiguration:
+def print_configuration(request: RunRequest) -> RunConfiguration:
     """Run only the ``config`` stage and return the run configuration it attests.
 
-    What a boot with the same inputs (model, options, environment, image) will claim, computed
-    without attesting, fetching a key or starting vLLM's engine.
+    What a boot with the same inputs (init-data, or model, options and environment) will claim,
+    computed without attesting, fetching a key or starting vLLM's engine.
 
     Raises:
         Error: the configuration would be refused at boot.
     """
-    config.validate()
+    loaded = load_request(request)
+    config = loaded.config
     mountinfo = read_mountinfo()
     private = PrivateDirectory.create(
         config.private_dir,
@@ -725,7 +820,7 @@ def print_configuration(config: RunConfig) -> RunConfiguration:
         mountinfo=mountinfo,
     )
     try:
-        environment = _apply_environment(private)
+        environment = _apply_environment(private, None if loaded.pins is None else loaded.pins.environment)
         tls_files = ("<tls key>", "<tls certificate>") if config.tls else None
         return prepare(
             config,
@@ -733,17 +828,28 @@ def print_configuration(config: RunConfig) -> RunConfiguration:
             environment=environment,
             tls_files=tls_files,
             mount_table=parse_mountinfo(mountinfo),
+            init_data=loaded.init_data,
+            pins=loaded.pins,
         ).configuration
     finally:
         private.remove()
 
 
-def run_blocking(config: RunConfig) -> int:
-    """Validate ``config`` and run the runtime on uvloop until it stops."""
+def run_blocking(request: RunRequest) -> int:
+    """Resolve ``request`` and run the runtime on uvloop until it stops.
+
+    A configuration refused while resolving (a setting other than the init-data's, an
+    inconsistent combination) fails the boot at stage ``config``, reported like any other stage.
+    """
     from attest.secret import protect_process_memory
 
-    config.validate()
     protect_process_memory()  # before the process holds anything worth reading
     import uvloop
 
-    return uvloop.run(Runtime(config).run())
+    try:
+        loaded = load_request(request)
+        runtime = Runtime(loaded.config, loaded=loaded)
+    except Error as exc:
+        # Serve the reason: the listen address, TLS and exit behaviour as the command line gave them.
+        runtime = Runtime(RunConfig(**request.given), failure=exc)
+    return uvloop.run(runtime.run())

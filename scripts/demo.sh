@@ -41,19 +41,22 @@ fi
 [ -f "$DEMO/admin.token" ] || (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' > "$DEMO/admin.token")
 
 VLLM_ARGS=(--enforce-eager --max-model-len 512 --max-num-seqs 4 --dtype bfloat16 --served-model-name tiny)
-export HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1
+export VLLM_CPU_KVCACHE_SPACE=1
 DIGEST=$("$VENV/bin/python" -c "import hashlib;print('sha256:'+hashlib.sha256(open('$DEMO/tiny-encrypted/manifest.json','rb').read()).hexdigest())")
 KBS_URL="http://127.0.0.1:$KBS_PORT"
 
-# 2. The provider pins the workload (docs/policy.md): the run configuration the enclave will
-#    attest, CoCo init-data pinning model, key, options and configuration, and the workload policy
-#    the KBS enforces (the sample TEE: insecure_development).
+# 2. The provider declares the workload (docs/configuration.md): one init-data holding the model,
+#    its key, every attested setting, the vLLM options and the environment; `initdata` prints its
+#    digest and the configuration digest the enclave will claim. The policy the KBS enforces and
+#    the provider publishes pins both (the sample TEE: insecure_development).
 PRIVATE=(--private-dir /dev/shm --allow-insecure-shared-private-dir)  # no memory emptyDir on a dev box
-CONFIG=$("$ES" run "$DEMO/tiny-encrypted" --tee sample --gpus none --allow-insecure-sample-tee "${PRIVATE[@]}" \
-  --kbs-url "$KBS_URL" --print-config -- "${VLLM_ARGS[@]}" 2>&1 >/dev/null | sed -n 's/^config sha256://p' | tail -1)
-"$ES" initdata --kbs-url "$KBS_URL" --allow-insecure-agent-policy --expect-model "$DIGEST" \
-  --key-id "$KEY_ID" --config-sha256 "$CONFIG" -o "$DEMO/initdata.toml" -- "${VLLM_ARGS[@]}" >/dev/null
-INIT=$("$VENV/bin/python" -c "from attest.initdata import InitData;print(InitData.from_bytes(open('$DEMO/initdata.toml','rb').read()).digest_text)")
+"$ES" image-facts > "$DEMO/image-facts.json"   # in production: recorded by the image build
+DECLARED=$("$ES" initdata "$DEMO/tiny-encrypted" --expect-model "$DIGEST" --key-id "$KEY_ID" \
+  --kbs-url "$KBS_URL" --allow-insecure-agent-policy --image-facts "$DEMO/image-facts.json" \
+  --tee sample --gpus none --allow-insecure-sample-tee "${PRIVATE[@]}" --env VLLM_CPU_KVCACHE_SPACE=1 \
+  -o "$DEMO/initdata.toml" --json -- "${VLLM_ARGS[@]}")
+INIT=$(printf '%s' "$DECLARED" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["init_data_digest"])')
+CONFIG=$(printf '%s' "$DECLARED" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["config_sha256"])')
 cat > "$DEMO/policy.toml" <<POLICY
 version = 1
 insecure_development = true  # DEVELOPMENT ONLY: the sample TEE proves nothing
@@ -61,7 +64,7 @@ insecure_development = true  # DEVELOPMENT ONLY: the sample TEE proves nothing
 allowed = ["sample"]
 [workload]
 model = ["$DIGEST"]
-config = ["sha256:$CONFIG"]
+config = ["$CONFIG"]
 init_data = ["$INIT"]
 POLICY
 
@@ -73,12 +76,11 @@ POLICY
   >"$DEMO/kbs.log" 2>&1 &
 echo $! > "$DEMO/kbs.pid"
 
-# 4. The enclave: sample TEE (INSECURE, development only) launched with the init-data, key from
-#    the KBS, vLLM on the CPU.
-"$ES" run "$DEMO/tiny-encrypted" \
-  --host 127.0.0.1 --port "$PORT" --tee sample --gpus none --allow-insecure-sample-tee "${PRIVATE[@]}" \
-  --kbs-url "$KBS_URL" --sample-init-data "$DEMO/initdata.toml" \
-  -- "${VLLM_ARGS[@]}" \
+# 4. The enclave, configured by the init-data alone: the sample TEE (INSECURE, development only)
+#    plays the hardware register (--sample-init-data), --init-data is the file the pod gets; key
+#    from the KBS, vLLM on the CPU. Only operational options (listen address) on the command line.
+"$ES" run --init-data "$DEMO/initdata.toml" --sample-init-data "$DEMO/initdata.toml" \
+  --host 127.0.0.1 --port "$PORT" \
   >"$DEMO/runtime.log" 2>&1 &
 echo $! > "$DEMO/runtime.pid"
 

@@ -5,6 +5,8 @@
 runs: its TEE, launch measurements, init-data, GPUs, model, configuration and runtime version,
 with the secure defaults for everything the evidence cannot set (TCB ``UpToDate`` with
 collateral, no debug, no migration, SEPT_VE_DISABLE, VMPL 0, the observed SNP TCB as floor).
+A server launched without init-data is refused (:class:`NoInitData`): its register is zero, and
+a zero pin would accept any VM the host launches without init-data.
 
 .. warning::
    A recorded policy is only as good as the deployment it was recorded from: review it
@@ -27,7 +29,11 @@ from attest.verify.workload import (
     init_data_register_of,
 )
 
-__all__ = ["RecordedPolicy", "record_policy"]
+__all__ = ["NoInitData", "RecordedPolicy", "record_policy"]
+
+
+class NoInitData(ValueError):
+    """The server runs without init-data, so no policy recorded from it could pin its software."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +58,8 @@ def record_policy(verdict: Verdict) -> RecordedPolicy:
 
     Raises:
         ValueError: the verdict is not of a verified server.
+        NoInitData: the server's init-data register is zero (or, sample TEE, absent): a policy
+            pinning it would accept any VM launched without init-data.
     """
     if not verdict.ok or verdict.document is None or verdict.config is None or verdict.primary is None:
         raise ValueError("record a policy only from a server that verified (hardware and binding)")
@@ -59,17 +67,18 @@ def record_policy(verdict: Verdict) -> RecordedPolicy:
     primary = verdict.primary
     notes: list[str] = []
     register = init_data_register_of(primary)
-    init_data = None
     if claims.init_data is not None:
         alg, _, hexpart = claims.init_data.partition(":")
         init_data = ((alg, bytes.fromhex(hexpart)),)
     elif register is not None and any(register):
         init_data = (_init_digest(primary.tee, register),)
-    elif primary.tee is not TeeKind.SAMPLE:
-        init_data = (("sha384", bytes(48)),)
-        notes.append(
-            "the server was launched WITHOUT init-data (the register is zero): nothing pins its container, "
-            "arguments or environment; launch it with 'enclave-serve initdata' output before production"
+    else:
+        raise NoInitData(
+            f"the server was launched WITHOUT init-data (its {primary.tee.value} init-data register is "
+            "zero or absent): nothing pins its container, arguments or environment, and the policy "
+            "would pin a zero register, which every VM the host launches without init-data has, "
+            "running anything. Launch it with init-data ('enclave-serve initdata', docs/policy.md; "
+            "the sample TEE: run --sample-init-data FILE) and record again"
         )
     tdx = snp = None
     c = primary.claims

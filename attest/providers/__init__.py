@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib
 import logging
+import secrets
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attest.errors import BackendUnavailable, ConfigError
+from attest.errors import AttestationError, BackendUnavailable, ConfigError, EvidenceCollectionError
 from attest.evidence import TeeKind
 from attest.providers.base import Attester, DeviceAttester
+from attest.providers.tdx import TDX_GUEST_DEVICE
 
 if TYPE_CHECKING:
     from attest.providers.nvidia import NvidiaAttester
@@ -100,28 +103,70 @@ def select_attester(
     return cls()
 
 
-def init_data_register(attester: Attester) -> bytes | None:
-    """Read the init-data register of this TEE from a fresh local report.
+def init_data_register(
+    attester: Attester,
+    *,
+    tdx_guest_device: Path = TDX_GUEST_DEVICE,
+    now: datetime | None = None,
+    nonce: bytes | None = None,
+) -> bytes:
+    """Return this TEE's init-data register, read from a source the host cannot forge.
 
-    TDX: MRCONFIGID of a quote; SNP: HOST_DATA of a report; sample: the value it was given.
-    The report data is all zeros: the report is only read here, never sent anywhere.
+    The boot compares it with the digest of the init-data file the host handed over; the
+    register is worth nothing if the host can choose it too. Per TEE:
+
+    1. **TDX** (MRCONFIGID): from the TDREPORT of ``tdx_guest_device``, which the TDX module
+       writes through a TDCALL without the host on the path; only if that device is absent,
+       from a configfs-tsm quote over a fresh ``nonce`` that verifies offline to the pinned
+       Intel root (:func:`attest.providers.tdx.tdx_init_data_register` lists the steps and what
+       that fallback does not verify).
+    2. **SEV-SNP** (HOST_DATA): from a fresh configfs-tsm report over ``nonce``. The PSP builds
+       the report and returns it in an SNP guest message encrypted and authenticated (AES-GCM)
+       with this guest's VMPCK, a key the PSP placed in the guest's encrypted secrets page at
+       launch and the host cannot read; the sev-guest driver checks the tag and the message
+       sequence number, so the host can withhold the report but neither forge, alter nor
+       replay it. Its signature (VCEK) is therefore not checked here, and the certificates the
+       host supplies in ``auxblob`` are not used.
+    3. **sample**: the value the sample TEE was given (development only: it proves nothing).
+
+    ``nonce`` (default: 64 random bytes) is the report data of the report read; it is never
+    sent anywhere. ``now`` (default: the current time, timezone aware) is when a TDX quote's
+    PCK chain must be valid. Both are seams for tests.
 
     Raises:
-        EvidenceCollectionError: the TEE did not produce a report.
-        MalformedEvidence: the report does not parse.
+        AttestationError: the register could not be read from anything the host cannot forge
+            (a TDX guest without the device whose quote does not verify), the report does not
+            parse or is over other report data, the sample TEE was given no register, or this
+            TEE has no init-data register.
+        EvidenceCollectionError: the TEE did not produce a report (a subclass of the above).
+        ValueError: ``nonce`` is longer than 64 bytes, or ``now`` is naive.
     """
+    from attest.binding import pad_report_data
     from attest.evidence import SampleEvidence
     from attest.formats.snp_report import SnpEvidence, parse_snp_report
-    from attest.formats.tdx_quote import TdxEvidence, parse_tdx_quote
+    from attest.providers.tdx import tdx_init_data_register
 
-    evidence = attester.collect(bytes(64) if attester.tee is not TeeKind.SAMPLE else bytes(48))
-    if isinstance(evidence, TdxEvidence):
-        return parse_tdx_quote(evidence.quote).body.mr_config_id
-    if isinstance(evidence, SnpEvidence):
-        return parse_snp_report(evidence.report).host_data
-    if isinstance(evidence, SampleEvidence):
-        return evidence.init_data
-    return None
+    report_data = nonce if nonce is not None else secrets.token_bytes(64)
+    if attester.tee is TeeKind.TDX:
+        return tdx_init_data_register(attester, report_data, device=tdx_guest_device, now=now)
+    if attester.tee is TeeKind.SNP:
+        evidence = attester.collect(report_data)
+        if not isinstance(evidence, SnpEvidence):
+            raise AttestationError(f"the snp attester returned {type(evidence).__name__}, not SNP evidence")
+        report = parse_snp_report(evidence.report)
+        if report.report_data != pad_report_data(report_data):
+            raise EvidenceCollectionError("sev_guest returned a report over other report data; retry")
+        return report.host_data
+    if attester.tee is TeeKind.SAMPLE:
+        sample = attester.collect(report_data)
+        if not isinstance(sample, SampleEvidence):
+            raise AttestationError(f"the sample attester returned {type(sample).__name__}")
+        if sample.init_data is None:  # launched without init-data (no --sample-init-data): zeros
+            from attest.initdata import REGISTER_SIZES
+
+            return bytes(REGISTER_SIZES[TeeKind.SAMPLE])
+        return sample.init_data
+    raise AttestationError(f"the {attester.tee.value} TEE has no init-data register")
 
 
 def nvidia_gpus_present(pci_root: Path | None = None) -> bool:

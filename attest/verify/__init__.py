@@ -1,10 +1,11 @@
-"""Verify TEE evidence: one verifier per TEE behind one interface, plus policies.
+"""Verify TEE evidence: one verifier per TEE behind one interface.
 
 Entry points: :func:`verify_evidence` (TDX, SNP, sample) and :func:`verify_device_evidence`
 (NVIDIA, sampledevice). Both return a :class:`VerificationResult` listing every step and the
 typed claims, or raise :class:`~attest.errors.VerificationError` /
 :class:`~attest.errors.PolicyViolation` naming the failed step, with the partial result as
-``exc.result`` (see :func:`result_of`). Nothing here touches the network.
+``exc.result`` (see :func:`result_of`). Nothing here touches the network. What the verified
+evidence must measure is the workload policy's to say (:mod:`attest.verify.workload`).
 """
 
 from __future__ import annotations
@@ -17,33 +18,13 @@ from attest.verify import snp as _snp
 from attest.verify import tdx as _tdx
 from attest.verify.api import collateral_from_json, verify_device_evidence, verify_evidence
 from attest.verify.claims import GpuClaims, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
-from attest.verify.policy import (
-    AllOf,
-    AllowedGpuVersions,
-    AllowedSnpMeasurements,
-    AllowedTdxMeasurements,
-    AllowedTdxTcbStatus,
-    AnyOf,
-    MinimumSampleSvn,
-    MinimumSnpTcb,
-    Policy,
-    RefuseInsecure,
-    UnsafeNoOp,
-)
+from attest.verify.policy import Policy, RefuseInsecure
 from attest.verify.result import Outcome, Step, VerificationResult, result_of
 from attest.verify.snp import SnpCollateral, fetch_vcek
 from attest.verify.tdx import TdxCollateral
 
 __all__ = [
-    "AllOf",
-    "AllowedGpuVersions",
-    "AllowedSnpMeasurements",
-    "AllowedTdxMeasurements",
-    "AllowedTdxTcbStatus",
-    "AnyOf",
     "GpuClaims",
-    "MinimumSampleSvn",
-    "MinimumSnpTcb",
     "NvidiaClaims",
     "Outcome",
     "Policy",
@@ -54,7 +35,6 @@ __all__ = [
     "Step",
     "TdxClaims",
     "TdxCollateral",
-    "UnsafeNoOp",
     "VerificationResult",
     "collateral_from_json",
     "fetch_vcek",

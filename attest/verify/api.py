@@ -91,8 +91,8 @@ def verify_evidence(
     reference values are only checked by ``policy``.
 
     .. warning::
-       With ``policy=None`` any genuine TEE running *any* software passes. Give a policy of
-       reference values (and :class:`~attest.verify.policy.RefuseInsecure`) before trusting it.
+       With ``policy=None`` any genuine TEE running *any* software passes. Apply the workload
+       policy (:mod:`attest.verify.workload`) to the result before trusting it.
 
     Raises:
         MalformedEvidence: the evidence does not parse.

@@ -19,8 +19,8 @@ Steps, for every device ``i`` (each recorded on the result; the first failure ra
                             first FWID of the DiceTcbInfo in 2.23.133.5.4.1.1)
 
 What is *not* verified: measurements against NVIDIA's reference integrity manifests (RIMs),
-OCSP revocation of the device chain, and driver/VBIOS versions (use
-:class:`~attest.verify.policy.AllowedGpuVersions`). No network call is made.
+OCSP revocation of the device chain, and driver/VBIOS versions (the workload policy's ``[gpu]``
+rules, :mod:`attest.verify.workload`). No network call is made.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ Steps (each recorded on the result; the first failure raises)::
     (9) report_data         REPORT_DATA equals the expected binding, zero-padded to 64 bytes
 
 What is *not* verified: revocation (AMD's CRLs are not fetched), whether the TCB is recent
-enough (:class:`~attest.verify.policy.MinimumSnpTcb`), MEASUREMENT/HOST_DATA reference values
-(:class:`~attest.verify.policy.AllowedSnpMeasurements`), the guest policy's debug bit
+enough, MEASUREMENT/HOST_DATA reference values (the workload policy's ``[snp]`` and
+``init_data`` rules, :mod:`attest.verify.workload`), the guest policy's debug bit
 (:class:`~attest.verify.policy.RefuseInsecure`). No network call is made unless the caller uses
 :func:`fetch_vcek` with its own HTTP client.
 """

@@ -19,7 +19,7 @@ Steps (each recorded on the result; the first failure raises)::
 
 What is *not* verified: without collateral, neither revocation (PCK CRL) nor the QE's TCB level
 (ISVSVN) nor the platform TCB level; the event log is never replayed; measurement values (MRTD, RTMRs,
-MRCONFIGID) are only compared by a policy (:class:`~attest.verify.policy.AllowedTdxMeasurements`).
+MRCONFIGID) are only compared by the workload policy (:mod:`attest.verify.workload`).
 """
 
 from __future__ import annotations

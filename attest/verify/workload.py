@@ -8,7 +8,10 @@ TCB floors and TD/guest attributes, optionally which machines, which GPUs, which
 run configuration and which runtime version.
 
 A policy is parsed once (:meth:`WorkloadPolicy.from_toml`, strict: an unknown key, an empty
-list, a missing required rule or an empty file all refuse) and applied to
+list, a missing required rule, an all-zero init-data pin or an empty file all refuse), or built
+in Python, whose constructors enforce exactly the same rules with the same
+:class:`PolicyFileError`; it is the only vocabulary that pins measurements (the user's
+``verify``, kbs-dev's ``--resource-policy`` and the Trustee export all read it). It is applied to
 :class:`WorkloadFacts`, what a verifier has already *established* cryptographically: the verified
 evidence of the CPU TEE and of every device, and the workload identity (model, configuration,
 init-data) either from the attested claims (the user's side) or from the init-data pins (the key
@@ -68,7 +71,7 @@ _TCB_STATUSES = {
 
 
 class PolicyFileError(ValueError):
-    """The policy file is not a valid, complete policy; ``str()`` says what to fix."""
+    """Not a valid, complete policy (a file or a policy built in Python); ``str()`` says what to fix."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -108,49 +111,186 @@ class WorkloadFacts:
     allow_insecure: bool = False
 
 
-def _strings(obj: Mapping[str, Any], key: str, where: str, *, required: bool) -> tuple[str, ...] | None:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise PolicyFileError(f"[{where}] {key} is required (a partial policy refuses everything)")
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise PolicyFileError(f"[{where}] {key} must be a non-empty list of strings")
+# -- one set of rules for a policy file and a policy built in Python ---------------------------
+#
+# Every rule lives in a constructor (``__post_init__`` of the classes below, and
+# :func:`_check_policy` for the rules across sections). The TOML parsers only turn TOML values
+# into Python values (hex into bytes, ``"alg:hex"`` into ``(alg, digest)``) and refuse what has no
+# Python value; so ``WorkloadPolicy.from_toml(text)`` and ``WorkloadPolicy(...)`` refuse the same
+# policies, with the same :class:`PolicyFileError` and message.
+
+_REQUIRED = "is required (a partial policy refuses everything)"
+#: Digest sizes of the init-data algorithms (``trustee:kbs/docs/initdata.md``).
+_INIT_DIGEST_SIZES = {"sha256": 32, "sha384": 48, "sha512": 64}
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    # Store the checked (normalised) value of a field of a frozen dataclass in __post_init__.
+    object.__setattr__(obj, name, value)
+
+
+def _listed(value: object, where: str, key: str, what: str) -> tuple[Any, ...]:
+    if not isinstance(value, tuple | list) or not value:
+        raise PolicyFileError(f"[{where}] {key} must be a non-empty list of {what}")
     return tuple(value)
 
 
-def _hexes(
-    obj: Mapping[str, Any], key: str, where: str, size: int, *, required: bool
-) -> tuple[bytes, ...] | None:
-    values = _strings(obj, key, where, required=required)
-    if values is None:
+def _check_strings(value: object, where: str, key: str, *, required: bool) -> tuple[str, ...] | None:
+    if value is None:
+        if required:
+            raise PolicyFileError(f"[{where}] {key} {_REQUIRED}")
         return None
-    out = []
+    values = _listed(value, where, key, "strings")
+    if not all(isinstance(v, str) and v for v in values):
+        raise PolicyFileError(f"[{where}] {key} must be a non-empty list of strings")
+    return values
+
+
+def _check_bytes(
+    value: object, where: str, key: str, size: int, *, required: bool
+) -> tuple[bytes, ...] | None:
+    if value is None:
+        if required:
+            raise PolicyFileError(f"[{where}] {key} {_REQUIRED}")
+        return None
+    values = _listed(value, where, key, f"{size}-byte values")
     for v in values:
-        try:
-            raw = bytes.fromhex(v)
-        except ValueError:
-            raise PolicyFileError(f"[{where}] {key}: {v!r} is not hex") from None
-        if len(raw) != size:
-            raise PolicyFileError(f"[{where}] {key}: {v!r} is {len(raw)} bytes, expected {size}")
-        out.append(raw)
-    return tuple(out)
+        if not isinstance(v, bytes):
+            raise PolicyFileError(f"[{where}] {key}: {v!r} is not bytes (a policy file gives it in hex)")
+        if len(v) != size:
+            raise PolicyFileError(f"[{where}] {key}: {v.hex()!r} is {len(v)} bytes, expected {size}")
+    return values
 
 
-def _bool(obj: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
-    value = obj.get(key, default)
+def _check_bool(value: object, where: str, key: str) -> bool:
     if not isinstance(value, bool):
         raise PolicyFileError(f"[{where}] {key} must be true or false")
     return value
 
 
-def _int(obj: Mapping[str, Any], key: str, where: str, default: int | None) -> int | None:
-    value = obj.get(key, default)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+def _check_int(value: object, where: str, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise PolicyFileError(f"[{where}] {key} must be a non-negative integer")
     return value
+
+
+def _check_init_digest(pin: object) -> tuple[str, bytes]:
+    """Check one ``init_data`` pin: a known algorithm, its digest size, and not a placeholder."""
+    if not (
+        isinstance(pin, tuple | list)
+        and len(pin) == 2
+        and isinstance(pin[0], str)
+        and isinstance(pin[1], bytes)
+    ):
+        raise PolicyFileError(
+            f"[workload] init_data: {pin!r} must be an (algorithm, digest) pair (in a policy file "
+            '"sha384:<hex>")'
+        )
+    alg, digest = pin
+    if _INIT_DIGEST_SIZES.get(alg) != len(digest):
+        raise PolicyFileError(
+            f"[workload] init_data: {alg + ':' + digest.hex()!r} must be sha256:, sha384: or sha512: "
+            "and the hex digest"
+        )
+    shown = f"{alg}:{digest.hex()[:16]}…"
+    # SNP's HOST_DATA holds the first 32 bytes of the digest (attest.initdata.register_for_digest).
+    if not any(digest[:32]):
+        raise PolicyFileError(
+            f"[workload] init_data: {shown} is zero bytes, what MRCONFIGID/HOST_DATA hold when a VM "
+            "is launched with no init-data: the pin would accept any VM the host launches without "
+            "init-data, running anything; pin the digest of the deployment's init-data "
+            "('enclave-serve initdata' prints it; docs/policy.md)"
+        )
+    if len(set(digest)) == 1:
+        raise PolicyFileError(
+            f"[workload] init_data: {shown} is one byte (0x{digest[0]:02x}) repeated, a placeholder, "
+            "not the digest of an init-data document; pin the digest 'enclave-serve initdata' prints "
+            "(docs/policy.md)"
+        )
+    return alg, digest
+
+
+def _check_tees(tees: object, insecure_development: object) -> tuple[str, ...]:
+    allowed = _check_strings(tees, "tee", "allowed", required=True)
+    assert allowed is not None
+    bad = sorted(set(allowed) - _TEES)
+    if bad:
+        raise PolicyFileError(f"[tee] allowed: unknown TEE(s) {', '.join(bad)} (tdx, snp, sample)")
+    insecure = _check_bool(insecure_development, "(top level)", "insecure_development")
+    if "sample" in allowed and not insecure:
+        raise PolicyFileError(
+            "[tee] allows the sample TEE, which proves nothing: add insecure_development = true "
+            "(development only)"
+        )
+    return allowed
+
+
+def _check_policy(
+    tees: object,
+    insecure_development: object,
+    init_data: object,
+    sections: Mapping[str, bool],
+) -> tuple[str, ...]:
+    """Check the rules across sections; ``sections`` says whether ``[tdx]``/``[snp]`` are given."""
+    allowed = _check_tees(tees, insecure_development)
+    if set(allowed) - {"sample"} and init_data is None:
+        # A hardware TEE without an init-data pin runs whatever container the host chose.
+        raise PolicyFileError(f"[workload] init_data {_REQUIRED}")
+    for name, given in sections.items():
+        if name in allowed and not given:
+            raise PolicyFileError(f"[tee] allows {name} but the policy has no [{name}] rules")
+        if given and name not in allowed:
+            raise PolicyFileError(f"[{name}] is given but [tee] allowed does not include {name}")
+    return allowed
+
+
+# -- TOML values to Python values (no rules here) ----------------------------------------------
+
+
+def _toml_value(obj: Mapping[str, Any], key: str) -> Any:
+    return obj.get(key)  # None when not given: the constructor says it is required
+
+
+def _toml_list(obj: Mapping[str, Any], key: str) -> Any:
+    value = obj.get(key)
+    return [value] if isinstance(value, str) else value  # a single string is a list of one
+
+
+def _toml_hexes(obj: Mapping[str, Any], key: str, where: str) -> Any:
+    value = _toml_list(obj, key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return value  # None (not given), or not a list: the constructor says what is wrong
+    out = []
+    for v in value:
+        try:
+            out.append(bytes.fromhex(v))
+        except ValueError:
+            raise PolicyFileError(f"[{where}] {key}: {v!r} is not hex") from None
+    return out
+
+
+def _toml_init_data(obj: Mapping[str, Any]) -> Any:
+    value = _toml_list(obj, "init_data")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return value
+    out = []
+    for v in value:
+        alg, sep, hexpart = v.partition(":")
+        try:
+            digest = bytes.fromhex(hexpart)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise PolicyFileError(
+                f"[workload] init_data: {v!r} must be sha256:, sha384: or sha512: and the hex digest"
+            )
+        out.append((alg, digest))
+    return out
+
+
+def _toml_given(obj: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    # Keys with a default: passed only when the file gives them.
+    return {k: _toml_list(obj, k) for k in keys if k in obj}
 
 
 def _table(obj: Mapping[str, Any], key: str) -> dict[str, Any] | None:
@@ -175,23 +315,9 @@ def _digest(value: str, where: str, key: str) -> str:
     return value
 
 
-def _init_digest(value: str) -> tuple[str, bytes]:
-    alg, _, hexpart = value.partition(":")
-    sizes = {"sha256": 32, "sha384": 48, "sha512": 64}
-    try:
-        raw = bytes.fromhex(hexpart)
-    except ValueError:
-        raw = b""
-    if alg not in sizes or len(raw) != sizes[alg]:
-        raise PolicyFileError(
-            f"[workload] init_data: {value!r} must be sha256:, sha384: or sha512: and the hex digest"
-        )
-    return alg, raw
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TdxRules:
-    """``[tdx]``: launch measurements, TCB and TD attributes."""
+    """``[tdx]``: launch measurements, TCB and TD attributes (checked when constructed)."""
 
     mrtd: tuple[bytes, ...]
     rtmr: tuple[tuple[bytes, ...] | None, ...]  # rtmr0..rtmr3, None = not pinned
@@ -204,30 +330,40 @@ class TdxRules:
     KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "tcb_status", "require_collateral",
             "allow_migratable", "require_sept_ve_disable", "ppid")  # fmt: skip
 
+    def __post_init__(self) -> None:
+        """Check every ``[tdx]`` rule. Raises PolicyFileError."""
+        statuses = _check_strings(self.tcb_status, "tdx", "tcb_status", required=True)
+        assert statuses is not None
+        bad = sorted(set(statuses) - _TCB_STATUSES)
+        if bad:
+            raise PolicyFileError(f"[tdx] tcb_status: unknown status(es) {', '.join(bad)}")
+        _set(self, "tcb_status", statuses)
+        _set(self, "mrtd", _check_bytes(self.mrtd, "tdx", "mrtd", 48, required=True))
+        if not isinstance(self.rtmr, tuple | list) or len(self.rtmr) != 4:
+            raise PolicyFileError("[tdx] rtmr must hold rtmr0, rtmr1, rtmr2 and rtmr3 (None: not pinned)")
+        rtmr = tuple(_check_bytes(v, "tdx", f"rtmr{i}", 48, required=i < 3) for i, v in enumerate(self.rtmr))
+        _set(self, "rtmr", rtmr)
+        for key in ("require_collateral", "allow_migratable", "require_sept_ve_disable"):
+            _check_bool(getattr(self, key), "tdx", key)
+        _set(self, "ppid", _check_bytes(self.ppid, "tdx", "ppid", 16, required=False))
+
     @classmethod
     def parse(cls, obj: Mapping[str, Any]) -> TdxRules:
         """Parse ``[tdx]``. Raises PolicyFileError."""
         _known(obj, "tdx", cls.KEYS)
-        statuses = _strings(obj, "tcb_status", "tdx", required=False) or ("UpToDate",)
-        bad = sorted(set(statuses) - _TCB_STATUSES)
-        if bad:
-            raise PolicyFileError(f"[tdx] tcb_status: unknown status(es) {', '.join(bad)}")
-        mrtd = _hexes(obj, "mrtd", "tdx", 48, required=True)
-        assert mrtd is not None
         return cls(
-            mrtd=mrtd,
-            rtmr=tuple(_hexes(obj, f"rtmr{i}", "tdx", 48, required=i < 3) for i in range(4)),
-            tcb_status=statuses,
-            require_collateral=_bool(obj, "require_collateral", "tdx", True),
-            allow_migratable=_bool(obj, "allow_migratable", "tdx", False),
-            require_sept_ve_disable=_bool(obj, "require_sept_ve_disable", "tdx", True),
-            ppid=_hexes(obj, "ppid", "tdx", 16, required=False),
+            mrtd=_toml_hexes(obj, "mrtd", "tdx"),
+            rtmr=tuple(_toml_hexes(obj, f"rtmr{i}", "tdx") for i in range(4)),
+            ppid=_toml_hexes(obj, "ppid", "tdx"),
+            **_toml_given(
+                obj, ("tcb_status", "require_collateral", "allow_migratable", "require_sept_ve_disable")
+            ),
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SnpRules:
-    """``[snp]``: launch measurement, TCB floor, guest policy and VMPL."""
+    """``[snp]``: launch measurement, TCB floor, guest policy and VMPL (checked when constructed)."""
 
     measurement: tuple[bytes, ...]
     min_tcb: Mapping[str, int]
@@ -239,35 +375,38 @@ class SnpRules:
     KEYS = ("measurement", "min_tcb", "vmpl", "allow_migration", "allow_smt", "chip_id")
     TCB_KEYS = ("bootloader", "tee", "snp", "microcode", "fmc")
 
+    def __post_init__(self) -> None:
+        """Check every ``[snp]`` rule. Raises PolicyFileError."""
+        _set(self, "measurement", _check_bytes(self.measurement, "snp", "measurement", 48, required=True))
+        tcb = self.min_tcb
+        if not isinstance(tcb, Mapping):
+            raise PolicyFileError(
+                "[snp] min_tcb is required, e.g. {bootloader = 10, tee = 0, snp = 23, microcode = 213}"
+            )
+        _known(tcb, "snp.min_tcb", self.TCB_KEYS)
+        if not {"bootloader", "tee", "snp", "microcode"} <= set(tcb):
+            raise PolicyFileError("[snp] min_tcb needs bootloader, tee, snp and microcode")
+        _set(self, "min_tcb", {k: _check_int(v, "snp.min_tcb", k) for k, v in tcb.items()})
+        _check_int(self.vmpl, "snp", "vmpl")
+        for key in ("allow_migration", "allow_smt"):
+            _check_bool(getattr(self, key), "snp", key)
+        _set(self, "chip_id", _check_bytes(self.chip_id, "snp", "chip_id", 64, required=False))
+
     @classmethod
     def parse(cls, obj: Mapping[str, Any]) -> SnpRules:
         """Parse ``[snp]``. Raises PolicyFileError."""
         _known(obj, "snp", cls.KEYS)
-        measurement = _hexes(obj, "measurement", "snp", 48, required=True)
-        assert measurement is not None
-        tcb = _table(obj, "min_tcb")
-        if tcb is None:
-            raise PolicyFileError(
-                "[snp] min_tcb is required, e.g. {bootloader = 10, tee = 0, snp = 23, microcode = 213}"
-            )
-        _known(tcb, "snp.min_tcb", cls.TCB_KEYS)
-        if not {"bootloader", "tee", "snp", "microcode"} <= set(tcb):
-            raise PolicyFileError("[snp] min_tcb needs bootloader, tee, snp and microcode")
-        floors = {k: _int(tcb, k, "snp.min_tcb", None) for k in tcb}
-        vmpl = _int(obj, "vmpl", "snp", 0)
         return cls(
-            measurement=measurement,
-            min_tcb={k: int(v) for k, v in floors.items() if v is not None},
-            vmpl=0 if vmpl is None else vmpl,
-            allow_migration=_bool(obj, "allow_migration", "snp", False),
-            allow_smt=_bool(obj, "allow_smt", "snp", True),
-            chip_id=_hexes(obj, "chip_id", "snp", 64, required=False),
+            measurement=_toml_hexes(obj, "measurement", "snp"),
+            min_tcb=_toml_value(obj, "min_tcb"),
+            chip_id=_toml_hexes(obj, "chip_id", "snp"),
+            **_toml_given(obj, ("vmpl", "allow_migration", "allow_smt")),
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GpuRules:
-    """``[gpu]``: how many GPUs, which architecture and firmware."""
+    """``[gpu]``: how many GPUs, which architecture and firmware (checked when constructed)."""
 
     count: int
     arch: tuple[str, ...] | None = None
@@ -276,27 +415,41 @@ class GpuRules:
 
     KEYS = ("count", "arch", "driver", "vbios")
 
+    def __post_init__(self) -> None:
+        """Check every ``[gpu]`` rule (architectures upper case, VBIOS versions lower case).
+
+        Raises PolicyFileError.
+        """
+        if self.count is None:
+            raise PolicyFileError("[gpu] count is required (the number of GPUs the enclave must attest)")
+        count = _check_int(self.count, "gpu", "count")
+        arch = _check_strings(self.arch, "gpu", "arch", required=False)
+        driver = _check_strings(self.driver, "gpu", "driver", required=count > 0)
+        vbios = _check_strings(self.vbios, "gpu", "vbios", required=count > 0)
+        _set(self, "arch", None if arch is None else tuple(a.upper() for a in arch))
+        _set(self, "driver", driver)
+        _set(self, "vbios", None if vbios is None else tuple(v.lower() for v in vbios))
+
     @classmethod
     def parse(cls, obj: Mapping[str, Any]) -> GpuRules:
         """Parse ``[gpu]``. Raises PolicyFileError."""
         _known(obj, "gpu", cls.KEYS)
-        count = _int(obj, "count", "gpu", None)
-        if count is None:
-            raise PolicyFileError("[gpu] count is required (the number of GPUs the enclave must attest)")
-        driver = _strings(obj, "driver", "gpu", required=count > 0)
-        vbios = _strings(obj, "vbios", "gpu", required=count > 0)
-        arch = _strings(obj, "arch", "gpu", required=False)
         return cls(
-            count=count,
-            arch=None if arch is None else tuple(a.upper() for a in arch),
-            driver=driver,
-            vbios=None if vbios is None else tuple(v.lower() for v in vbios),
+            count=_toml_value(obj, "count"),
+            arch=_toml_list(obj, "arch"),
+            driver=_toml_list(obj, "driver"),
+            vbios=_toml_list(obj, "vbios"),
         )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkloadRules:
-    """``[workload]``: the software identity."""
+    """``[workload]``: the software identity (checked when constructed).
+
+    ``init_data`` is required by :class:`WorkloadPolicy` when a hardware TEE is allowed; a pin
+    of zero bytes (or one byte repeated) is refused: a zero register means a VM launched with
+    no init-data.
+    """
 
     model: tuple[str, ...]
     config: tuple[str, ...]
@@ -305,19 +458,38 @@ class WorkloadRules:
 
     KEYS = ("model", "config", "init_data", "runtime_version")
 
-    @classmethod
-    def parse(cls, obj: Mapping[str, Any], *, hardware: bool) -> WorkloadRules:
-        """Parse ``[workload]``; ``init_data`` is required when a hardware TEE is allowed."""
-        _known(obj, "workload", cls.KEYS)
-        model = _strings(obj, "model", "workload", required=True)
-        config = _strings(obj, "config", "workload", required=True)
+    def __post_init__(self) -> None:
+        """Check every ``[workload]`` rule (a bare hex ``config`` becomes ``sha256:<hex>``).
+
+        Raises PolicyFileError.
+        """
+        model = _check_strings(self.model, "workload", "model", required=True)
+        config = _check_strings(self.config, "workload", "config", required=True)
         assert model is not None and config is not None
-        init = _strings(obj, "init_data", "workload", required=hardware)
+        _set(self, "model", tuple(_digest(m, "workload", "model") for m in model))
+        _set(
+            self,
+            "config",
+            tuple(_digest(c if ":" in c else "sha256:" + c, "workload", "config") for c in config),
+        )
+        if self.init_data is not None:
+            pins = _listed(self.init_data, "workload", "init_data", "digests")
+            _set(self, "init_data", tuple(_check_init_digest(p) for p in pins))
+        _set(
+            self,
+            "runtime_version",
+            _check_strings(self.runtime_version, "workload", "runtime_version", required=False),
+        )
+
+    @classmethod
+    def parse(cls, obj: Mapping[str, Any]) -> WorkloadRules:
+        """Parse ``[workload]``. Raises PolicyFileError."""
+        _known(obj, "workload", cls.KEYS)
         return cls(
-            model=tuple(_digest(m, "workload", "model") for m in model),
-            config=tuple(_digest(c if ":" in c else "sha256:" + c, "workload", "config") for c in config),
-            init_data=None if init is None else tuple(_init_digest(v) for v in init),
-            runtime_version=_strings(obj, "runtime_version", "workload", required=False),
+            model=_toml_list(obj, "model"),
+            config=_toml_list(obj, "config"),
+            init_data=_toml_init_data(obj),
+            runtime_version=_toml_list(obj, "runtime_version"),
         )
 
 
@@ -327,7 +499,12 @@ def _hex_in(value: bytes, allowed: Sequence[bytes]) -> bool:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WorkloadPolicy:
-    """A parsed policy file. Build with :meth:`from_toml` or :meth:`load`."""
+    """A workload policy: parsed with :meth:`from_toml` or :meth:`load`, or built in Python.
+
+    Built either way it passes the same checks (an unknown TEE, a missing section, a missing
+    ``init_data`` for TDX/SNP, an empty list, a value of the wrong size, a zero init-data pin all
+    raise :class:`PolicyFileError` with the same message).
+    """
 
     tees: tuple[str, ...]
     workload: WorkloadRules
@@ -337,6 +514,24 @@ class WorkloadPolicy:
     insecure_development: bool = False
     source: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        """Check the rules across sections (each section checked itself). Raises PolicyFileError."""
+        for name, value, kind in (
+            ("workload", self.workload, WorkloadRules),
+            ("tdx", self.tdx, TdxRules),
+            ("snp", self.snp, SnpRules),
+            ("gpu", self.gpu, GpuRules),
+        ):
+            if not isinstance(value, kind) and (value is not None or name == "workload"):
+                raise PolicyFileError(f"[{name}] must be {kind.__name__}, not {type(value).__name__}")
+        tees = _check_policy(
+            self.tees,
+            self.insecure_development,
+            self.workload.init_data,
+            {"tdx": self.tdx is not None, "snp": self.snp is not None},
+        )
+        _set(self, "tees", tees)
+
     # -- parsing ---------------------------------------------------------------------------
 
     @classmethod
@@ -345,7 +540,7 @@ class WorkloadPolicy:
 
         Raises:
             PolicyFileError: not TOML, another version, an unknown key, or a rule missing
-                (an empty or partial policy never passes).
+                (an empty or partial policy never passes), or any rule the constructor checks.
         """
         try:
             obj = tomllib.loads(text.decode() if isinstance(text, bytes) else text)
@@ -362,36 +557,27 @@ class WorkloadPolicy:
         if tee is None:
             raise PolicyFileError("[tee] allowed is required: which TEEs may run the workload")
         _known(tee, "tee", ("allowed",))
-        tees = _strings(tee, "allowed", "tee", required=True)
-        assert tees is not None
-        bad = sorted(set(tees) - _TEES)
-        if bad:
-            raise PolicyFileError(f"[tee] allowed: unknown TEE(s) {', '.join(bad)} (tdx, snp, sample)")
-        insecure = _bool(obj, "insecure_development", "(top level)", False)
-        if "sample" in tees and not insecure:
-            raise PolicyFileError(
-                "[tee] allows the sample TEE, which proves nothing: add insecure_development = true "
-                "(development only)"
-            )
-        hardware = bool(set(tees) - {"sample"})
+        tees = _toml_list(tee, "allowed")
+        insecure = obj.get("insecure_development", False)
+        _check_tees(tees, insecure)  # first: which TEEs decides what else is required
         workload = _table(obj, "workload")
         if workload is None:
             raise PolicyFileError("[workload] is required: model and config pin the software")
-        workload_rules = WorkloadRules.parse(workload, hardware=hardware)
-        sections: dict[str, Any] = {}
-        for name, parser in (("tdx", TdxRules.parse), ("snp", SnpRules.parse)):
-            table = _table(obj, name)
-            if name in tees and table is None:
-                raise PolicyFileError(f"[tee] allows {name} but the policy has no [{name}] rules")
-            if table is not None and name not in tees:
-                raise PolicyFileError(f"[{name}] is given but [tee] allowed does not include {name}")
-            sections[name] = None if table is None else parser(table)
-        gpu = _table(obj, "gpu")
+        workload_rules = WorkloadRules.parse(workload)
+        tables = {name: _table(obj, name) for name in ("tdx", "snp", "gpu")}
+        # Before parsing the sections: a section for a TEE not allowed is a mistake, whatever it says.
+        _check_policy(
+            tees,
+            insecure,
+            workload_rules.init_data,
+            {name: tables[name] is not None for name in ("tdx", "snp")},
+        )
+        tdx, snp, gpu = tables["tdx"], tables["snp"], tables["gpu"]
         return cls(
             tees=tees,
             workload=workload_rules,
-            tdx=sections["tdx"],
-            snp=sections["snp"],
+            tdx=None if tdx is None else TdxRules.parse(tdx),
+            snp=None if snp is None else SnpRules.parse(snp),
             gpu=None if gpu is None else GpuRules.parse(gpu),
             insecure_development=insecure,
             source=source,

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attest.binding import HashAlgorithm
 from attest.errors import ConfigError
 from attest.secret import SecretBytes
+
+if TYPE_CHECKING:
+    from attest.verify.workload import WorkloadPolicy
 
 __all__ = ["add_parser", "run"]
 
@@ -56,7 +60,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=[],
         metavar="REPO/TYPE/TAG=POLICY_FILE",
         help="release this resource only to evidence that satisfies the workload policy "
-        "(TOML, docs/policy.md); repeatable",
+        "(TOML, docs/policy.md: the only way to pin measurements, init-data and software); repeatable",
     )
     parser.add_argument(
         "--session-timeout", type=float, default=300.0, help="session lifetime, seconds (300)"
@@ -67,11 +71,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         choices=[h.value for h in HashAlgorithm],
         default=HashAlgorithm.SHA384.value,
         help="runtime-data hash to select (sha384, as Trustee's built-in AS)",
-    )
-    parser.add_argument(
-        "--reference-values",
-        type=Path,
-        help="JSON reference values for TDX/SNP/NVIDIA evidence (docs/kbs.md); none: signatures only",
     )
     parser.set_defaults(func=run)
 
@@ -104,11 +103,11 @@ def _read_resources(specs: list[str]) -> dict[str, bytes]:
     return resources
 
 
-def _read_workload_policies(specs: list[str]) -> dict[str, object]:
+def _read_workload_policies(specs: list[str]) -> dict[str, WorkloadPolicy]:
     from attest.kbs.uri import validate_resource_path
     from attest.verify.workload import PolicyFileError, WorkloadPolicy
 
-    policies: dict[str, object] = {}
+    policies: dict[str, WorkloadPolicy] = {}
     for spec in specs:
         path, sep, file = spec.partition("=")
         if not sep or not file:
@@ -128,18 +127,9 @@ def run(args: argparse.Namespace) -> int:
     from attest.kbs.dev.appraisal import EvidenceAppraiser
     from attest.kbs.dev.policy import ResourcePolicy
     from attest.kbs.dev.server import DevKbsConfig, ResourceStore, serve
-    from attest.verify.reference import ReferenceValues
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
-    reference = ReferenceValues()
-    if args.reference_values is not None:
-        try:
-            reference = ReferenceValues.from_json(args.reference_values.read_bytes())
-        except OSError as exc:
-            raise ConfigError(f"cannot read {args.reference_values}: {exc.strerror}") from exc
-        except ValueError as exc:
-            raise ConfigError(f"{args.reference_values}: {exc}") from exc
     policy = None
     if args.policy_file is not None:
         try:
@@ -154,11 +144,11 @@ def run(args: argparse.Namespace) -> int:
             resources=ResourceStore(_read_resources(args.resource)),
             policy=policy,
             allow_insecure_sample_evidence=args.allow_insecure_sample_evidence,
-            appraiser=EvidenceAppraiser(reference=reference),
+            appraiser=EvidenceAppraiser(),
             hash_algorithm=HashAlgorithm(args.hash_algorithm),
             session_timeout_s=args.session_timeout,
             token_lifetime_s=args.token_lifetime,
-            workload_policies=_read_workload_policies(args.resource_policy),  # type: ignore[arg-type]
+            workload_policies=_read_workload_policies(args.resource_policy),
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -1,7 +1,8 @@
 """``enclave-serve policy``: write, explain and export workload policies (docs/policy.md).
 
 * ``policy record URL -o FILE``: verify a deployment you trust (hardware and binding) and write the
-  policy that pins what it runs, for review;
+  policy that pins what it runs, for review; a deployment launched without init-data (a zero
+  register) is refused: launch it with ``enclave-serve initdata`` output first;
 * ``policy show FILE``: explain a policy rule by rule (exit 1 if it is not a valid policy);
 * ``policy trustee FILE -o DIR``: export it for a real Trustee KBS (resource policy in rego, the
   reference values and the kbs-client commands that register them).
@@ -72,7 +73,11 @@ def _record(args: argparse.Namespace) -> int:
         print_verdict(verdict, url=args.url)
         print("enclave-serve policy record: the server does not verify; nothing recorded", file=sys.stderr)
         return 1
-    recorded = record_policy(verdict)
+    try:
+        recorded = record_policy(verdict)
+    except ValueError as exc:  # NoInitData, or a policy the constructor refuses
+        print(f"enclave-serve policy record: {exc}; nothing recorded", file=sys.stderr)
+        return 1
     args.output.write_text(recorded.policy.to_toml())
     print(f"recorded the policy of {args.url} into {args.output}; review it before use:")
     for line in recorded.policy.explain():

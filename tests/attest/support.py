@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from attest.initdata import WorkloadPins
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 
@@ -32,3 +35,24 @@ def at(seconds: int) -> datetime:
 
 #: A time when every certificate in the vectors is valid (and inside the TDX collateral window).
 NOW = at(WINDOW_MID)
+
+
+#: The software a test declaration says runs (any values: only the digest depends on them).
+TEST_RUNTIME_FACTS: dict[str, str | bool] = {
+    "name": "enclave-serve", "version": "0.1.0", "vllm": "0.32.0", "torch": "2.13.0", "python": "3.11.0",
+    "python_isolated": False,
+}  # fmt: skip
+
+
+def workload_pins(model: str = "sha256:" + "ab" * 32, **overrides: Any) -> WorkloadPins:
+    """A valid declaration (init-data ``enclave-serve.toml``) for tests; ``overrides`` replace members."""
+    members: dict[str, Any] = {
+        "model": model,
+        "key_resource": "kbs:///enclave-serve/model-key/tiny",
+        "runtime": TEST_RUNTIME_FACTS,
+        "settings": {"tee": "sample", "allow_insecure_sample_tee": True, "gpus": "none"},
+        "vllm_args": ("--max-model-len", "512"),
+        "environment": {},
+    }
+    members.update(overrides)
+    return WorkloadPins(**members)

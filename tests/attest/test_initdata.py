@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, WorkloadPins, register_for_digest
+from tests.attest.support import workload_pins
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "initdata"
 CAA_SHA384 = (
@@ -50,8 +51,7 @@ def test_digests_are_zero_padded_or_truncated_into_the_register() -> None:
 
 
 def test_built_init_data_round_trips_through_the_annotation_and_carries_the_pins() -> None:
-    pins = WorkloadPins(model=MODEL, key_resource="kbs:///a/b/c", vllm_args=("--max-model-len", "512"),
-                        config_sha256="cd" * 32)  # fmt: skip
+    pins = workload_pins(MODEL, key_resource="kbs:///a/b/c", environment={"OMP_NUM_THREADS": "4"})
     init = InitData.build(
         entries=[("policy.rego", "package agent_policy\n"), (ENCLAVE_SERVE_ENTRY, pins.to_toml())]
     )
@@ -87,18 +87,65 @@ def test_a_bad_annotation_is_refused() -> None:
         InitData.from_annotation("H4sI!!!")
 
 
+_RUNTIME = (
+    '[runtime]\nname = "enclave-serve"\nversion = "1"\nvllm = "1"\ntorch = "1"\npython = "3.11.0"\n'
+    "python_isolated = false\n"
+)
+_VALID = f'model = "{MODEL}"\nkey_resource = "kbs:///a/b/c"\n'
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ('model = "sha256:abc"\n', "model must be"),
-        (f'model = "{MODEL}"\nextra = 1\n', "unknown key"),
-        (f'model = "{MODEL}"\nvllm_args = "--x"\n', "list of strings"),
-        (f'model = "{MODEL}"\nconfig_sha256 = "zz"\n', "64 hex"),
+        ('model = "sha256:abc"\nkey_resource = "k"\n[settings]\n' + _RUNTIME, "model must be"),
+        (_VALID + "extra = 1\n[settings]\n" + _RUNTIME, "unknown key"),
+        (_VALID + 'vllm_args = "--x"\n[settings]\n' + _RUNTIME, "list of strings"),
+        (_VALID + 'config_sha256 = "' + "ab" * 32 + '"\n[settings]\n' + _RUNTIME, "unknown key"),
+        (_VALID + _RUNTIME, "declares no settings"),
+        (
+            _VALID + "[settings]\n" + _RUNTIME.replace("python_isolated = false", "python_isolated = 1"),
+            "wrong type",
+        ),
+        (_VALID + "[settings]\nx = { a = 1 }\n" + _RUNTIME, "setting x must be"),
+        (_VALID + "[settings]\n" + _RUNTIME + "[environment]\nX = 1\n", "strings"),
     ],
 )
 def test_malformed_pins_are_refused(text: str, message: str) -> None:
     with pytest.raises(MalformedEvidence, match=message):
         WorkloadPins.from_toml(text)
+
+
+def test_the_configuration_is_a_function_of_the_declaration_alone() -> None:
+    """Recomputed from the entry's TOML as docs/configuration.md says: JCS of the declared object."""
+    import json
+    import tomllib
+
+    import rfc8785
+
+    pins = workload_pins(MODEL, settings={"tee": "tdx", "watchdog_interval_s": 60.0, "tls": True})
+    entry = tomllib.loads(pins.to_toml())
+    obj = {
+        "format": "enclave-serve/config/v2",
+        "model": {"manifest_digest": entry["model"]},
+        "runtime": entry["runtime"],
+        "settings": {**entry["settings"], "key_resource": entry["key_resource"]},
+        "vllm": {"args": entry["vllm_args"]},
+        "environment": entry.get("environment", {}),
+    }
+    assert hashlib.sha256(rfc8785.dumps(obj)).hexdigest() == pins.config_sha256
+    assert json.loads(pins.configuration().raw)["settings"]["watchdog_interval_s"] == 60
+    # 60 and 60.0 are one number in the canonical form; any declared change is another digest.
+    assert workload_pins(MODEL, settings={**pins.settings, "watchdog_interval_s": 60}).config_sha256 == (
+        pins.config_sha256
+    )
+    assert workload_pins(MODEL, settings={**pins.settings, "tls": False}).config_sha256 != pins.config_sha256
+    assert WorkloadPins.from_toml(pins.to_toml()) == pins
+
+
+def test_declared_strings_survive_the_toml_round_trip() -> None:
+    odd = 'a"b\\c\nd\x7fe\u00e9'
+    pins = workload_pins(MODEL, settings={"kbs_ca_pem": odd, "x-y": ["1", odd]}, environment={"LANG": odd})
+    assert WorkloadPins.from_toml(pins.to_toml()) == pins
 
 
 def _annotation_of(packed: bytes) -> str:

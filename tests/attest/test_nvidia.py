@@ -13,7 +13,6 @@ from attest.evidence import TeeKind, evidence_from_json
 from attest.formats import NvidiaDeviceEvidence, NvidiaEvidence, parse_nvidia_report
 from attest.formats.nvidia_report import OpaqueType, format_vbios_version
 from attest.verify import (
-    AllowedGpuVersions,
     NvidiaClaims,
     Outcome,
     _x509,
@@ -22,7 +21,7 @@ from attest.verify import (
     verify_evidence,
 )
 from attest.verify.nvidia import NvidiaVerifier
-from attest.verify.result import StepLog
+from attest.verify.result import StepLog, VerificationResult
 from tests.attest.pki import NvidiaPki, sign_nvidia_report
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 
@@ -188,8 +187,23 @@ def test_empty_device_list_is_refused() -> None:
         verify_device_evidence(NvidiaEvidence(devices=()), expected_runtime_data=None, now=NOW)
 
 
-def test_gpu_version_policy(nvidia_evidence: NvidiaEvidence) -> None:
-    ok = AllowedGpuVersions(driver_versions=["550.90.07"], vbios_versions=["96.00.9F.00.01"])
+class _GpuVersions:
+    """A policy hook reading every GPU's versions (what the workload policy's [gpu] rules pin)."""
+
+    def __init__(self, driver: str, vbios: str) -> None:
+        self.driver, self.vbios = driver, vbios
+
+    def verify(self, result: VerificationResult) -> None:
+        assert isinstance(result.claims, NvidiaClaims)
+        for gpu in result.claims.gpus:
+            if (gpu.driver_version, gpu.vbios_version) != (self.driver, self.vbios):
+                raise PolicyViolation(
+                    f"GPU {gpu.uuid}: driver {gpu.driver_version!r}, VBIOS {gpu.vbios_version!r}"
+                )
+
+
+def test_the_policy_hook_reads_the_gpu_versions(nvidia_evidence: NvidiaEvidence) -> None:
+    ok = _GpuVersions("550.90.07", "96.00.9f.00.01")
     result = verify_device_evidence(nvidia_evidence, expected_runtime_data=HOPPER_NONCE, now=NOW, policy=ok)
     assert result.step("policy").outcome is Outcome.PASSED  # type: ignore[union-attr]
     with pytest.raises(PolicyViolation, match=r"driver '550.90.07'"):
@@ -197,14 +211,7 @@ def test_gpu_version_policy(nvidia_evidence: NvidiaEvidence) -> None:
             nvidia_evidence,
             expected_runtime_data=HOPPER_NONCE,
             now=NOW,
-            policy=AllowedGpuVersions(driver_versions=["570.0"]),
-        )
-    with pytest.raises(PolicyViolation, match="VBIOS"):
-        verify_device_evidence(
-            nvidia_evidence,
-            expected_runtime_data=HOPPER_NONCE,
-            now=NOW,
-            policy=AllowedGpuVersions(vbios_versions=["1"]),
+            policy=_GpuVersions("570.0", "96.00.9f.00.01"),
         )
 
 

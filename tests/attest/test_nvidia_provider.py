@@ -17,7 +17,7 @@ from attest.errors import BackendUnavailable, EvidenceCollectionError, PolicyVio
 from attest.providers import detect_devices, nvidia_gpus_present
 from attest.providers.nvidia import GpuGateError, NvidiaAttester
 from attest.providers.pci import nvidia_pci_devices
-from attest.verify import AllowedGpuVersions, verify_device_evidence
+from attest.verify import NvidiaClaims, VerificationResult, verify_device_evidence
 from tests.attest.fake_nvml import FakeGpu, FakeNvml
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 
@@ -234,12 +234,24 @@ def test_gate_refuses_one_gpu_reported_twice(nvml: FakeNvml, sysfs: Path) -> Non
     assert nvml.ready_writes == []
 
 
+class _Drivers:
+    """A policy hook allowing these GPU drivers (what the workload policy's [gpu] driver pins)."""
+
+    def __init__(self, *drivers: str) -> None:
+        self.drivers = drivers
+
+    def verify(self, result: VerificationResult) -> None:
+        assert isinstance(result.claims, NvidiaClaims)
+        for gpu in result.claims.gpus:
+            if gpu.driver_version not in self.drivers:
+                raise PolicyViolation(f"GPU {gpu.uuid} runs driver {gpu.driver_version!r}")
+
+
 def test_gate_applies_the_policy_and_names_the_gpu(nvml: FakeNvml, sysfs: Path) -> None:
-    policy = AllowedGpuVersions(driver_versions=["550.90.07"])  # GPU-1 runs 575.32
-    with pytest.raises(PolicyViolation, match=r"driver '575.32'"):
-        _attester(nvml, sysfs, policy=policy).gate()
+    with pytest.raises(PolicyViolation, match=r"driver '575.32'"):  # GPU-1 runs 575.32
+        _attester(nvml, sysfs, policy=_Drivers("550.90.07")).gate()
     assert nvml.ready_writes == []
-    _attester(nvml, sysfs, policy=AllowedGpuVersions(driver_versions=["550.90.07", "575.32"])).gate()
+    _attester(nvml, sysfs, policy=_Drivers("550.90.07", "575.32")).gate()
     assert nvml.ready_writes == [1]
 
 

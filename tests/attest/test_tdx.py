@@ -7,14 +7,13 @@ from typing import Any
 
 import pytest
 
-from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
+from attest.errors import MalformedEvidence, VerificationError
 from attest.evidence import evidence_from_json
 from attest.formats import TdxEvidence, parse_tdx_quote
 from attest.formats.tdx_quote import TdxBodyType
 from attest.verify import (
-    AllowedTdxMeasurements,
-    AllowedTdxTcbStatus,
     Outcome,
+    RefuseInsecure,
     TdxCollateral,
     result_of,
     verify_evidence,
@@ -210,23 +209,15 @@ def test_tampered_pck_certificate_is_refused(tdx_quote4: bytes) -> None:
         verify_evidence(TdxEvidence(quote=bytes(tampered)), expected_report_data=None, now=NOW)
 
 
-def test_policy_on_measurements_and_tcb(tdx_evidence: TdxEvidence, tdx_collateral: TdxCollateral) -> None:
-    good = AllowedTdxMeasurements(mrtd=[DCAP_QUOTE_FACTS["mrtd"]], rtmr2=[DCAP_QUOTE_FACTS["rtmr2"]])
+def test_refuse_insecure_passes_a_production_td(
+    tdx_evidence: TdxEvidence, tdx_collateral: TdxCollateral
+) -> None:
+    # Measurements and TCB are the workload policy's rules, on this vector: test_workload_policy.py.
     result = verify_evidence(
-        tdx_evidence, expected_report_data=None, now=NOW, collateral=tdx_collateral, policy=good
+        tdx_evidence, expected_report_data=None, now=NOW, collateral=tdx_collateral, policy=RefuseInsecure()
     )
     assert result.step("policy").outcome is Outcome.PASSED  # type: ignore[union-attr]
-    bad = AllowedTdxMeasurements(mrtd=["00" * 48])
-    with pytest.raises(PolicyViolation, match="mrtd") as info:
-        verify_evidence(tdx_evidence, expected_report_data=None, now=NOW, policy=bad)
-    assert result_of(info.value) is not None
-    # Without collateral the TCB status is unknown: a strict policy refuses it.
-    with pytest.raises(PolicyViolation, match=r"'unknown'.*--collateral"):
-        verify_evidence(
-            tdx_evidence, expected_report_data=None, now=NOW, policy=AllowedTdxTcbStatus({"UpToDate"})
-        )
-    lenient = AllowedTdxTcbStatus({"UpToDate", "unknown"})
-    verify_evidence(tdx_evidence, expected_report_data=None, now=NOW, policy=lenient)
+    assert isinstance(result.claims, TdxClaims) and result.claims.mrtd.hex() == DCAP_QUOTE_FACTS["mrtd"]
 
 
 def test_trustee_json_round_trip(tdx_quote_dcap: bytes) -> None:

@@ -9,20 +9,18 @@ import pytest
 from attest.client.record import record_policy
 from attest.client.verdict import verify_document
 from attest.evidence import TeeKind
-from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, WorkloadPins
+from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.providers.sample import UnsafeSampleAttester
 from attest.runconfig import RunConfiguration
 from attest.verify.workload import WorkloadPolicy
 from server.attestation import AttestationService
+from tests.attest.support import workload_pins
 
 NONCE = bytes(range(32))
 MODEL = "sha256:" + "aa" * 32
 SPKI = "bb" * 32
-INIT = InitData.build(entries=[(ENCLAVE_SERVE_ENTRY, WorkloadPins(model=MODEL).to_toml())])
-CONFIG = RunConfiguration.build(
-    manifest_digest=MODEL, runtime={"name": "enclave-serve", "version": "0.1.0"}, settings={},
-    vllm_options={}, environment={}, private_filesystem="tmpfs",
-)  # fmt: skip
+INIT = InitData.build(entries=[(ENCLAVE_SERVE_ENTRY, workload_pins(MODEL).to_toml())])
+CONFIG = RunConfiguration.from_pins(workload_pins(MODEL))
 
 
 def document(

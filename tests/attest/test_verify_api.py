@@ -1,4 +1,4 @@
-"""The verification entry points, the sample verifiers and the policy combinators."""
+"""The verification entry points, the sample verifiers and the policy hook."""
 
 from __future__ import annotations
 
@@ -11,19 +11,11 @@ from attest.errors import PolicyViolation, VerificationError
 from attest.evidence import SampleDeviceEvidence, SampleEvidence, TeeKind
 from attest.formats import TdxEvidence
 from attest.verify import (
-    AllOf,
-    AllowedGpuVersions,
-    AllowedSnpMeasurements,
-    AllowedTdxMeasurements,
-    AllowedTdxTcbStatus,
-    AnyOf,
-    MinimumSampleSvn,
-    MinimumSnpTcb,
     Outcome,
     RefuseInsecure,
     SampleClaims,
+    TdxClaims,
     TdxCollateral,
-    UnsafeNoOp,
     VerificationResult,
     result_of,
     verify_device_evidence,
@@ -34,6 +26,16 @@ from tests.attest.support import NOW
 
 def _sample(report_data: bytes = b"digest", svn: str = "1") -> SampleEvidence:
     return SampleEvidence(svn=svn, report_data=report_data)
+
+
+class _Refuse:
+    def verify(self, result: VerificationResult) -> None:
+        raise PolicyViolation("no")
+
+
+class _Accept:
+    def verify(self, result: VerificationResult) -> None:
+        return None
 
 
 def test_sample_refused_without_allow_insecure() -> None:
@@ -73,16 +75,15 @@ def test_sampledevice_runtime_data() -> None:
         verify_device_evidence(ev, expected_runtime_data=b"nope", allow_insecure=True)
 
 
-def test_sample_svn_must_be_a_number_and_policy_checks_it() -> None:
+def test_sample_svn_must_be_a_number_and_the_policy_hook_runs_last() -> None:
     with pytest.raises(VerificationError, match="svn"):
         verify_evidence(_sample(svn="one"), expected_report_data=b"digest", allow_insecure=True)
-    verify_evidence(
-        _sample(svn="3"), expected_report_data=b"digest", allow_insecure=True, policy=MinimumSampleSvn(3)
-    )
-    with pytest.raises(PolicyViolation, match="svn 1 is below 2"):
-        verify_evidence(
-            _sample(), expected_report_data=b"digest", allow_insecure=True, policy=MinimumSampleSvn(2)
-        )
+    result = verify_evidence(_sample(), expected_report_data=b"digest", allow_insecure=True, policy=_Accept())
+    assert result.step("policy").outcome is Outcome.PASSED  # type: ignore[union-attr]
+    with pytest.raises(PolicyViolation, match="no") as info:
+        verify_evidence(_sample(), expected_report_data=b"digest", allow_insecure=True, policy=_Refuse())
+    partial = result_of(info.value)
+    assert partial is not None and partial.steps[-1].name == "policy"
 
 
 def test_refuse_insecure_refuses_allowed_sample() -> None:
@@ -121,82 +122,21 @@ def _sample_result() -> VerificationResult:
     return verify_evidence(_sample(), expected_report_data=None, allow_insecure=True)
 
 
-class _Refuse:
+class _TcbUpToDate:
     def verify(self, result: VerificationResult) -> None:
-        raise PolicyViolation("no")
+        if not isinstance(result.claims, TdxClaims) or result.claims.tcb_status != "UpToDate":
+            raise PolicyViolation("not an UpToDate TDX quote")
 
 
-class _Accept:
-    def verify(self, result: VerificationResult) -> None:
-        return None
-
-
-def test_empty_all_of_refuses() -> None:
-    with pytest.raises(PolicyViolation, match="no child policies"):
-        AllOf([]).verify(_sample_result())
-
-
-def test_empty_any_of_refuses() -> None:
-    with pytest.raises(PolicyViolation):
-        AnyOf([]).verify(_sample_result())
-
-
-def test_combinators() -> None:
-    result = _sample_result()
-    AllOf([_Accept(), _Accept()]).verify(result)
-    AnyOf([_Refuse(), _Accept()]).verify(result)
-    with pytest.raises(PolicyViolation):
-        AllOf([_Accept(), _Refuse()]).verify(result)
-    with pytest.raises(PolicyViolation, match="no child policy accepted"):
-        AnyOf([_Refuse(), _Refuse()]).verify(result)
-
-
-def test_unsafe_noop_warns_on_every_use(caplog: pytest.LogCaptureFixture) -> None:
-    result = _sample_result()
-    with caplog.at_level(logging.WARNING):
-        UnsafeNoOp().verify(result)
-        UnsafeNoOp().verify(result)
-    assert caplog.text.count("UnsafeNoOp") == 2
-
-
-@pytest.mark.parametrize(
-    "policy",
-    [
-        AllowedTdxMeasurements(mrtd=["00" * 48]),
-        AllowedSnpMeasurements(measurement=["00" * 48]),
-        AllowedTdxTcbStatus({"UpToDate"}),
-        MinimumSnpTcb(),
-        AllowedGpuVersions(driver_versions=["1"]),
-    ],
-)
-def test_tee_specific_policies_refuse_other_tees(policy: object) -> None:
-    assert hasattr(policy, "verify")
-    with pytest.raises(PolicyViolation, match="applies to"):
-        policy.verify(_sample_result())
-
-
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda: AllowedTdxMeasurements(),
-        lambda: AllowedTdxMeasurements(mrtd=[]),
-        lambda: AllowedSnpMeasurements(),
-        lambda: AllowedTdxTcbStatus(()),
-        lambda: AllowedGpuVersions(),
-    ],
-)
-def test_policies_that_would_check_nothing_are_refused_at_construction(make: object) -> None:
-    assert callable(make)
-    with pytest.raises(ValueError):
-        make()
-
-
-def test_any_of_across_tees(tdx_evidence: TdxEvidence, tdx_collateral: TdxCollateral) -> None:
-    policy = AnyOf([AllowedSnpMeasurements(measurement=["00" * 48]), AllowedTdxTcbStatus({"UpToDate"})])
+def test_the_policy_hook_sees_the_verified_tdx_claims(
+    tdx_evidence: TdxEvidence, tdx_collateral: TdxCollateral
+) -> None:
     result = verify_evidence(
-        tdx_evidence, expected_report_data=None, now=NOW, collateral=tdx_collateral, policy=policy
+        tdx_evidence, expected_report_data=None, now=NOW, collateral=tdx_collateral, policy=_TcbUpToDate()
     )
     assert result.step("policy").outcome is Outcome.PASSED  # type: ignore[union-attr]
+    with pytest.raises(PolicyViolation, match="not an UpToDate"):
+        verify_evidence(tdx_evidence, expected_report_data=None, now=NOW, policy=_TcbUpToDate())
 
 
 def test_result_json_shape() -> None:

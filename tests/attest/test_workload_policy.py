@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,12 +14,20 @@ from attest.formats import SnpEvidence, TdxEvidence
 from attest.initdata import register_for_digest
 from attest.verify import SnpCollateral, TdxCollateral, verify_evidence
 from attest.verify.result import VerificationResult
-from attest.verify.workload import PolicyFileError, WorkloadFacts, WorkloadPolicy
+from attest.verify.workload import (
+    GpuRules,
+    PolicyFileError,
+    SnpRules,
+    TdxRules,
+    WorkloadFacts,
+    WorkloadPolicy,
+    WorkloadRules,
+)
 from tests.attest.support import NOW, vector
 
 MODEL = "sha256:" + "ab" * 32
 CONFIG = "cd" * 32
-INIT = "sha384:" + "ef" * 48
+INIT = "sha384:" + hashlib.sha384(b"an init-data document").hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +250,120 @@ def test_the_sample_tee_needs_the_policy_line_and_the_flag() -> None:
 
 def test_docs_describe_every_key() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "policy.md").read_text()
-    from attest.verify.workload import GpuRules, SnpRules, TdxRules, WorkloadRules
-
     keys = [*TdxRules.KEYS, *SnpRules.KEYS, *GpuRules.KEYS, *WorkloadRules.KEYS, "insecure_development"]
     assert [k for k in keys if f"`{k}`" not in doc] == []
+
+
+# -- a policy built in Python passes the same checks as a file ---------------------------------
+
+HEAD = 'version = 1\n[tee]\nallowed = ["tdx"]\n'
+WORKLOAD = f'[workload]\nmodel = ["{MODEL}"]\nconfig = ["{CONFIG}"]\n'
+PINNED = WORKLOAD + f'init_data = ["{INIT}"]\n'
+TDX = "[tdx]\n" + "".join(
+    f'{r} = ["{n * 96}"]\n' for r, n in zip(("mrtd", "rtmr0", "rtmr1", "rtmr2"), "1234", strict=True)
+)
+ZERO = "sha384:" + "00" * 48
+
+
+def rules(init: str | None = INIT, **kw: object) -> WorkloadRules:
+    pins = None if init is None else ((init[:6], bytes.fromhex(init[7:])),)
+    return WorkloadRules(model=(MODEL,), config=(CONFIG,), init_data=pins, **kw)  # type: ignore[arg-type]
+
+
+def tdx_rules(**kw: object) -> TdxRules:
+    values: dict[str, object] = {
+        "mrtd": (b"\x11" * 48,),
+        "rtmr": ((b"\x22" * 48,), (b"\x33" * 48,), (b"\x44" * 48,), None),
+    }
+    values.update(kw)
+    return TdxRules(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("scenario", "text", "build", "message"),
+    [
+        ("TDX with neither [tdx] nor init_data", HEAD + WORKLOAD,
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules(None)), r"init_data is required"),
+        ("TDX without [tdx]", HEAD + PINNED,
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules()), r"no \[tdx\] rules"),
+        ("[snp] for a TEE not allowed", HEAD + PINNED + TDX + f'[snp]\nmeasurement = ["{"55" * 48}"]\n',
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules(), tdx=tdx_rules(),
+                                snp=SnpRules(measurement=(b"U" * 48,), min_tcb=dict.fromkeys(("bootloader", "tee", "snp", "microcode"), 0))),
+         r"\[snp\] is given but"),
+        ("the sample TEE without insecure_development",
+         'version = 1\n[tee]\nallowed = ["sample"]\n' + WORKLOAD,
+         lambda: WorkloadPolicy(tees=("sample",), workload=rules(None)), "insecure_development = true"),
+        ("an unknown TEE", 'version = 1\n[tee]\nallowed = ["sgx"]\n' + PINNED,
+         lambda: WorkloadPolicy(tees=("sgx",), workload=rules()), "unknown TEE"),
+        ("no TEE", 'version = 1\n[tee]\nallowed = []\n' + PINNED,
+         lambda: WorkloadPolicy(tees=(), workload=rules()), "non-empty list"),
+        ("a short MRTD", HEAD + PINNED + TDX.replace("1" * 96, "11"),
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules(), tdx=tdx_rules(mrtd=(b"\x11",))),
+         "1 bytes, expected 48"),
+        ("RTMR0 missing", HEAD + PINNED + TDX.replace("rtmr0", "rtmr3"),
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules(),
+                                tdx=tdx_rules(rtmr=(None, (b"3" * 48,), (b"4" * 48,), (b"2" * 48,)))),
+         "rtmr0 is required"),
+        ("no model", HEAD + PINNED.replace(f'"{MODEL}"', ""),
+         lambda: WorkloadPolicy(tees=("tdx",), workload=WorkloadRules(model=(), config=(CONFIG,))),
+         "model must be a non-empty list"),
+        ("an unknown TCB status", HEAD + PINNED + TDX + 'tcb_status = ["Fine"]\n',
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules(), tdx=tdx_rules(tcb_status=("Fine",))),
+         "unknown status"),
+        ("GPUs without driver pins", HEAD + PINNED + TDX + "[gpu]\ncount = 1\n",
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules(), tdx=tdx_rules(), gpu=GpuRules(count=1)),
+         r"\[gpu\] driver is required"),
+        ("an SNP floor missing microcode",
+         'version = 1\n[tee]\nallowed = ["snp"]\n' + PINNED
+         + f'[snp]\nmeasurement = ["{"55" * 48}"]\nmin_tcb = {{ bootloader = 1, tee = 0, snp = 8 }}\n',
+         lambda: WorkloadPolicy(tees=("snp",), workload=rules(),
+                                snp=SnpRules(measurement=(b"U" * 48,), min_tcb={"bootloader": 1, "tee": 0, "snp": 8})),
+         "needs bootloader, tee, snp and microcode"),
+        ("a zero init-data pin", HEAD + PINNED.replace(INIT, ZERO) + TDX,
+         lambda: WorkloadPolicy(tees=("tdx",), workload=rules(ZERO), tdx=tdx_rules()),
+         "launched with no init-data"),
+    ],
+)  # fmt: skip
+def test_a_policy_built_in_python_is_refused_exactly_as_the_file(
+    scenario: str, text: str, build: Callable[[], WorkloadPolicy], message: str
+) -> None:
+    with pytest.raises(PolicyFileError, match=message) as from_file:
+        WorkloadPolicy.from_toml(text)
+    with pytest.raises(PolicyFileError) as built:
+        build()
+    assert str(built.value) == str(from_file.value), scenario
+
+
+def test_a_policy_built_in_python_equals_the_file_it_writes() -> None:
+    policy = WorkloadPolicy(
+        tees=["tdx"],  # type: ignore[arg-type]
+        workload=WorkloadRules(model=(MODEL,), config=(CONFIG,), init_data=(("sha384", bytes.fromhex(INIT[7:])),)),
+        tdx=tdx_rules(),
+        gpu=GpuRules(count=1, arch=("hopper",), driver=("550.90.07",), vbios=("96.00.9F.00.01",)),
+    )  # fmt: skip
+    assert policy.tees == ("tdx",) and policy.workload.config == ("sha256:" + CONFIG,)
+    assert (
+        policy.gpu is not None and policy.gpu.arch == ("HOPPER",) and policy.gpu.vbios == ("96.00.9f.00.01",)
+    )
+    assert WorkloadPolicy.from_toml(policy.to_toml()) == policy
+
+
+@pytest.mark.parametrize(
+    ("pin", "message"),
+    [
+        ("sha384:" + "00" * 48, "zero bytes"),
+        ("sha256:" + "00" * 32, "zero bytes"),
+        ("sha512:" + "00" * 64, "zero bytes"),
+        # SNP's HOST_DATA carries the first 32 bytes: zero there is a zero register too.
+        ("sha384:" + "00" * 32 + "ab" * 16, "zero bytes"),
+        ("sha384:" + "ff" * 48, r"one byte \(0xff\) repeated"),
+    ],
+)
+def test_an_init_data_pin_of_no_init_data_or_a_placeholder_is_refused(pin: str, message: str) -> None:
+    with pytest.raises(PolicyFileError, match=message) as info:
+        WorkloadPolicy.from_toml(HEAD + PINNED.replace(INIT, pin) + TDX)
+    assert "docs/policy.md" in str(info.value) and "enclave-serve initdata" in str(info.value)
+    if message == "zero bytes":
+        assert "would accept any VM the host launches without init-data" in str(info.value)
+    with pytest.raises(PolicyFileError, match=message):
+        rules(pin)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -223,12 +224,22 @@ def start_runtime(
     env: dict[str, str] | None = None,
     wrap: tuple[str, ...] = (),
     double: str | None = None,
+    init_data: Path | None = None,
 ) -> tuple[str, Proc]:
-    """Start ``enclave-serve run``; with ``double``, through :mod:`tests.e2e.runtime_double`."""
+    """Start ``enclave-serve run``; with ``double``, through :mod:`tests.e2e.runtime_double`.
+
+    With ``init_data``, the production way: ``--init-data`` (the host's file) and
+    ``--sample-init-data`` (the sample TEE's register) name it, and only the listen address and
+    ``extra`` are given; ``model_dir``, ``kbs_url`` and the options come from the init-data.
+    """
     port = free_port()
     entry = [ES] if double is None else [sys.executable, "-m", "tests.e2e.runtime_double"]
     if double is not None:
         env = {**(env or {}), "ENCLAVE_SERVE_TEST_DOUBLE": double, "PYTHONPATH": str(REPO)}
+    if init_data is not None:
+        argv = [*wrap, *entry, "run", "--init-data", str(init_data), "--sample-init-data", str(init_data),
+                "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
+        return f"https://127.0.0.1:{port}", start(name, argv, ws.root, env)
     argv = [
         *wrap,
         *entry,
@@ -323,15 +334,38 @@ def print_config(model_dir: Path, kbs_url: str, *extra: str, vllm_extra: tuple[s
     return raw
 
 
-def write_init_data(ws: Workspace, name: str, *, model: str, config_sha256: str | None, kbs_url: str) -> Path:
-    """``enclave-serve initdata`` for the tiny model (allow-all agent policy: the sample TEE)."""
-    path = ws.root / f"{name}.toml"
-    argv = [ES, "initdata", "--kbs-url", kbs_url, "--allow-insecure-agent-policy", "--expect-model", model,
-            "--key-id", KEY_ID, "-o", str(path)]  # fmt: skip
-    if config_sha256 is not None:
-        argv += ["--config-sha256", config_sha256]
-    subprocess.run([*argv, "--", *VLLM_ARGS], check=True, env=child_env(), capture_output=True, timeout=120)
+def image_facts(ws: Workspace) -> Path:
+    """``enclave-serve image-facts``, as the image build records it."""
+    path = ws.root / "image-facts.json"
+    if not path.exists():
+        out = subprocess.run(
+            [ES, "image-facts"], check=True, env=child_env(), capture_output=True, timeout=120
+        )
+        path.write_bytes(out.stdout)
     return path
+
+
+def write_init_data(
+    ws: Workspace,
+    name: str,
+    *,
+    model_dir: Path | str,
+    model: str,
+    kbs_url: str,
+    extra: tuple[str, ...] = (),
+    vllm_extra: tuple[str, ...] = (),
+) -> tuple[Path, dict[str, Any]]:
+    """``enclave-serve initdata`` declaring the sample-TEE set-up every test enclave runs with
+    (allow-all agent policy); return the file and what it printed (``--json``)."""
+    path = ws.root / f"{name}.toml"
+    argv = [ES, "initdata", str(model_dir), "--kbs-url", kbs_url, "--allow-insecure-agent-policy",
+            "--expect-model", model, "--key-id", KEY_ID, "--image-facts", str(image_facts(ws)),
+            "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee", *DEV_PRIVATE_DIR,
+            "--env", "VLLM_CPU_KVCACHE_SPACE=1", *extra, "-o", str(path), "--json"]  # fmt: skip
+    out = subprocess.run(
+        [*argv, "--", *VLLM_ARGS, *vllm_extra], check=True, env=child_env(), capture_output=True, timeout=120
+    )
+    return path, json.loads(out.stdout)
 
 
 def write_policy(path: Path, *, model: str, config_sha256: str, init_data: str) -> Path:
@@ -362,18 +396,17 @@ class Provider:
 
 @pytest.fixture(scope="session")
 def provider(workspace: Workspace) -> Provider:
-    """The provider's set-up, as docs/policy.md describes it: the run configuration computed
-    ahead (``--print-config``; it names the KBS, so its port is chosen first), init-data pinning
-    the model, key, options and configuration, and the workload policy pinning all of it."""
-    from attest.initdata import InitData
-
+    """The provider's set-up, as the README describes it: one init-data declaring the model (where
+    the pod finds it, and its identity), the key, every attested setting, the vLLM options and
+    the environment; ``initdata`` prints its digest and the configuration digest the enclave will
+    claim, and the workload policy pins both (the KBS's port is chosen first: the init-data names
+    the KBS)."""
     kbs_port = free_port()
     kbs_url = f"http://127.0.0.1:{kbs_port}"
-    config_sha256 = hashlib.sha256(print_config(workspace.encrypted, kbs_url)).hexdigest()
-    init_data = write_init_data(
-        workspace, "initdata", model=workspace.manifest_digest, config_sha256=config_sha256, kbs_url=kbs_url
+    init_data, shown = write_init_data(
+        workspace, "initdata", model_dir=workspace.served, model=workspace.manifest_digest, kbs_url=kbs_url
     )
-    digest = InitData.from_bytes(init_data.read_bytes()).digest_text
+    digest, config_sha256 = shown["init_data_digest"], shown["config_sha256"].removeprefix("sha256:")
     policy = write_policy(
         workspace.root / "provider-policy.toml",
         model=workspace.manifest_digest, config_sha256=config_sha256, init_data=digest,
@@ -397,9 +430,7 @@ def enclave(workspace: Workspace, provider: Provider, plaintext_vllm: tuple[str,
         workspace, "kbs", workspace.key_file,
         "--resource-policy", f"enclave-serve/model-key/tiny={provider.policy}", port=provider.kbs_port,
     )  # fmt: skip
-    url, proc = start_runtime(
-        workspace, "runtime", workspace.served, kbs_url, "--sample-init-data", str(provider.init_data)
-    )
+    url, proc = start_runtime(workspace, "runtime", workspace.served, kbs_url, init_data=provider.init_data)
     try:
         # The host's move: rewrite a side file once the runtime has checked it.
         wait_stage_done(url, proc, "config")

@@ -7,6 +7,7 @@ evidence satisfying the workload policy; the sample TEE carrying the init-data d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -61,6 +62,8 @@ def test_the_providers_policy_verifies_on_the_users_side(enclave: Enclave) -> No
 
 
 def test_a_recorded_policy_passes_and_pins_what_runs(enclave: Enclave, tmp_path: Path) -> None:
+    """The shared enclave was launched with init-data (``--sample-init-data``): ``policy record``
+    pins its digest. Without init-data it refuses (tests/runtime/test_policy_commands.py)."""
     recorded = tmp_path / "recorded.toml"
     record = subprocess.run(
         [ES, "policy", "record", enclave.url, "-o", str(recorded), "--allow-insecure-sample-tee"],
@@ -88,7 +91,8 @@ def test_a_recorded_policy_passes_and_pins_what_runs(enclave: Enclave, tmp_path:
     [
         ("workload.model", {"model": "sha256:" + "00" * 32}),
         ("workload.config", {"config_sha256": "00" * 32}),
-        ("workload.init_data", {"init_data": "sha384:" + "00" * 48}),
+        # Another init-data document's digest (a zero pin would not even load: no init-data at all).
+        ("workload.init_data", {"init_data": "sha384:" + hashlib.sha384(b"other init-data").hexdigest()}),
     ],
 )
 def test_a_policy_naming_other_software_refuses_with_the_rule_named(
@@ -186,9 +190,11 @@ def test_a_runtime_whose_init_data_pins_v1_refuses_manifest_v2(
     v2 = _pack_v2(workspace, tmp_path)
     assert Manifest.load(v2).digest != workspace.manifest_digest
     kbs_url = launcher.kbs("kbs-v2-manifest", workspace.key_file)
-    url, proc = launcher.runtime(
-        "runtime-v2-manifest", v2, kbs_url, "--sample-init-data", str(enclave.provider.init_data)
+    # The host puts manifest v2 where the init-data (pinning v1) says the model is.
+    init_v1, _ = write_init_data(
+        workspace, "initdata-v1-at-v2", model_dir=v2, model=workspace.manifest_digest, kbs_url=kbs_url
     )
+    url, proc = launcher.runtime("runtime-v2-manifest", v2, kbs_url, init_data=init_v1)
     body = wait_ready(url, proc, want_failure=True)
     assert body["stage"] == "config"
     assert f"the init-data pins model {workspace.manifest_digest}" in body["reason"]
@@ -206,10 +212,10 @@ def test_kbs_dev_releases_no_key_to_init_data_that_pins_v2(
         "--resource-policy",
         f"enclave-serve/model-key/tiny={enclave.provider.policy}",
     )
-    init_v2 = write_init_data(
-        workspace, "initdata-v2", model=Manifest.load(v2).digest, config_sha256=None, kbs_url=kbs_url
+    init_v2, _ = write_init_data(
+        workspace, "initdata-v2", model_dir=v2, model=Manifest.load(v2).digest, kbs_url=kbs_url
     )
-    url, proc = launcher.runtime("runtime-init-v2", v2, kbs_url, "--sample-init-data", str(init_v2))
+    url, proc = launcher.runtime("runtime-init-v2", v2, kbs_url, init_data=init_v2)
     body = wait_ready(url, proc, want_failure=True)
     assert body["stage"] == "key", body
     assert "PolicyDeny" in body["reason"] or "denied" in body["reason"].lower()

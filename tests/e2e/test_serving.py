@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,16 @@ import openai
 import pytest
 
 from attest.document import AttestationDocument
-from tests.e2e.conftest import Enclave, Launcher, Proc, Workspace, assert_nothing_served, wait_ready
+from tests.e2e.conftest import (
+    ES,
+    Enclave,
+    Launcher,
+    Proc,
+    Workspace,
+    assert_nothing_served,
+    child_env,
+    wait_ready,
+)
 from tests.server.test_attestation_routes import aci_report_data
 
 pytestmark = pytest.mark.e2e
@@ -221,6 +231,19 @@ def test_sigterm_during_a_stream_lets_it_finish_then_exits_zero(
     kbs = launcher.kbs("kbs-drain", workspace.key_file)
     url, proc = launcher.runtime("runtime-drain", workspace.encrypted, kbs)
     wait_ready(url, proc)
+    # Booted from flags (no init-data): it says so, and a policy cannot be recorded from it.
+    document = httpx.get(url + ATTESTATION, params={"nonce": "44" * 32}, verify=False, timeout=30).json()
+    assert (
+        "configuration not pinned by init-data (set from the command line)"
+        in document["claims"]["insecure_modes"]
+    )
+    record = subprocess.run(
+        [ES, "policy", "record", url, "-o", str(workspace.root / "recorded-from-flags.toml"),
+         "--allow-insecure-sample-tee"],
+        capture_output=True, text=True, env=child_env(), timeout=120,
+    )  # fmt: skip
+    assert record.returncode == 1 and "init-data" in record.stderr, record.stderr
+    assert not (workspace.root / "recorded-from-flags.toml").exists()
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", http_client=httpx.Client(verify=False))
     stream = client.completions.create(
         model="tiny", prompt="Drain me", max_tokens=480, temperature=0, stream=True,

@@ -175,20 +175,6 @@ class TamperingSampleAttester(Attester):
         return SampleEvidence(report_data=flipped)
 
 
-class LowSvnSampleAttester(Attester):
-    """Test double: correct sample evidence with svn "0"."""
-
-    tee = SampleEvidence.tee
-    insecure = True
-
-    @classmethod
-    def detect(cls) -> bool:
-        return False
-
-    def collect(self, report_data: bytes) -> SampleEvidence:
-        return SampleEvidence(svn="0", report_data=report_data)
-
-
 # --- throwaway PKI -----------------------------------------------------------------------------------
 
 

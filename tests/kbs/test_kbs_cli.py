@@ -118,3 +118,12 @@ def test_set_resource_then_fetch_with_the_sample_tee(kbs_dev_process: tuple[str,
     assert document["source"] == "kbs" and document["insecure"] is True
     assert document["receipt"]["devices"] == ["sampledevice"]
     assert key.hex() not in fetched.stdout + fetched.stderr
+
+
+def test_kbs_dev_has_no_reference_values_flag(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_bytes(ADMIN_TOKEN)
+    refused = _run(
+        "kbs-dev", "--admin-token-file", str(token), "--reference-values", str(tmp_path / "rv.json")
+    )
+    assert refused.returncode == 2 and "unrecognized arguments: --reference-values" in refused.stderr

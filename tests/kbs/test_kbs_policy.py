@@ -1,4 +1,4 @@
-"""kbs-dev's resource policy and reference values, and real SNP evidence through kbs-dev."""
+"""kbs-dev's resource policy, and real SNP evidence through kbs-dev."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from attest.kbs.dev.policy import PolicyDenied, PolicyRule, ResourcePolicy
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.token import SubmodClaims, TokenClaims
 from attest.kbs.wire import Attestation, CompositeEvidence, RuntimeData
-from attest.verify.reference import ReferenceValues
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "kbs"
 MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
@@ -88,24 +87,6 @@ def test_policy_json_round_trip_and_rego_is_refused() -> None:
         ResourcePolicy.from_json("package policy\ndefault allow = false\n")
     with pytest.raises(ValueError, match="rules"):
         ResourcePolicy.from_json('{"rules": [{"resource": "a/b"}]}')
-
-
-def test_reference_values_file_builds_verify_policies() -> None:
-    reference = ReferenceValues.from_json(
-        json.dumps(
-            {
-                "tdx": {"mrtd": [MRTD]},
-                "snp": {"measurement": ["6a" * 48]},
-                "nvidia": {"driver_versions": ["550.90.07"]},
-                "sample_min_svn": 2,
-            }
-        )
-    )
-    assert reference.cpu is not None and reference.device is not None
-    assert reference.sample_min_svn == 2
-    assert ReferenceValues.from_json("{}").cpu is None
-    with pytest.raises(ValueError, match="tdx"):
-        ReferenceValues.from_json('{"tdx": {"mrtdx": []}}')
 
 
 def test_trustee_snp_evidence_reaches_the_snp_verifier_and_fails_closed_on_binding(kbs_url: str) -> None:

@@ -22,7 +22,7 @@ from attest.keysource import KbsKeySource, ResourceUri
 from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from attest.secret import SecretBytes
 from tests.kbs.conftest import DEVICE_KEY, MODEL_KEY, SECOND_KEY
-from tests.kbs.support import ADMIN_TOKEN, LowSvnSampleAttester, ManualClock, TamperingSampleAttester
+from tests.kbs.support import ADMIN_TOKEN, ManualClock, TamperingSampleAttester
 
 MODEL = ResourceUri.parse("kbs:///default/model/key")
 SECOND = ResourceUri.parse("kbs:///default/model/second")
@@ -241,14 +241,6 @@ def test_wrong_binding_is_refused_at_attest(kbs_url: str) -> None:
         client.attest()
 
 
-def test_sample_svn_below_minimum_is_refused(kbs_url: str) -> None:
-    with (
-        KbsClient(url=kbs_url, attester=LowSvnSampleAttester()) as client,
-        pytest.raises(KeyAccessDenied, match="svn 0 is below 1"),
-    ):
-        client.attest()
-
-
 def test_hardware_evidence_without_verifier_is_refused(kbs_url: str) -> None:
     key = TeeKeyPair.generate("ec")
     with httpx.Client() as http:
@@ -311,3 +303,12 @@ def test_unknown_plugin_is_404(kbs_url: str) -> None:
     response = httpx.get(f"{kbs_url}/kbs/v0/nosuchplugin/a/b")
     assert response.status_code == 404
     assert response.json()["type"].endswith("/PluginNotFound")
+
+
+@pytest.mark.parametrize("plugin", ["reference-value", "attestation-policy"])
+def test_reference_values_are_not_taken_the_workload_policy_pins_measurements(
+    kbs_url: str, plugin: str
+) -> None:
+    response = httpx.post(f"{kbs_url}/kbs/v0/{plugin}", content=b"{}")
+    assert response.status_code == 404 and response.json()["type"].endswith("/PluginNotFound")
+    assert "--resource-policy" in response.json()["detail"]

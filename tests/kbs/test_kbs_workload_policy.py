@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from attest.errors import KeyAccessDenied, KeyRetrievalError
 from attest.evidence import TeeKind
-from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, WorkloadPins
+from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.kbs.client import KbsClient
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.uri import ResourceUri
 from attest.providers.sample import UnsafeSampleAttester
 from attest.secret import SecretBytes
 from attest.verify.workload import WorkloadPolicy
+from tests.attest.support import workload_pins
 from tests.kbs.support import ADMIN_TOKEN, run_dev_kbs
 
 MODEL = "sha256:" + "ab" * 32
-CONFIG = "cd" * 32
 RESOURCE = "models/key/tiny"
+CONFIG = workload_pins(MODEL, key_resource=f"kbs:///{RESOURCE}").config_sha256
 
 
-def init_data(model: str = MODEL, config: str | None = CONFIG) -> InitData:
-    pins = WorkloadPins(model=model, key_resource=f"kbs:///{RESOURCE}", config_sha256=config)
+def init_data(model: str = MODEL, **overrides: Any) -> InitData:
+    pins = workload_pins(model, key_resource=f"kbs:///{RESOURCE}", **overrides)
     return InitData.build(
         entries=[("policy.rego", "package agent_policy\n"), (ENCLAVE_SERVE_ENTRY, pins.to_toml())]
     )
@@ -65,7 +68,7 @@ def test_the_pinned_workload_gets_the_key(kbs: tuple[str, InitData]) -> None:
     [
         ("init-data pinning another model", lambda: init_data(model="sha256:" + "00" * 32),
          ["workload.init_data", "workload.model"]),
-        ("init-data not pinning the configuration", lambda: init_data(config=None),
+        ("init-data declaring another configuration", lambda: init_data(vllm_args=("--max-model-len", "64")),
          ["workload.init_data", "workload.config"]),
         ("no init-data at all", lambda: None, ["workload.init_data", "workload.model", "workload.config"]),
     ],

@@ -50,25 +50,32 @@ def test_insecure_modes_are_listed(tmp_path: Path) -> None:
     config.validate()
     modes = " ".join(config.insecure_modes)
     assert "sample TEE" in modes and "plain HTTP" in modes and "plain-HTTP key broker" in modes
-    assert cfg(tmp_path).insecure_modes == []
+    assert cfg(tmp_path).insecure_modes == [
+        "configuration not pinned by init-data (set from the command line)"
+    ]
+    assert cfg(tmp_path, init_data=tmp_path / "initdata.toml").insecure_modes == []
 
 
-def test_every_setting_is_attested_or_argued_operational(tmp_path: Path) -> None:
-    """No runtime setting escapes the attested configuration without a stated reason."""
+def test_every_setting_is_declared_attested_or_argued_operational() -> None:
+    """Each RunConfig field declares its setting; none escapes the attestation without a reason."""
     import dataclasses
 
-    from runtime.config import ATTESTED_AS, OPERATIONAL_SETTINGS
+    from runtime.settings import declared_name, settings
 
-    fields = {f.name for f in dataclasses.fields(RunConfig)}
-    attested = set(cfg(tmp_path).attested_settings(resource="kbs:///r/t/x", kbs_ca_sha256=None))
-    covered = (attested & fields) | set(ATTESTED_AS) | set(OPERATIONAL_SETTINGS)
-    assert fields - covered == set(), "attest these, or argue them in OPERATIONAL_SETTINGS"
-    assert not set(OPERATIONAL_SETTINGS) & attested  # one place each
-    assert {"private_dir", "verbose", "allow_insecure_shared_private_dir"} <= attested
+    assert [f.name for f, _ in settings()] == [f.name for f in dataclasses.fields(RunConfig)]
+    attested = {f.name for f, s in settings() if s.attested}
+    operational = {f.name: s.operational for f, s in settings() if not s.attested}
+    assert all(reason and len(reason) > 20 for reason in operational.values())
+    assert {"private_dir", "verbose", "allow_insecure_shared_private_dir", "tee", "vllm_args"} <= attested
+    assert {"host", "port", "drain_timeout_s", "log_format", "init_data"} <= set(operational)
+    # Each attested setting has one place in the init-data's declaration.
+    places = [declared_name(f.name, s) for f, s in settings() if s.attested and s.in_initdata]
+    assert len(places) == len(set(places))
+    assert ("", "key_resource") in places and ("", "vllm_args") in places
 
 
-def test_every_run_flag_reaches_the_configuration() -> None:
-    """Each option of ``enclave-serve run`` is a RunConfig setting (so the test above holds it)."""
+def test_every_run_flag_is_a_declared_setting() -> None:
+    """``run``'s options are derived from the declarations: nothing else reaches the command line."""
     import argparse
     import dataclasses
 
@@ -77,8 +84,14 @@ def test_every_run_flag_reaches_the_configuration() -> None:
     parser = argparse.ArgumentParser()
     run_command.add_parser(parser.add_subparsers())
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    dests = {a.dest for a in sub.choices["run"]._actions} - {"help", "print_config", "model"}
-    renamed = {"kbs_deadline": "kbs_deadline_s", "watchdog_interval": "watchdog_interval_s",
-               "drain_timeout": "drain_timeout_s", "attestation_max_age": "attestation_max_age_s"}  # fmt: skip
+    dests = {a.dest for a in sub.choices["run"]._actions} - {"help", "print_config"}
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    assert {renamed.get(d, d) for d in dests} - fields == set()
+    assert dests <= fields
+    assert fields - dests == {"verbose", "vllm_args"}  # the global -v, and the options after --
+
+
+def test_the_docs_table_is_the_declaration() -> None:
+    from runtime.settings import markdown_table
+
+    docs = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    assert markdown_table() in docs, "regenerate it: python -m runtime.settings"

@@ -78,8 +78,11 @@ def test_allowed_variables_are_kept_and_attested() -> None:
         PYTHONUNBUFFERED="1",
     )
     for name, value in (("VLLM_CPU_KVCACHE_SPACE", "1"), ("OMP_NUM_THREADS", "4"),
-                        ("CUDA_VISIBLE_DEVICES", "0,1"), ("LANG", "C.UTF-8")):  # fmt: skip
+                        ("CUDA_VISIBLE_DEVICES", "0,1")):  # fmt: skip
         assert decision.environ[name] == value and decision.attested[name] == value
+    # Operational: kept, never attested (each with its reason in OPERATIONAL).
+    for name in ("LANG", "SSL_CERT_FILE", "PYTHONUNBUFFERED"):
+        assert name in decision.environ and name not in decision.attested
 
 
 def test_forced_variables_override_the_host_and_private_paths_are_placeholders() -> None:
@@ -90,8 +93,8 @@ def test_forced_variables_override_the_host_and_private_paths_are_placeholders()
     assert env["HF_HUB_OFFLINE"] == "1" and env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["VLLM_PLUGINS"] == "enclave_serve_loader"
     assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
-    assert env["HOME"] == f"{PRIVATE}/home" and attested["HOME"] == "<private>/home"
-    assert env["TMPDIR"] == f"{PRIVATE}/tmp" and attested["TMPDIR"] == "<private>/tmp"
+    assert env["HOME"] == f"{PRIVATE}/home" and env["TMPDIR"] == f"{PRIVATE}/tmp"
+    assert not set(FORCED) & set(attested)  # the runtime's version decides them, and is declared
     assert env["PATH"].startswith("/opt/venv/bin:") and "/models" not in env["PATH"]
     assert set(FORCED) <= set(env)
     assert not any(PRIVATE in v for v in attested.values())

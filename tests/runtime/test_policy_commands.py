@@ -1,26 +1,39 @@
-"""The provider's and the user's commands: initdata, policy show/trustee, measure snp (real CLI)."""
+"""The provider's and the user's commands: initdata, policy record/show/trustee, measure snp (real CLI)."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from attest.client.record import NoInitData, record_policy
+from attest.client.remote import VerificationBundle
 from attest.evidence import TeeKind
+from attest.formats import TdxEvidence
 from attest.initdata import InitData
+from attest.verify import TdxClaims, verify_evidence
 from attest.verify.workload import WorkloadPolicy
+from runtime.cli import main
+from tests.attest.support import NOW, vector
+from tests.attest.test_verdict import CONFIG, NONCE, SPKI, document, run
+from tests.attest.test_verdict import INIT as SAMPLE_INIT
 
 REPO = Path(__file__).resolve().parents[2]
 ES = str(Path(sys.executable).parent / "enclave-serve")
 MODEL = "sha256:" + "ab" * 32
+INIT = hashlib.sha384(b"an init-data document").hexdigest()
 POLICY = f"""version = 1
 [tee]
 allowed = ["tdx", "snp"]
 [workload]
 model = ["{MODEL}"]
 config = ["sha256:{"cd" * 32}"]
-init_data = ["sha384:{"ef" * 48}"]
+init_data = ["sha384:{INIT}"]
 [tdx]
 mrtd = ["{"11" * 48}"]
 rtmr0 = ["{"22" * 48}"]
@@ -41,34 +54,73 @@ def es(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([ES, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
-def test_initdata_writes_the_pins_and_prints_the_registers(tmp_path: Path) -> None:
+def test_initdata_declares_everything_and_prints_both_digests(tmp_path: Path) -> None:
     out = tmp_path / "initdata.toml"
-    result = es("initdata", "--kbs-url", "https://kbs.example:8080", "--allow-insecure-agent-policy",
-                "--expect-model", MODEL, "--key-id", "kbs:///m/key/tiny", "--config-sha256", "cd" * 32,
-                "-o", str(out), "--json", "--", "--max-model-len", "512")  # fmt: skip
+    result = es("initdata", "/models/tiny", "--kbs-url", "https://kbs.example:8080", "--allow-insecure-agent-policy",
+                "--expect-model", MODEL, "--key-id", "kbs:///m/key/tiny", "--tee", "tdx", "--watchdog-interval",
+                "30", "--env", "OMP_NUM_THREADS=4", "-o", str(out), "--json", "--", "--max-model-len", "512")  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "WARNING: no --image-facts" in result.stderr
     shown = json.loads(result.stdout)
     init = InitData.from_bytes(out.read_bytes())
-    assert shown["digest"] == init.digest_text and init.algorithm == "sha384"
+    assert shown["init_data_digest"] == init.digest_text and init.algorithm == "sha384"
     assert shown["mrconfigid"] == init.register(TeeKind.TDX).hex() == init.digest.hex()
     assert shown["host_data"] == init.digest.hex()[:64]
     assert shown["insecure_agent_policy"] is True
     assert set(init.data) == {"aa.toml", "cdh.toml", "policy.rego", "enclave-serve.toml"}
     pins = init.pins
     assert pins is not None and pins.model == MODEL and pins.vllm_args == ("--max-model-len", "512")
-    assert pins.config_sha256 == "cd" * 32 and pins.key_resource == "kbs:///m/key/tiny"
+    assert pins.key_resource == "kbs:///m/key/tiny" and pins.environment == {"OMP_NUM_THREADS": "4"}
+    assert pins.settings["tee"] == "tdx" and pins.settings["watchdog_interval_s"] == 30.0
+    assert pins.settings["model_source"] == "/models/tiny" and "host" not in pins.settings
+    assert shown["config_sha256"] == "sha256:" + pins.config_sha256
     assert "https://kbs.example:8080" in init.data["aa.toml"] and "cc_kbc" in init.data["cdh.toml"]
     annotation = Path(shown["annotation_file"]).read_text().strip()
     assert InitData.from_annotation(annotation).raw == init.raw
+    text = es("initdata", "/models/tiny", "--kbs-url", "https://kbs.example:8080", "--allow-insecure-agent-policy",
+              "--expect-model", MODEL, "--key-id", "kbs:///m/key/tiny", "--tee", "tdx", "--watchdog-interval",
+              "30", "--env", "OMP_NUM_THREADS=4", "-o", str(out), "--", "--max-model-len", "512")  # fmt: skip
+    assert f"config sha256:{pins.config_sha256}" in text.stdout.splitlines()
+
+
+def test_initdata_takes_the_image_facts_and_refuses_what_cannot_be_declared(tmp_path: Path) -> None:
+    facts = tmp_path / "facts.json"
+    # As the image build runs it: an environment of its own (not this test process's, to which
+    # importing PyTorch adds variables).
+    shown = subprocess.run([ES, "image-facts"], capture_output=True, text=True, timeout=120,
+                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2", "LANG": "C.UTF-8"})  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    image = json.loads(shown.stdout)
+    assert image["environment"] == {"OMP_NUM_THREADS": "2"}  # attested only: LANG is operational
+    facts.write_text(json.dumps({**image, "vllm": "9.9.9"}))
+    base = ("initdata", "/m", "--kbs-url", "https://k", "--allow-insecure-agent-policy", "--expect-model", MODEL,
+            "--key-id", "kbs:///m/key/tiny", "-o", str(tmp_path / "i.toml"))  # fmt: skip
+    ok = es(*base, "--image-facts", str(facts))
+    assert ok.returncode == 0 and "no --image-facts" not in ok.stderr
+    pins = InitData.from_bytes((tmp_path / "i.toml").read_bytes()).pins
+    assert (
+        pins is not None and pins.runtime["vllm"] == "9.9.9" and pins.environment == {"OMP_NUM_THREADS": "2"}
+    )
+    for extra, why in (
+        (("--env", "LD_PRELOAD=/x.so"), "LD_PRELOAD"),
+        (("--env", "LANG=C.UTF-8"), "operational, never attested"),
+        (("--env", "VLLM_API_KEY=secret"), "declare it as <redacted>"),
+        (("--", "--api-key", "secret"), "VLLM_API_KEY=<redacted>"),
+    ):
+        refused = es(*base, *extra)
+        assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+        assert "secret" not in refused.stderr.replace("a secret", "")
 
 
 def test_initdata_needs_an_agent_policy_or_the_insecure_flag(tmp_path: Path) -> None:
-    result = es("initdata", "--kbs-url", "https://kbs", "--expect-model", MODEL, "-o", str(tmp_path / "x"))
+    result = es(
+        "initdata", "/m", "--kbs-url", "https://kbs", "--expect-model", MODEL, "-o", str(tmp_path / "x")
+    )
     assert result.returncode == 2 and "agent-policy" in result.stderr
     rego = tmp_path / "policy.rego"
     rego.write_text("package agent_policy\ndefault ExecProcessRequest := false\n")
-    ok = es("initdata", "--kbs-url", "https://kbs", "--expect-model", MODEL, "--agent-policy", str(rego),
-            "-o", str(tmp_path / "y"))  # fmt: skip
+    ok = es("initdata", "/m", "--kbs-url", "https://kbs", "--expect-model", MODEL, "--agent-policy", str(rego),
+            "--key-id", "kbs:///m/key/tiny", "-o", str(tmp_path / "y"))  # fmt: skip
     assert ok.returncode == 0 and "INSECURE" not in ok.stdout
     assert InitData.from_bytes((tmp_path / "y").read_bytes()).data["policy.rego"] == rego.read_text()
 
@@ -95,7 +147,7 @@ def test_policy_trustee_exports_rego_and_reference_values(tmp_path: Path) -> Non
         rego.startswith("# enclave-serve") and "package policy" in rego and "default allow := false" in rego
     )
     policy = WorkloadPolicy.from_toml(POLICY)
-    init_tdx = "ef" * 48
+    init_tdx = INIT
     assert f'ae.init_data in {{"{init_tdx}"}}' in rego  # TDX: the sha384 digest is MRCONFIGID
     assert f'ae.init_data in {{"{init_tdx[:64]}"}}' in rego  # SNP: truncated to HOST_DATA
     assert f'ae.tdx.quote.body.mr_td in {{"{"11" * 48}"}}' in rego
@@ -118,3 +170,52 @@ def test_measure_snp_reproduces_the_published_vector() -> None:
     assert result.stdout.strip() == (
         "329c8ce0972ae52343b64d34a434a86f245dfd74f5ed7aae15d22efc78fb9683632b9b50e4e1d7fa41179ef98a7ef198"
     )
+
+
+def record(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *, register: bytes | None, claimed: str | None
+) -> tuple[int, Path]:
+    """``policy record`` through the CLI entry point, against a sample server's fetched bundle."""
+    bundle = VerificationBundle(
+        url="https://enclave.example", nonce=NONCE, tls_spki_sha256=SPKI, tls_certificate_pem=None,
+        document=document(register=register, claimed=claimed), config=CONFIG.raw,
+    )  # fmt: skip
+    monkeypatch.setattr("attest.client.remote.fetch_bundle", lambda url: bundle)
+    out = tmp_path / "recorded.toml"
+    code = main(["policy", "record", bundle.url, "-o", str(out), "--allow-insecure-sample-tee"])
+    return code, out
+
+
+def test_policy_record_pins_the_init_data_the_server_was_launched_with(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    code, out = record(
+        monkeypatch, tmp_path, register=SAMPLE_INIT.register(TeeKind.SAMPLE), claimed=SAMPLE_INIT.digest_text
+    )
+    assert code == 0
+    assert WorkloadPolicy.load(out).workload.init_data == (("sha384", SAMPLE_INIT.digest),)
+
+
+def test_policy_record_refuses_a_server_launched_without_init_data(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The sample TEE without --sample-init-data: a recorded pin would be a zero register."""
+    code, out = record(monkeypatch, tmp_path, register=None, claimed=None)
+    assert code == 1 and not out.exists()
+    err = capsys.readouterr().err
+    assert "launched WITHOUT init-data" in err and "nothing recorded" in err
+    assert "'enclave-serve initdata'" in err and "--sample-init-data" in err
+
+
+def test_recording_a_td_whose_mrconfigid_is_zero_is_refused() -> None:
+    """The DCAP vector's TD was launched without init-data: MRCONFIGID is zero."""
+    tdx = verify_evidence(TdxEvidence(quote=vector("tdx/tdx_quote")), expected_report_data=None, now=NOW)
+    assert isinstance(tdx.claims, TdxClaims) and not any(tdx.claims.mr_config_id)
+    verdict = run(document(), policy=None, allow_unpinned_software=True)
+    assert verdict.ok and verdict.document is not None
+    claims = dataclasses.replace(verdict.document.claims, init_data=None)
+    td = dataclasses.replace(
+        verdict, primary=tdx, document=dataclasses.replace(verdict.document, claims=claims)
+    )
+    with pytest.raises(NoInitData, match="would pin a zero register"):
+        record_policy(td)

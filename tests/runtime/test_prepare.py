@@ -56,13 +56,14 @@ def test_config_stage_builds_the_view_and_the_attested_configuration(
     config = RunConfiguration.from_bytes(prepared.configuration.raw)
     body = config.to_json()
     assert body["model"]["manifest_digest"] == Manifest.load(packed_demo).digest
-    assert body["vllm"]["options"]["max_model_len"] == 512
-    assert body["environment"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    assert body["environment"]["HOME"] == "<private>/home"
+    assert prepared.vllm.namespace.max_model_len == 512
+    assert body["vllm"]["args"] == list(run_config(packed_demo).vllm_args)
+    assert body["environment"]["VLLM_CPU_KVCACHE_SPACE"] == "1" and "HOME" not in body["environment"]
     assert body["settings"]["kbs_url"] == "http://127.0.0.1:8080"
     assert body["settings"]["key_resource"] == "kbs:///enclave-serve/model-key/tiny"
-    assert "sample TEE (evidence proves nothing)" in body["settings"]["insecure_modes"]
-    assert body["runtime"]["vllm"] and body["private"] == {"filesystem": "tmpfs"}
+    assert body["settings"]["tee"] == "sample" and body["settings"]["model_source"] == str(packed_demo)
+    assert body["runtime"]["vllm"] and prepared.pins is not None
+    assert prepared.configuration == prepared.pins.configuration()
     raw = prepared.configuration.raw.decode()
     assert str(private.root) not in raw and "key_socket" not in raw
 
@@ -109,7 +110,9 @@ def test_pinned_kbs_ca_is_read_once_and_its_digest_attested(
     import hashlib
 
     settings = json.loads(prepared.configuration.raw)["settings"]
-    assert settings["kbs_ca_sha256"] == hashlib.sha256(ca.read_bytes()).hexdigest()
+    assert (
+        hashlib.sha256(settings["kbs_ca_pem"].encode()).digest() == hashlib.sha256(ca.read_bytes()).digest()
+    )
     ca.write_text("swapped by the host later")
     assert prepared.kbs_cacert.read_bytes() != ca.read_bytes()
 
@@ -129,3 +132,14 @@ def test_a_refused_option_stops_the_config_stage(
 ) -> None:
     with pytest.raises(ConfigError, match="--enable-log-requests"):
         stage(run_config(packed_demo, vllm_args=(*ARGS, "--enable-log-req")), private, parser)
+
+
+def test_an_api_key_on_the_command_line_never_reaches_the_configuration(
+    packed_demo: Path, private: PrivateDirectory, parser: argparse.ArgumentParser
+) -> None:
+    prepared = stage(
+        run_config(packed_demo, vllm_args=(*ARGS, "--api-key", "sk-operator-secret")), private, parser
+    )
+    assert prepared.vllm.namespace.api_key == ["sk-operator-secret"]  # vLLM still gets it
+    raw = prepared.configuration.raw.decode()
+    assert "sk-operator-secret" not in raw and '"--api-key","<redacted>"' in raw

@@ -27,7 +27,7 @@ NONCE = bytes(range(32))
 POLICY = WorkloadPolicy(
     tees=("sample",),
     workload=WorkloadRules(model=(DIGEST,), config=("sha256:" + CONFIG.sha256,)),
-    gpu=GpuRules(count=1),
+    gpu=GpuRules(count=1, driver=("sample",), vbios=("sample",)),  # required; sampledevice has none
     insecure_development=True,
 )
 

@@ -13,18 +13,12 @@ from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
 from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from attest.runconfig import RunConfiguration
 from server.attestation import AttestationService
+from tests.attest.support import workload_pins
 
 NONCE = bytes(range(32))
 DIGEST = "sha256:" + "aa" * 32
 SPKI = "bb" * 32
-CONFIG = RunConfiguration.build(
-    manifest_digest=DIGEST,
-    runtime={"name": "enclave-serve", "version": "test"},
-    settings={"tee": "sample"},
-    vllm_options={"max_model_len": 512},
-    environment={"HF_HUB_OFFLINE": "1"},
-    private_filesystem="tmpfs",
-)
+CONFIG = RunConfiguration.from_pins(workload_pins(DIGEST))
 
 
 def service(**kw: object) -> AttestationService:
@@ -169,7 +163,7 @@ def test_run_configuration_is_canonical_and_strict() -> None:
     again = RunConfiguration.from_bytes(CONFIG.raw)
     assert again.sha256 == CONFIG.sha256 and again.manifest_digest == DIGEST
     body = CONFIG.to_json()
-    assert set(body) == {"format", "model", "runtime", "settings", "vllm", "environment", "private"}
+    assert set(body) == {"format", "model", "runtime", "settings", "vllm", "environment"}
     import json
 
     import rfc8785
@@ -185,7 +179,4 @@ def test_run_configuration_is_canonical_and_strict() -> None:
         with pytest.raises(MalformedEvidence):
             RunConfiguration.from_bytes(bad)
     with pytest.raises(ValueError, match="canonical"):
-        RunConfiguration.build(
-            manifest_digest=DIGEST, runtime={}, settings={"x": float("nan")}, vllm_options={},
-            environment={}, private_filesystem="tmpfs",
-        )  # fmt: skip
+        RunConfiguration.from_pins(workload_pins(DIGEST, settings={"x": float("nan")}))

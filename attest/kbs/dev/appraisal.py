@@ -1,22 +1,23 @@
 """Appraise the evidence of a KBS ``/attest`` as Trustee's attestation service does.
 
 For each piece of evidence: parse it as its TEE's typed evidence, verify it with
-:mod:`attest.verify` against the runtime data Trustee would compute (``attest.binding``;
-reference §1.5) and the configured reference values, and turn the result into EAR submodule
-claims (``cpu0`` for the primary TEE, ``gpu0``, ``gpu1``, ... for devices).
+:mod:`attest.verify` (signatures, certificate chains, collateral when given, freshness) against
+the runtime data Trustee would compute (``attest.binding``; reference §1.5), and turn the result
+into EAR submodule claims (``cpu0`` for the primary TEE, ``gpu0``, ``gpu1``, ... for devices).
 
 * The primary evidence must bind ``H(JCS({additional-evidence, nonce, tee-pubkey}))``
   (zero-padded for TDX/SNP, exact for sample); device evidence ``H(JCS({nonce, tee-pubkey}))``
   (NVIDIA: the first 32 bytes).
-* sample / sampledevice evidence is *appraised* (binding, ``svn >= sample_min_svn``) but proves
-  nothing; as in Trustee, the resource policy is what refuses it (unless kbs-dev runs with its
-  insecure flag). Its EAR status is ``warning``.
-* Hardware evidence is ``affirming`` when reference values were configured and accepted it,
-  ``warning`` when none were configured (``attest.verify`` then checks signatures, chains and the
-  binding only).
+* A debuggable TD or SNP guest is refused here (:class:`attest.verify.RefuseInsecure`).
+* sample / sampledevice evidence is *appraised* (binding) but proves nothing; as in Trustee, the
+  resource policy is what refuses it (unless kbs-dev runs with its insecure flag).
+* No reference values: kbs-dev compares no measurement here, so every submodule's EAR status is
+  ``warning`` (as Trustee rates evidence whose measurements match no registered reference value).
 
-Not decided here: whether the claims are *acceptable* for a given resource; that is the
-resource policy's job (:mod:`attest.kbs.dev.policy`), as in Trustee.
+Not decided here: whether the claims are *acceptable* for a given resource. The workload policy
+of the resource (``--resource-policy``, :mod:`attest.verify.workload`) pins the measurements,
+TCB, init-data and software at release, and the JSON resource policy
+(:mod:`attest.kbs.dev.policy`) which TEEs may ask, as in Trustee.
 """
 
 from __future__ import annotations
@@ -38,18 +39,19 @@ from attest.initdata import InitData
 from attest.kbs.token import RUNTIME_DATA_CLAIMS, SubmodClaims
 from attest.kbs.wire import Attestation, WireFormatError
 from attest.verify import (
-    MinimumSampleSvn,
-    Outcome,
     Policy,
     RefuseInsecure,
     VerificationResult,
     verify_device_evidence,
     verify_evidence,
 )
-from attest.verify.reference import ReferenceValues
 from attest.verify.workload import init_data_register_of
 
-__all__ = ["Appraisal", "AppraisalFailed", "EvidenceAppraiser"]
+__all__ = ["EAR_STATUS", "Appraisal", "AppraisalFailed", "EvidenceAppraiser"]
+
+#: The EAR status of every submodule kbs-dev appraises: it has no reference values (the workload
+#: policy pins measurements at release), so it never affirms them.
+EAR_STATUS = "warning"
 
 
 class AppraisalFailed(Exception):
@@ -82,12 +84,20 @@ def _init_data_claims(init: InitData) -> dict[str, JsonValue]:
 
 
 class EvidenceAppraiser:
-    """Check an ``/attest`` body against its session and return the EAR submodules."""
+    """Check an ``/attest`` body against its session and return the EAR submodules.
+
+    ``collateral`` maps a TEE to its verification collateral (:class:`attest.verify.TdxCollateral`,
+    :class:`attest.verify.SnpCollateral`); without it a TDX quote's TCB status is ``unknown``,
+    which a workload policy refuses unless it sets ``require_collateral = false``.
+    """
 
     def __init__(
-        self, *, reference: ReferenceValues | None = None, clock: Callable[[], float] = time.time
+        self,
+        *,
+        collateral: Mapping[TeeKind, object] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self._reference = reference or ReferenceValues()
+        self._collateral = dict(collateral or {})
         self._clock = clock
 
     def appraise(self, attestation: Attestation, *, tee: str, hash_alg: HashAlgorithm) -> Appraisal:
@@ -104,9 +114,7 @@ class EvidenceAppraiser:
         runtime = attestation.runtime_data
         additional = attestation.tee_evidence.additional_evidence
         primary = self._parse(tee, attestation.tee_evidence.primary_evidence, device=False)
-        result = self._verify(
-            primary, runtime.primary_digest(additional, hash_alg), self._policy(primary, self._reference.cpu)
-        )
+        result = self._verify(primary, runtime.primary_digest(additional, hash_alg), self._policy(primary))
         init, register = self._init_data(attestation, result)
         runtime_claims: dict[str, JsonValue] = {
             "nonce": runtime.nonce,
@@ -119,7 +127,7 @@ class EvidenceAppraiser:
             shown = base64.b64encode(register).decode() if primary.tee is TeeKind.SAMPLE else register.hex()
             annotated["init_data"] = shown
             annotated["init_data_claims"] = _init_data_claims(init)
-        submods = {"cpu0": SubmodClaims(status=_status(result), annotated_evidence=annotated)}
+        submods = {"cpu0": SubmodClaims(status=EAR_STATUS, annotated_evidence=annotated)}
         try:
             devices = attestation.tee_evidence.additional_map()
         except WireFormatError as exc:
@@ -128,12 +136,10 @@ class EvidenceAppraiser:
         device_results: list[VerificationResult] = []
         for index, (device_tee, obj) in enumerate(sorted(devices.items())):
             evidence = self._parse(device_tee, obj, device=True)
-            device_result = self._verify(
-                evidence, device_digest, self._policy(evidence, self._reference.device), device=True
-            )
+            device_result = self._verify(evidence, device_digest, None, device=True)
             device_results.append(device_result)
             submods[f"gpu{index}"] = SubmodClaims(
-                status=_status(device_result), annotated_evidence={device_tee: _claims(device_result)}
+                status=EAR_STATUS, annotated_evidence={device_tee: _claims(device_result)}
             )
         return Appraisal(
             submods=submods,
@@ -164,15 +170,10 @@ class EvidenceAppraiser:
             )
         return init, register
 
-    def _policy(self, evidence: Evidence, configured: Policy | None) -> Policy | None:
-        if evidence.tee is TeeKind.SAMPLE:
-            return MinimumSampleSvn(self._reference.sample_min_svn)
-        if evidence.tee.is_insecure:
-            return None
-        if configured is None and not evidence.tee.is_device:
-            # Even without reference values, never release to a debuggable TD / SNP guest.
-            return RefuseInsecure()
-        return configured
+    @staticmethod
+    def _policy(evidence: Evidence) -> Policy | None:
+        # Never release to a debuggable TD / SNP guest; sample evidence is the resource policy's.
+        return None if evidence.tee.is_insecure else RefuseInsecure()
 
     @staticmethod
     def _parse(tee: str, obj: object, *, device: bool) -> Evidence:
@@ -192,7 +193,7 @@ class EvidenceAppraiser:
         self, evidence: Evidence, expected: bytes, policy: Policy | None, *, device: bool = False
     ) -> VerificationResult:
         now = datetime.fromtimestamp(self._clock(), tz=UTC)
-        collateral = self._reference.collateral.get(evidence.tee)
+        collateral = self._collateral.get(evidence.tee)
         try:
             # allow_insecure: sample evidence is appraised here and refused by the resource
             # policy unless kbs-dev runs with --allow-insecure-sample-evidence (as in Trustee).
@@ -217,13 +218,6 @@ class EvidenceAppraiser:
             raise AppraisalFailed(f"{evidence.tee.value} evidence does not verify: {exc}") from None
         except TypeError as exc:
             raise AppraisalFailed(f"{evidence.tee.value} evidence cannot be verified here: {exc}") from None
-
-
-def _status(result: VerificationResult) -> str:
-    if result.insecure:
-        return "warning"
-    policy_ran = any(step.name == "policy" and step.outcome is Outcome.PASSED for step in result.steps)
-    return "affirming" if policy_ran else "warning"
 
 
 def _claims(result: VerificationResult) -> dict[str, JsonValue]:

@@ -209,7 +209,8 @@ class _Kbs:
                 raise _KbsError(
                     404,
                     ErrorType.PLUGIN_NOT_FOUND,
-                    f"kbs-dev does not implement {plugin}; give reference values when starting it",
+                    f"kbs-dev does not implement {plugin}; pin measurements with a workload policy "
+                    "(--resource-policy, docs/policy.md)",
                 )
             raise _KbsError(404, ErrorType.PLUGIN_NOT_FOUND, f"Plugin {plugin} not found")
         except _KbsError as exc:
