@@ -277,7 +277,7 @@ def test_tensor_parallel_ranks_each_get_the_key_and_decrypt_only_their_part(
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["choices"][0]["text"]
         config = client.get("/.well-known/enclave-serve/config").json()
-        assert config["vllm"]["options"]["tensor_parallel_size"] == 2
+        assert config["vllm"]["args"][-2:] == ["--tensor-parallel-size", "2"]
         assert config["environment"]["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
     from loader.manifest import Manifest
 
