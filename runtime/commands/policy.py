@@ -4,14 +4,15 @@
   policy that pins what it runs, for review; a deployment launched without init-data (a zero
   register) is refused: launch it with ``enclave-serve initdata`` output first;
 * ``policy show FILE``: explain a policy rule by rule (exit 1 if it is not a valid policy);
-* ``policy trustee FILE -o DIR``: export it for a real Trustee KBS (resource policy in rego, the
-  reference values and the kbs-client commands that register them).
+* ``policy trustee FILE --init-data INITDATA... -o DIR``: export it for a real Trustee KBS (the
+  resource policy and the attestation policies in rego, and the kbs-client commands that install
+  them); every allowed init-data must declare an allowed model, configuration and runtime
+  version, and a rule Trustee cannot enforce refuses the export, naming the rule.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,6 +36,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     show.add_argument("file", type=Path)
     trustee = actions.add_parser("trustee", help="export a policy for a real Trustee KBS")
     trustee.add_argument("file", type=Path)
+    trustee.add_argument(
+        "--init-data",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an allowed init-data document (TOML or the annotation); repeat for each pinned one",
+    )
     trustee.add_argument("-o", "--output", type=Path, required=True, help="directory to write into")
     trustee.add_argument("--kbs-url", default="https://kbs:8080", help="KBS URL for the printed commands")
     p.set_defaults(func=run)
@@ -102,29 +111,37 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _trustee(args: argparse.Namespace) -> int:
-    from attest.errors import ConfigError
-    from attest.verify.trustee import reference_value_commands, reference_values, resource_policy_rego
+    from attest.errors import ConfigError, MalformedEvidence
+    from attest.initdata import InitData
+    from attest.verify.trustee import ExportRefused, export_policy, kbs_client_script
     from attest.verify.workload import PolicyFileError, WorkloadPolicy
 
     try:
         policy = WorkloadPolicy.load(args.file)
     except PolicyFileError as exc:
         raise ConfigError(f"{args.file}: {exc}") from exc
-    if policy.insecure_development:
-        raise ConfigError("an insecure_development policy (sample TEE) cannot be exported for Trustee")
+    documents = []
+    for path in args.init_data:
+        try:
+            documents.append(InitData.load(path.read_bytes()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read the init-data {path}: {exc.strerror}") from None
+        except MalformedEvidence as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    try:
+        export = export_policy(policy, documents)
+    except ExportRefused as exc:
+        print(f"enclave-serve policy trustee: refused, nothing written: {exc}", file=sys.stderr)
+        return 1
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
-    (out / "resource-policy.rego").write_text(resource_policy_rego(policy))
-    (out / "reference-values.json").write_text(json.dumps(reference_values(policy), indent=2) + "\n")
-    commands = reference_value_commands(policy, kbs_url=args.kbs_url)
-    script = ["#!/bin/sh", "# Register the reference values Trustee's default CPU attestation policy reads.",
-              "set -e", *commands,
-              f"kbs-client --url {args.kbs_url} config --admin-token-file admin.jwt set-resource-policy "
-              "--policy-file resource-policy.rego"]  # fmt: skip
-    (out / "kbs-client.sh").write_text("\n".join(script) + "\n")
-    print(f"wrote {out}/resource-policy.rego, reference-values.json and kbs-client.sh")
-    print("Trustee's default attestation policy (default_cpu) reads these reference values; the resource")
-    print("policy also requires cpu0 (and every gpuN) affirming and the pinned init-data (docs/kbs.md).")
+    files = export.files()
+    files["kbs-client.sh"] = kbs_client_script(export, kbs_url=args.kbs_url)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    print(f"wrote {', '.join(sorted(files))} into {out}; every rule is enforced here:")
+    for placement in export.placements:
+        print(f"  {placement.rule}: {placement.where}")
     return 0
 
 

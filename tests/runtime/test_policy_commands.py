@@ -137,28 +137,13 @@ def test_policy_show_explains_or_names_what_is_wrong(tmp_path: Path) -> None:
     assert refused.returncode == 1 and "unknown key(s) modle" in refused.stderr
 
 
-def test_policy_trustee_exports_rego_and_reference_values(tmp_path: Path) -> None:
+def test_policy_trustee_without_init_data_is_refused_naming_the_rule(tmp_path: Path) -> None:
+    """Trustee cannot read the model and configuration: the allowed init-data must be given."""
     policy_file = tmp_path / "p.toml"
     policy_file.write_text(POLICY)
     result = es("policy", "trustee", str(policy_file), "-o", str(tmp_path / "trustee"))
-    assert result.returncode == 0, result.stderr
-    rego = (tmp_path / "trustee" / "resource-policy.rego").read_text()
-    assert (
-        rego.startswith("# enclave-serve") and "package policy" in rego and "default allow := false" in rego
-    )
-    policy = WorkloadPolicy.from_toml(POLICY)
-    init_tdx = INIT
-    assert f'ae.init_data in {{"{init_tdx}"}}' in rego  # TDX: the sha384 digest is MRCONFIGID
-    assert f'ae.init_data in {{"{init_tdx[:64]}"}}' in rego  # SNP: truncated to HOST_DATA
-    assert f'ae.tdx.quote.body.mr_td in {{"{"11" * 48}"}}' in rego
-    assert "ae.snp.reported_tcb_snp >= 23" in rego and "count(gpu_submods) == 1" in rego
-    values = json.loads((tmp_path / "trustee" / "reference-values.json").read_text())
-    assert values["mr_td"] == ["11" * 48] and values["snp_launch_measurement"] == ["55" * 48]
-    assert values["snp_snp_svn"] == [23]
-    script = (tmp_path / "trustee" / "kbs-client.sh").read_text()
-    assert "set-sample-reference-value snp_bootloader 10 --as-integer" in script
-    assert "set-resource-policy --policy-file resource-policy.rego" in script
-    assert policy.tdx is not None
+    assert result.returncode == 1 and "workload.model: Trustee cannot read the model" in result.stderr
+    assert not (tmp_path / "trustee").exists()
 
 
 def test_measure_snp_reproduces_the_published_vector() -> None:
@@ -219,3 +204,78 @@ def test_recording_a_td_whose_mrconfigid_is_zero_is_refused() -> None:
     )
     with pytest.raises(NoInitData, match="would pin a zero register"):
         record_policy(td)
+
+
+def _trustee_init(tmp_path: Path, model: str = MODEL) -> tuple[Path, InitData]:
+    from tests.attest.support import workload_pins
+
+    pins = workload_pins(model, key_resource="kbs:///models/llama/key")
+    init = InitData.build(
+        entries=[("policy.rego", "package agent_policy\n"), ("enclave-serve.toml", pins.to_toml())]
+    )
+    path = tmp_path / f"initdata-{model[7:15]}.toml"
+    path.write_bytes(init.raw)
+    return path, init
+
+
+def _trustee_policy(init: InitData, *, config: str, tee: str = "tdx", extra: str = "") -> str:
+    return (
+        POLICY.replace(f'init_data = ["sha384:{INIT}"]', f'init_data = ["{init.digest_text}"]').replace(
+            f'config = ["sha256:{"cd" * 32}"]', f'config = ["{config}"]\nruntime_version = ["0.1.0"]'
+        )
+        + extra
+    )
+
+
+def test_policy_trustee_exports_every_rule_for_the_allowed_init_data(tmp_path: Path) -> None:
+    path, init = _trustee_init(tmp_path)
+    assert init.pins is not None
+    policy_file = tmp_path / "p.toml"
+    policy_file.write_text(_trustee_policy(init, config="sha256:" + init.pins.config_sha256))
+    out = tmp_path / "trustee"
+    result = es("policy", "trustee", str(policy_file), "--init-data", str(path), "-o", str(out),
+                "--kbs-url", "https://kbs.example:8080")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attestation-policy-default_cpu.rego", "attestation-policy-default_gpu.rego", "kbs-client.sh",
+        "resource-policy.rego",
+    ]  # fmt: skip
+    rego = (out / "resource-policy.rego").read_text()
+    assert f'ae.init_data in {{"{init.digest.hex()}"}}' in rego  # TDX: the sha384 digest is MRCONFIGID
+    assert f'ae.init_data in {{"{init.digest.hex()[:64]}"}}' in rego  # SNP: truncated to HOST_DATA
+    assert '"ear.status"] == "affirming"' in rego and "count(gpu_submods) == 1" in rego
+    assert 'c.quote.body.mr_td in {"' + "11" * 48 + '"}' in rego and "c.reported_tcb_snp >= 23" in rego
+    for rule in ("tdx.mrtd", "tdx.migratable", "tdx.collateral", "snp.smt", "snp.vmpl", "gpu.driver",
+                 "workload.model", "workload.config", "workload.runtime_version", "workload.init_data"):  # fmt: skip
+        assert f"  {rule}: " in result.stdout, rule
+    assert "--id default_gpu" in (out / "kbs-client.sh").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "rule"),
+    [
+        ("model", "workload.model"),
+        ("config", "workload.config"),
+        ("fmc", "snp.min_tcb"),
+        ("vmpl", "snp.vmpl"),
+    ],
+)
+def test_policy_trustee_refuses_naming_the_rule(tmp_path: Path, change: str, rule: str) -> None:
+    path, init = _trustee_init(tmp_path)
+    assert init.pins is not None
+    config = "sha256:" + init.pins.config_sha256
+    text = _trustee_policy(init, config=config)
+    if change == "model":
+        text = text.replace(f'model = ["{MODEL}"]', f'model = ["sha256:{"ef" * 32}"]')
+    elif change == "config":
+        text = text.replace(config, "sha256:" + "ef" * 32)
+    elif change == "fmc":
+        text = text.replace("microcode = 213 }", "microcode = 213, fmc = 1 }")
+    else:
+        text = text.replace("[gpu]", "vmpl = 1\n[gpu]")
+    policy_file = tmp_path / "p.toml"
+    policy_file.write_text(text)
+    result = es("policy", "trustee", str(policy_file), "--init-data", str(path), "-o", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stdout
+    assert f"refused, nothing written: {rule}:" in result.stderr
+    assert not (tmp_path / "out").exists()

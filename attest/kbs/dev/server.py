@@ -364,8 +364,7 @@ class _Kbs:
             devices=appraisal.devices,
             model_digest=None if pins is None else pins.model,
             config_sha256=None if pins is None else pins.config_sha256,
-            runtime_version=None,
-            config_covers_runtime=pins is not None and pins.config_sha256 is not None,
+            runtime_version=None if pins is None else str(pins.runtime.get("version")),
             init_data_register=appraisal.init_data_register,
             allow_insecure=self.config.allow_insecure_sample_evidence,
         )
