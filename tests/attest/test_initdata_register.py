@@ -1,8 +1,8 @@
 """The init-data register the boot compares with the init-data file: read only from what the host
 cannot forge (TDX: the TDREPORT, else a quote that verifies offline; SNP: the PSP's report).
 
-The TDREPORT is synthetic (its layout is checked in attest/formats/tdx_report.py against a real
-report); the TDX quotes are the real vectors of tests/vectors/tdx/PROVENANCE.md, and the SNP report
+The TDREPORTs are synthetic (any field at its ABI offset) and one real one, guest-components'
+fixture (tests/vectors/tdx/PROVENANCE.md); the TDX quotes are the real vectors of tests/vectors/tdx/PROVENANCE.md, and the SNP report
 the one of tests/vectors/snp/PROVENANCE.md. The real ioctl runs only in the ``tdx``-marked test.
 """
 
@@ -377,3 +377,19 @@ def test_tee_without_an_init_data_register_is_refused(tee: TeeKind) -> None:
     with pytest.raises(AttestationError, match="has no init-data register"):
         init_data_register(attester)
     assert attester.requests == []
+
+
+def test_a_real_tdreport_parses_with_its_published_rtmrs_and_digests() -> None:
+    """guest-components' TDREPORT fixture (tests/vectors/tdx/PROVENANCE.md)."""
+    report = parse_tdreport(vector("tdx/tdx_report_1.bin"))
+    assert report.rtmrs[0].hex() == (
+        "f4ec1a04670fe7926cd5de4aef9aaa7689ab4ceaa132d7c5242b47f67dfaaea64c372a17ad68fef9a6ac99aabbddabdc"
+    )
+    assert report.rtmrs[1].hex() == (
+        "4e5f8826653198ab4bc5156fbe4bc99db054c0b8239a16c4b59249fb427f4acc50eed1b46a85c7d526c4e1e47621b14c"
+    )
+    assert report.rtmrs[2] == report.rtmrs[3] == bytes(48)
+    assert report.digests_match()  # TEE_TCB_INFO and TDINFO hash to what REPORTMACSTRUCT states
+    altered = bytearray(vector("tdx/tdx_report_1.bin"))
+    altered[MRCONFIGID_AT] ^= 0x01
+    assert not parse_tdreport(bytes(altered)).digests_match()

@@ -23,6 +23,7 @@ from attest.formats import (
     parse_snp_report,
     parse_tdx_quote,
 )
+from attest.formats.tdx_report import parse_tdreport
 from attest.verify import SnpCollateral, verify_device_evidence, verify_evidence
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 
@@ -33,7 +34,7 @@ SNP_JSON = json.loads(vector("kbs/evidence.json"))
 NV_REPORT = binascii.unhexlify(vector("nvidia/hopperAttestationReport.txt").strip())
 NV_CHAIN = vector("nvidia/hopperCertChain.txt")
 
-PARSERS = [parse_tdx_quote, parse_snp_report, parse_nvidia_report, parse_snp_cert_table]
+PARSERS = [parse_tdx_quote, parse_tdreport, parse_snp_report, parse_nvidia_report, parse_snp_cert_table]
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SLOW = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

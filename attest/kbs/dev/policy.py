@@ -8,9 +8,13 @@ Trustee evaluates ``data.policy.allow`` in a rego policy with the token claims a
        {"resource": "models/llama-3/*",           # glob per segment: repository/type/tag
         "tees": ["tdx", "snp"],                     # primary TEEs allowed ([] = any)
         "require_devices": ["nvidia"],              # device TEEs that must have been attested
-        "claims": {"cpu0.mr_td": ["91eb2b44..."]},  # submod.claim[.sub...] -> allowed values
         "allow_sample": false}                       # sample / sampledevice evidence
      ]}
+
+It says *who may ask* for a resource, never *what must run*: measurements, TCB floors, GPUs,
+init-data and software are pinned by one vocabulary, the workload policy
+(``--resource-policy``, :mod:`attest.verify.workload`); a rule that tries (``claims``, as
+earlier versions had) is refused.
 
 The first rule whose ``resource`` matches decides: every condition must hold or the request is
 refused with the failed condition as the reason. No matching rule, or no rules at all, refuses
@@ -26,7 +30,7 @@ from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from attest.kbs.token import TokenClaims
 
@@ -34,8 +38,6 @@ __all__ = ["INSECURE_TEES", "PolicyDenied", "PolicyRule", "ResourcePolicy"]
 
 #: TEEs whose evidence proves nothing (``kbs-types`` ``Sample``/``SampleDevice``).
 INSECURE_TEES = frozenset({"sample", "sampledevice"})
-
-JsonScalar = str | int | bool
 
 
 class PolicyDenied(Exception):
@@ -50,22 +52,23 @@ class PolicyRule(BaseModel):
     resource: str = "*/*/*"
     tees: tuple[str, ...] = ()
     require_devices: tuple[str, ...] = ()
-    claims: dict[str, tuple[JsonScalar, ...]] = Field(default_factory=dict)
     allow_sample: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_measurement_pins(cls, value: object) -> object:
+        if isinstance(value, dict) and "claims" in value:
+            raise ValueError(
+                "'claims' would pin measurements in a second vocabulary: pin them in a workload policy "
+                "(kbs-dev --resource-policy REPO/TYPE/TAG=policy.toml, docs/policy.md)"
+            )
+        return value
 
     @field_validator("resource")
     @classmethod
     def _three_segments(cls, value: str) -> str:
         if value != "*" and len(value.split("/")) != 3:
             raise ValueError("resource must be a repository/type/tag glob (or '*')")
-        return value
-
-    @field_validator("claims")
-    @classmethod
-    def _claim_names(cls, value: dict[str, tuple[JsonScalar, ...]]) -> dict[str, tuple[JsonScalar, ...]]:
-        for name, allowed in value.items():
-            if len(name.split(".")) < 2 or not allowed:
-                raise ValueError(f"claim {name!r} must be <submod>.<claim> with at least one allowed value")
         return value
 
     def matches(self, path: str) -> bool:
@@ -98,31 +101,6 @@ class PolicyRule(BaseModel):
         missing = [d for d in self.require_devices if d not in devices]
         if missing:
             raise PolicyDenied(f"required device evidence missing: {', '.join(missing)}")
-        for name, allowed in sorted(self.claims.items()):
-            actual = _lookup(claims, name)
-            if actual is None:
-                raise PolicyDenied(f"claim {name} is absent")
-            if not any(_same(actual, value) for value in allowed):
-                raise PolicyDenied(f"claim {name} = {actual!s} is not among the allowed values")
-
-
-def _lookup(claims: TokenClaims, name: str) -> JsonScalar | None:
-    submod_name, *path = name.split(".")
-    sub = claims.submods.get(submod_name)
-    if sub is None:
-        return None
-    node: object = sub.tee_claims()
-    for key in path:
-        if not isinstance(node, dict) or key not in node:
-            return None
-        node = node[key]
-    return node if isinstance(node, str | int | bool) else None
-
-
-def _same(actual: JsonScalar, allowed: JsonScalar) -> bool:
-    if isinstance(actual, str) and isinstance(allowed, str):
-        return actual.lower() == allowed.lower()  # hex digests compare case-insensitively
-    return type(actual) is type(allowed) and actual == allowed
 
 
 class ResourcePolicy(BaseModel):
@@ -153,9 +131,14 @@ class ResourcePolicy(BaseModel):
             return cls.model_validate_json(text)
         except ValidationError as exc:
             fields = sorted({".".join(str(p) for p in e["loc"]) or "(document)" for e in exc.errors()})
+            why = [
+                str(e["ctx"]["error"])
+                for e in exc.errors()
+                if "claims" in str(e.get("ctx", {}).get("error", ""))
+            ]
             raise ValueError(
                 "not a kbs-dev JSON resource policy (see docs/kbs.md; rego is not supported): "
-                f"check {', '.join(fields)}"
+                f"check {', '.join(fields)}" + (f" ({why[0]})" if why else "")
             ) from None
 
     def to_json_text(self) -> str:
