@@ -50,12 +50,13 @@ demo: install
 demo-stop:
 	VENV=$(VENV) bash scripts/demo.sh stop
 
-# skopeo and docker-registry (Debian) for the OCI image tests: installed when missing and root.
+# skopeo and docker-registry (Debian) for the OCI image tests, haproxy for the replica tests:
+# installed when missing and root.
 tools:
-	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null || \
+	@command -v skopeo >/dev/null && command -v docker-registry >/dev/null && command -v haproxy >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry >/dev/null; } || \
-	  echo "warning: skopeo/docker-registry missing; the OCI image tests will be skipped"
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry haproxy >/dev/null; } || \
+	  echo "warning: skopeo/docker-registry/haproxy missing; the OCI image and replica tests will be skipped"
 
 test: install tools
 	$(PY) -m pytest -q

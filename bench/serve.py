@@ -49,8 +49,11 @@ at that concurrency (every simulated client shares the bench's one Python event 
 floor are also sent one at a time (``*_serial_p50_ms``): the latency without any queueing.
 
 Targets (printed with whether each is met): throughput >= 0.98x stock vLLM, TTFT p50 <= 1.05x
-(``--ttft-target``; 1.02x on a quiet machine), boot->ready <= 1.10x, fresh attestation p99 <= 20 ms
-(sample TEE), cached <= 2 ms.
+(``--ttft-target``; 1.02x on a quiet machine), boot->ready <= 1.10x; attestation at
+``--attest-concurrency`` clients: fresh p99 <= 1.5x and cached p99 <= 1.0x the floor's p99, or,
+with ``--quote-delay S`` (every sample-TEE collection slowed to S seconds through
+``bench/quote_delay.py``, a wrapper around the CLI: a TDX quote takes about 1 s), fresh p99 <=
+1.3 S. The one-at-a-time figures are the 1-client ones.
 
 A benchmark, not a test. Models are built once under ``--dir`` and reused: ``tiny`` is
 ``enclave-serve demo-model``; ``250m`` a random-weight Llama (~244M parameters, bf16, head_dim 64)
@@ -107,8 +110,11 @@ NOT_TOKENIZER = {"config.json", "generation_config.json", "model.safetensors", "
 
 TARGET_TOK_S = 0.98  # enclave/plain, at least
 TARGET_BOOT = 1.10  # enclave/plain, at most
-TARGET_FRESH_P99_MS = 20.0
-TARGET_CACHED_P99_MS = 2.0
+#: Fresh and cached p99 over the floor's p99 (/livez, same concurrency, same run), at no quote delay.
+TARGET_FRESH_FLOOR = 1.5
+TARGET_CACHED_FLOOR = 1.0
+#: Fresh p99 over the quote delay, with --quote-delay: one quote (and a little) per burst.
+TARGET_FRESH_QUOTE = 1.3
 
 PROMPTS = (
     "Confidential computing protects data in use by running code inside a hardware enclave.",
@@ -422,8 +428,12 @@ def start_server(
             scheme = "https"
     else:
         port = args.port_base + 1
+        # --quote-delay: the same CLI through a wrapper that slows the sample attester (not a flag).
+        launcher = [str(BIN / "enclave-serve")]
+        if args.quote_delay > 0:
+            launcher = [sys.executable, "-m", "bench.quote_delay", str(args.quote_delay)]
         cmd = [
-            str(BIN / "enclave-serve"), "run", str(models.encrypted), "--host", HOST, "--port", str(port),
+            *launcher, "run", str(models.encrypted), "--host", HOST, "--port", str(port),
             "--tee", "sample", "--gpus", "none", "--allow-insecure-sample-tee", "--kbs-url", kbs_url,
             "--private-dir", "/dev/shm", "--allow-insecure-shared-private-dir", "--", *vllm_options(args),
         ]  # fmt: skip
@@ -829,6 +839,8 @@ def summarize(
         "floor_p99_ms": percentile(floor.latencies_ms, 0.99),
         "cached_serial_p50_ms": percentile(attest["cached-serial"].latencies_ms, 0.5),
         "fresh_serial_p50_ms": percentile(attest["fresh-serial"].latencies_ms, 0.5),
+        "fresh_serial_p99_ms": percentile(attest["fresh-serial"].latencies_ms, 0.99),
+        "quote_delay_s": args.quote_delay,
         "server_fresh_p99_ms": bucket_quantile(server_buckets.get("fresh", {}), 0.99),
         "server_cached_p99_ms": bucket_quantile(server_buckets.get("cached", {}), 0.99),
         "floor_serial_p50_ms": percentile(attest["floor-serial"].latencies_ms, 0.5),
@@ -839,8 +851,18 @@ def summarize(
         "requests_per_kind_per_round": args.attest_requests,
         "rounds": len(runs[ENCLAVE].tok_s),
     }
-    attestation["fresh_target_met"] = _met(attestation["fresh_p99_ms"], TARGET_FRESH_P99_MS)
-    attestation["cached_target_met"] = _met(attestation["cached_p99_ms"], TARGET_CACHED_P99_MS)
+    floor_p99 = attestation["floor_p99_ms"]
+    attestation["fresh_floor_ratio"] = _ratio(attestation["fresh_p99_ms"], floor_p99)
+    attestation["cached_floor_ratio"] = _ratio(attestation["cached_p99_ms"], floor_p99)
+    if args.quote_delay > 0:
+        attestation["fresh_target"] = f"p99<={TARGET_FRESH_QUOTE:g}x{args.quote_delay:g}s"
+        limit = TARGET_FRESH_QUOTE * args.quote_delay * 1000
+        attestation["fresh_target_met"] = _met(attestation["fresh_p99_ms"], limit)
+    else:
+        attestation["fresh_target"] = f"<={TARGET_FRESH_FLOOR:g}x floor"
+        attestation["fresh_target_met"] = _met(attestation["fresh_floor_ratio"], TARGET_FRESH_FLOOR)
+    attestation["cached_target"] = f"<={TARGET_CACHED_FLOOR:g}x floor"
+    attestation["cached_target_met"] = _met(attestation["cached_floor_ratio"], TARGET_CACHED_FLOOR)
     return systems, attestation
 
 
@@ -888,24 +910,28 @@ def render(args: argparse.Namespace, params: int, systems: list[dict[str, Any]],
     lines += [
         "",
         f"attestation: {att['concurrency']} concurrent clients (one loopback address each), "
-        f"{args.attest_requests} requests per kind per round, {att['rounds']} round(s)",
-        f"{'':<16}{'p50 ms':>9}{'p99 ms':>9}{'200':>6}{'429':>6}{'errors':>8}{'target':>12}{'met':>6}",
+        f"{args.attest_requests} requests per kind per round, {att['rounds']} round(s), "
+        f"quote delay {args.quote_delay:g} s",
+        f"{'':<16}{'p50 ms':>9}{'p99 ms':>9}{'/floor':>8}{'200':>6}{'429':>6}{'errors':>8}"
+        f"{'target':>18}{'met':>6}",
     ]
-    for kind, limit in (("fresh", TARGET_FRESH_P99_MS), ("cached", TARGET_CACHED_P99_MS)):
+    for kind in ("fresh", "cached"):
         lines.append(
             f"{kind:<16}{_fmt(att[f'{kind}_p50_ms'], '.2f'):>9}{_fmt(att[f'{kind}_p99_ms'], '.2f'):>9}"
+            f"{_fmt(att[f'{kind}_floor_ratio'], '.2f'):>8}"
             f"{att[f'{kind}_ok']:>6}{att[f'{kind}_rate_limited']:>6}{att[f'{kind}_errors']:>8}"
-            f"{f'p99<={limit:g}ms':>12}{_yes(att[f'{kind}_target_met']):>6}"
+            f"{att[f'{kind}_target']:>18}{_yes(att[f'{kind}_target_met']):>6}"
         )
         others = {s: n for s, n in att[f"{kind}_statuses"].items() if s not in ("200", "429")}
         if others:
             lines.append(f"{'':<16}other answers: {others}")
     lines.append(
         f"{'floor (/livez)':<16}{_fmt(att['floor_p50_ms'], '.2f'):>9}{_fmt(att['floor_p99_ms'], '.2f'):>9}"
-        f"{att['floor_ok']:>6}{'':>6}{att['floor_errors']:>8}"
+        f"{'':>8}{att['floor_ok']:>6}{'':>6}{att['floor_errors']:>8}"
     )
     lines.append(
-        f"one at a time, p50 ms: fresh {_fmt(att['fresh_serial_p50_ms'], '.2f')}, "
+        f"one at a time (1 client): fresh p50 {_fmt(att['fresh_serial_p50_ms'], '.2f')} ms, "
+        f"p99 {_fmt(att['fresh_serial_p99_ms'], '.2f')} ms; p50 ms: "
         f"cached {_fmt(att['cached_serial_p50_ms'], '.2f')}, "
         f"floor {_fmt(att['floor_serial_p50_ms'], '.2f')}"
     )
@@ -959,6 +985,14 @@ def main(argv: list[str] | None = None) -> int:
         "--attest-concurrency", type=int, default=32, help="simultaneous attestation requests (default 32)"
     )
     p.add_argument(
+        "--quote-delay",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="slow every sample-TEE collection of enclave-serve to S seconds (bench/quote_delay.py; "
+        "a TDX quote takes about 1 s); default 0",
+    )
+    p.add_argument(
         "--ttft-target", type=float, default=1.05, help="TTFT p50 target, enclave/plain (default 1.05)"
     )
     p.add_argument(
@@ -973,8 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.clients < 1 or args.rounds < 1 or args.duration <= 0 or args.max_tokens < 1:
         p.error("--clients, --rounds, --duration and --max-tokens must be positive")
-    if args.attest_concurrency < 1 or args.attest_requests < 0:
-        p.error("--attest-concurrency must be positive and --attest-requests not negative")
+    if args.attest_concurrency < 1 or args.attest_requests < 0 or args.quote_delay < 0:
+        p.error("--attest-concurrency must be positive, --attest-requests and --quote-delay not negative")
     args.dir = args.dir.resolve()
 
     logs = args.dir / "logs"

@@ -33,6 +33,7 @@ COMMANDS = (
     "kbs_dev",
     "kbs",
     "verify",
+    "proxy",
     "policy",
     "initdata",
     "image_facts",

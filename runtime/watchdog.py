@@ -51,7 +51,7 @@ class Watchdog:
         collateral: object | None = None,
         expires_at: float | None = None,
         baseline: Sequence[DeviceGate] = (),
-        lock: threading.Lock | None = None,
+        lock: threading.Lock | threading.RLock | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -64,7 +64,7 @@ class Watchdog:
         self._warned_unavailable = False
         self._expires_at = expires_at
         self._baseline = [_identity(gate) for gate in baseline]
-        self._lock = lock or threading.Lock()
+        self._lock: threading.Lock | threading.RLock = lock or threading.Lock()
         self.timeout_s = max(30.0, interval_s)
         self._clock = clock
         self.rounds = 0

@@ -85,15 +85,19 @@ class AttestationService:
             source_provenance
             or {"repo_url": None, "repo_commit": None, "image_digest": None, "image_provenance": None}
         )
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def insecure(self) -> bool:
         return bool(self._insecure_modes)
 
     @property
-    def lock(self) -> threading.Lock:
-        """Held while evidence is collected (the watchdog takes it too: one collection at a time)."""
+    def lock(self) -> threading.RLock:
+        """Held while evidence is collected (the watchdog takes it too: one collection at a time).
+
+        Re-entrant: the scheduler takes it first, then chooses which waiting nonces the collection
+        answers, then calls :meth:`document` (which takes it again) in the same thread.
+        """
         return self._lock
 
     @property

@@ -40,7 +40,7 @@ from attest.document import NONCE_SIZE
 from attest.errors import Error
 from attest.runconfig import RunConfiguration
 from server.aci import ACI_VERSION
-from server.freshness import AttestationFrontend, QueueFull
+from server.freshness import AttestationFrontend, QueueFull, client_group
 from server.metrics import Metrics
 from server.status import BootStatus
 
@@ -87,7 +87,7 @@ class AttestationEndpoints:
 
     @staticmethod
     def _client_key(request: Request) -> str:
-        return request.client.host if request.client is not None else "unknown"
+        return client_group(request.client.host) if request.client is not None else "unknown"
 
     @staticmethod
     def _bad_nonce() -> JSONResponse:
@@ -145,7 +145,8 @@ class AttestationEndpoints:
             )
             response: Response = Response(entry.body, media_type="application/json", headers=headers)
         else:
-            wait = frontend.limiter.acquire(self._client_key(request))
+            client = self._client_key(request)
+            wait = frontend.limiter.acquire(client)
             if wait > 0:
                 self._count(kind, "rate-limited")
                 return _error(
@@ -157,9 +158,9 @@ class AttestationEndpoints:
                 )
             try:
                 if aci:
-                    body = await frontend.scheduler.aci_bytes(raw)
+                    body = await frontend.scheduler.aci_bytes(raw, client=client)
                 else:
-                    body = await frontend.scheduler.document_bytes(raw)
+                    body = await frontend.scheduler.document_bytes(raw, client=client)
             except QueueFull as exc:
                 self._count(kind, "queue-full")
                 return _error(429, "rate_limit_error", str(exc), retry_after=exc.retry_after_s)

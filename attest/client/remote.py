@@ -44,6 +44,8 @@ __all__ = [
     "VerificationBundle",
     "VerifiedServer",
     "fetch_bundle",
+    "peer_identity",
+    "unverified_tls_context",
     "verify_bundle",
     "verify_server",
 ]
@@ -133,28 +135,38 @@ def _text(data: bytes | None) -> str | None:
     return None if data is None else data.decode()
 
 
-def _unverified_tls_context() -> ssl.SSLContext:
-    # Trust is established by the attestation binding of the TLS key, not by a CA.
+def unverified_tls_context() -> ssl.SSLContext:
+    """Return a TLS context that checks no certificate: trust comes from the attestation binding.
+
+    .. warning::
+       Use it only where the connection's SPKI is then checked against an attested document.
+    """
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
-def _peer_certificate(response: httpx.Response) -> x509.Certificate | None:
-    stream = response.extensions.get("network_stream")
-    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-    if ssl_object is None:
+def peer_identity(ssl_object: object) -> tuple[str, bytes] | None:
+    """Return the (SPKI sha256 hex, certificate PEM) of a TLS connection's peer; None without TLS.
+
+    ``ssl_object`` is what a network stream's ``get_extra_info("ssl_object")`` returns.
+    """
+    # An ssl.SSLObject (asyncio, AnyIO) or the _ssl socket object under an ssl.SSLSocket (httpcore sync).
+    getpeercert = getattr(ssl_object, "getpeercert", None)
+    der = getpeercert(True) if callable(getpeercert) else None
+    if not isinstance(der, bytes):
         return None
-    der = ssl_object.getpeercert(True)
-    return None if der is None else x509.load_der_x509_certificate(der)
-
-
-def _spki_sha256(cert: x509.Certificate) -> str:
+    cert = x509.load_der_x509_certificate(der)
     spki = cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return hashlib.sha256(spki).hexdigest()
+    return hashlib.sha256(spki).hexdigest(), cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _peer_identity(response: httpx.Response) -> tuple[str, bytes] | None:
+    stream = response.extensions.get("network_stream")
+    return None if stream is None else peer_identity(stream.get_extra_info("ssl_object"))
 
 
 def fetch_bundle(
@@ -172,7 +184,7 @@ def fetch_bundle(
     """
     nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
     base = base_url.rstrip("/")
-    client = http_client or httpx.Client(verify=_unverified_tls_context(), timeout=timeout)
+    client = http_client or httpx.Client(verify=unverified_tls_context(), timeout=timeout)
     try:
 
         def get(url: str, **kw: Any) -> httpx.Response:
@@ -187,7 +199,7 @@ def fetch_bundle(
             return response
 
         response = get(base + ATTESTATION_PATH, params={"nonce": nonce.hex()})
-        peer_cert = _peer_certificate(response)
+        peer = _peer_identity(response)
         try:
             document = json.loads(response.content)
         except ValueError as exc:
@@ -199,8 +211,8 @@ def fetch_bundle(
     return VerificationBundle(
         url=base_url,
         nonce=nonce,
-        tls_spki_sha256=_spki_sha256(peer_cert) if peer_cert is not None else None,
-        tls_certificate_pem=None if peer_cert is None else peer_cert.public_bytes(serialization.Encoding.PEM),
+        tls_spki_sha256=None if peer is None else peer[0],
+        tls_certificate_pem=None if peer is None else peer[1],
         document=document if isinstance(document, dict) else {"not": "an object"},
         config=config,
     )

@@ -7,6 +7,11 @@ Prints every step with ✓ or ✗ and its reason (``--json``: one object) and ex
 * 2: could not check (the server is unreachable or answers an error, unusable collateral or
   policy file).
 
+``--replicas N`` opens up to N fresh connections (a load balancer spreads them over replicas),
+verifies every distinct replica (by TLS key) they reach over its own connection, and prints one
+line per replica: its TLS key's SPKI sha256 (hex, and base64 for ``curl --pinnedpubkey``), the
+verdict, the model and the configuration; exit 1 if any reached replica is not verified.
+
 ``--save FILE`` keeps what was fetched; ``--offline FILE`` verifies a saved bundle again. The
 nonce is the one used when it was fetched, so it proves freshness only as of then: offline, the
 document's age (its ``issued_at``, by the enclave's clock) is printed and a document older than
@@ -24,15 +29,22 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from attest.client.verifier import Replica, Verifier
 
 __all__ = [
     "DEFAULT_OFFLINE_MAX_AGE_S",
     "EXIT_NOT_VERIFIED",
     "EXIT_UNAVAILABLE",
     "add_parser",
+    "add_verifier_arguments",
     "parse_duration",
+    "print_replicas",
     "print_verdict",
     "run",
+    "verifier_from_args",
 ]
 
 EXIT_NOT_VERIFIED = 1
@@ -53,6 +65,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "against a workload policy (docs/policy.md). Exit 0 verified, 1 not verified, 2 could not check.",
     )
     p.add_argument("url", nargs="?", help="server base URL, e.g. https://127.0.0.1:8000")
+    add_verifier_arguments(p)
+    p.add_argument(
+        "--allow-no-tls",
+        action="store_true",
+        help="DEVELOPMENT ONLY: accept a plain-HTTP server (attestation not bound to TLS)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="open up to N fresh connections and verify every distinct replica (TLS key) they reach, "
+        "one line each; exit 1 if any reached replica is not verified",
+    )
+    p.add_argument("--save", type=Path, metavar="FILE", help="save what was fetched, for --offline")
+    p.add_argument("--offline", type=Path, metavar="FILE", help="verify a bundle saved with --save")
+    p.add_argument(
+        "--max-age",
+        metavar="DURATION",
+        help="with --offline: refuse a document issued longer ago than this, by its issued_at (seconds, "
+        f"or with s, m, h, d; default {DEFAULT_OFFLINE_MAX_AGE_S} s)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def add_verifier_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the options a :class:`~attest.client.verifier.Verifier` is built from (``verify``, ``proxy``)."""
     p.add_argument("--policy", type=Path, metavar="FILE", help="the workload policy (TOML) to verify against")
     p.add_argument(
         "--allow-unpinned-software",
@@ -65,11 +104,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="DEVELOPMENT ONLY: accept the sample TEE (its evidence proves nothing); the policy must "
         "also say insecure_development = true",
     )
-    p.add_argument(
-        "--allow-no-tls",
-        action="store_true",
-        help="DEVELOPMENT ONLY: accept a plain-HTTP server (attestation not bound to TLS)",
-    )
     p.add_argument("--expect-model", metavar="DIGEST", help="also require this model (sha256:...)")
     p.add_argument(
         "--expect-config", metavar="DIGEST", help="also require this run configuration (sha256:...)"
@@ -77,16 +111,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument(
         "--tdx-collateral", type=Path, metavar="FILE", help="DCAP collateral (dcap-qvl JSON) for TDX"
     )
-    p.add_argument("--save", type=Path, metavar="FILE", help="save what was fetched, for --offline")
-    p.add_argument("--offline", type=Path, metavar="FILE", help="verify a bundle saved with --save")
-    p.add_argument(
-        "--max-age",
-        metavar="DURATION",
-        help="with --offline: refuse a document issued longer ago than this, by its issued_at (seconds, "
-        f"or with s, m, h, d; default {DEFAULT_OFFLINE_MAX_AGE_S} s)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=run)
+
+
+def _verification_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of a verification the options of :func:`add_verifier_arguments` say.
+
+    Raises:
+        ConfigError: the policy or collateral file cannot be used, or a digest is malformed.
+    """
+    from attest.errors import ConfigError
+    from attest.evidence import TeeKind
+    from attest.verify import TdxCollateral
+    from attest.verify.workload import PolicyFileError, WorkloadPolicy
+
+    try:
+        policy = None if args.policy is None else WorkloadPolicy.load(args.policy)
+        collateral: dict[TeeKind, object] = {}
+        if args.tdx_collateral is not None:
+            collateral[TeeKind.TDX] = TdxCollateral.from_json(args.tdx_collateral.read_text())
+        expect_config = _digest(args.expect_config, "--expect-config")
+    except (OSError, ValueError, PolicyFileError, ConfigError) as exc:
+        raise ConfigError(f"cannot use the policy or collateral: {exc}") from exc
+    return {
+        "policy": policy,
+        "allow_unpinned_software": args.allow_unpinned_software,
+        "allow_insecure": args.allow_insecure_sample_tee,
+        "expected_model_digest": args.expect_model,
+        "expected_config_sha256": expect_config,
+        "collateral": collateral,
+    }
+
+
+def verifier_from_args(args: argparse.Namespace) -> Verifier:
+    """Build the :class:`~attest.client.verifier.Verifier` the options of :func:`add_verifier_arguments` say.
+
+    Raises:
+        ConfigError: the policy or collateral file cannot be used, or a digest is malformed.
+    """
+    from attest.client.verifier import Verifier
+
+    return Verifier(**_verification_options(args))
 
 
 def print_verdict(verdict: object, *, url: str, out: object = None, offline: Path | None = None) -> None:
@@ -155,9 +219,6 @@ def run(args: argparse.Namespace) -> int:
     from attest.client.remote import VerificationBundle, fetch_bundle, verify_bundle
     from attest.client.verdict import ServerRefused, Verdict
     from attest.errors import ConfigError, Error, MalformedEvidence, VerificationUnavailable
-    from attest.evidence import TeeKind
-    from attest.verify import TdxCollateral
-    from attest.verify.workload import PolicyFileError, WorkloadPolicy
 
     def unavailable(message: str) -> int:
         if args.json:
@@ -166,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"could not check {args.url or args.offline}: {message}", file=sys.stderr)
         return EXIT_UNAVAILABLE
 
+    if args.replicas is not None:
+        return _run_replicas(args)
     if (args.url is None) == (args.offline is None):
         raise ConfigError("give a server URL, or --offline FILE (one of them)")
     if args.max_age is not None and args.offline is None:
@@ -179,14 +242,9 @@ def run(args: argparse.Namespace) -> int:
             max_age_s = parse_duration(args.max_age, "--max-age")
     now = time.time()
     try:
-        policy = None if args.policy is None else WorkloadPolicy.load(args.policy)
-        collateral: dict[TeeKind, object] = {}
-        if args.tdx_collateral is not None:
-            collateral[TeeKind.TDX] = TdxCollateral.from_json(args.tdx_collateral.read_text())
-        expect_model = args.expect_model
-        expect_config = _digest(args.expect_config, "--expect-config")
-    except (OSError, ValueError, PolicyFileError, ConfigError) as exc:
-        return unavailable(f"cannot use the policy or collateral: {exc}")
+        options = _verification_options(args)
+    except ConfigError as exc:
+        return unavailable(str(exc))
     try:
         if args.offline is not None:
             bundle = VerificationBundle.from_json(json.loads(args.offline.read_text()))
@@ -215,13 +273,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         verified = verify_bundle(
             bundle,
-            policy=policy,
-            allow_unpinned_software=args.allow_unpinned_software,
-            allow_insecure=args.allow_insecure_sample_tee,
+            **options,
             allow_no_tls=args.allow_no_tls,
-            expected_model_digest=expect_model,
-            expected_config_sha256=expect_config,
-            collateral=collateral,
             now=datetime.fromtimestamp(now, UTC),
             max_age_s=max_age_s,
         )
@@ -239,3 +292,91 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_verdict(verified.verdict, url=url, offline=args.offline)
     return 0
+
+
+def print_replicas(replicas: list[Replica], *, url: str, connections: int, out: object = None) -> None:
+    """Print one line per replica: SPKI sha256 (hex and base64), verdict, model, configuration."""
+    import base64
+
+    stream = out if out is not None else sys.stdout
+    print(f"replicas behind {url}: {len(replicas)} distinct in {connections} connection(s)", file=stream)  # type: ignore[arg-type]
+    for replica in replicas:
+        spki = replica.spki_sha256 or "-" * 64
+        pin = "-" if replica.spki_sha256 is None else base64.b64encode(bytes.fromhex(spki)).decode()
+        verdict = replica.verdict
+        claims = None if verdict is None or verdict.document is None else verdict.document.claims
+        if replica.ok:
+            outcome = "verified"
+        elif verdict is not None:
+            outcome = "NOT VERIFIED (" + ", ".join(s.name for s in verdict.failures) + ")"
+        else:
+            outcome = f"COULD NOT CHECK ({replica.error})"
+        model = "-" if claims is None else claims.model_digest
+        config = "-" if claims is None else f"sha256:{claims.config_sha256}"
+        print(f"{spki}  sha256//{pin}  {outcome}  model {model}  config {config}", file=stream)  # type: ignore[arg-type]
+        if not replica.ok and verdict is not None:
+            for step in verdict.failures:
+                print(f"  ✗ {step.name}  {step.detail}", file=stream)  # type: ignore[arg-type]
+
+
+def _run_replicas(args: argparse.Namespace) -> int:
+    import httpx
+
+    from attest.client.transport import probe
+    from attest.client.verdict import ServerRefused
+    from attest.errors import ConfigError, Error
+
+    if args.url is None or args.replicas < 1:
+        raise ConfigError("--replicas N needs a server URL and N of at least 1")
+    for flag, value in (
+        ("--offline", args.offline),
+        ("--save", args.save),
+        ("--allow-no-tls", args.allow_no_tls),
+        ("--max-age", args.max_age),
+    ):
+        if value:
+            raise ConfigError(f"--replicas verifies each TLS connection: {flag} does not apply")
+    try:
+        verifier = verifier_from_args(args)
+    except ConfigError as exc:
+        print(f"could not check {args.url}: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    seen: dict[str, Replica] = {}
+    unreachable: list[str] = []
+    for n in range(args.replicas):
+        try:
+            replica = probe(verifier, args.url)
+        except (httpx.TransportError, Error) as exc:
+            unreachable.append(str(exc))
+            continue
+        seen.setdefault(replica.spki_sha256 or f"no-tls-{n}", replica)
+    replicas = list(seen.values())
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "url": args.url,
+                    "connections": args.replicas,
+                    "unreachable": unreachable,
+                    "replicas": [
+                        {
+                            "tls_spki_sha256": r.spki_sha256,
+                            "verified": r.ok,
+                            "error": None if r.error is None else str(r.error),
+                            **({} if r.verdict is None else {"verdict": r.verdict.to_json()}),
+                        }
+                        for r in replicas
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print_replicas(replicas, url=args.url, connections=args.replicas)
+        for message in dict.fromkeys(unreachable):
+            print(f"could not connect: {message}", file=sys.stderr)
+    if not replicas:
+        return EXIT_UNAVAILABLE
+    if any(isinstance(r.error, ServerRefused) for r in replicas):
+        return EXIT_NOT_VERIFIED
+    return 0 if all(r.ok for r in replicas) else EXIT_UNAVAILABLE

@@ -225,14 +225,16 @@ def start_runtime(
     wrap: tuple[str, ...] = (),
     double: str | None = None,
     init_data: Path | None = None,
+    port: int | None = None,
 ) -> tuple[str, Proc]:
     """Start ``enclave-serve run``; with ``double``, through :mod:`tests.e2e.runtime_double`.
 
     With ``init_data``, the production way: ``--init-data`` (the host's file) and
     ``--sample-init-data`` (the sample TEE's register) name it, and only the listen address and
     ``extra`` are given; ``model_dir``, ``kbs_url`` and the options come from the init-data.
+    ``port`` reuses a listen port (a replica restarting behind a balancer).
     """
-    port = free_port()
+    port = port if port is not None else free_port()
     entry = [ES] if double is None else [sys.executable, "-m", "tests.e2e.runtime_double"]
     if double is not None:
         env = {**(env or {}), "ENCLAVE_SERVE_TEST_DOUBLE": double, "PYTHONPATH": str(REPO)}

@@ -60,17 +60,18 @@ class SlowService:
         self.inner = service()
         self.delay = delay
         self.collections: list[int] = []
-        self.lock = threading.Lock()
+        self.lock = self.inner.lock  # the scheduler holds it while it chooses and collects
+        self._counting = threading.Lock()
 
     def document(self, nonces: Any, *, max_age_s: int | None = None) -> AttestationDocument:
         time.sleep(self.delay)
-        with self.lock:
+        with self._counting:
             self.collections.append(len(nonces))
         return self.inner.document(nonces, max_age_s=max_age_s)
 
     def aci(self, nonce: bytes | None) -> dict[str, Any]:
         time.sleep(self.delay)
-        with self.lock:
+        with self._counting:
             self.collections.append(-1)
         return self.inner.aci(nonce)
 
