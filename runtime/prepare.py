@@ -22,13 +22,17 @@ from attest.initdata import InitData, WorkloadPins
 from attest.kbs.uri import ResourceUri
 from attest.runconfig import RunConfiguration
 from runtime.config import RunConfig
-from runtime.environment import REDACTED
 from runtime.facts import runtime_versions
 from runtime.models import ImageModel, NativeModel, prepare_model
 from runtime.mounts import SYSTEM_CODE_PATHS, Mount, check_mounts, code_paths, read_mount_table
 from runtime.private import PrivateDirectory
 from runtime.settings import declared_settings, read_ca_bundle
-from runtime.vllm_args import VllmArguments, parse_vllm_arguments, runtime_argv
+from runtime.vllm_args import (
+    VllmArguments,
+    parse_vllm_arguments,
+    redact_secret_options,
+    runtime_argv,
+)
 
 __all__ = ["Prepared", "prepare", "runtime_versions"]
 
@@ -88,20 +92,6 @@ def _check_mounts(config: RunConfig, mounts: tuple[Mount, ...]) -> tuple[Mount, 
             + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")
         )
     return mounts
-
-
-def _redacted_api_key(args: tuple[str, ...]) -> tuple[str, ...]:
-    """vLLM's options as declared, with an ``--api-key`` value replaced by ``<redacted>``.
-
-    (An init-data never holds one: ``initdata`` refuses it in favour of ``VLLM_API_KEY``.)
-    """
-    out = list(args)
-    for i, arg in enumerate(out):
-        if arg.startswith("--api-key="):
-            out[i] = "--api-key=" + REDACTED
-        elif arg == "--api-key" and i + 1 < len(out):
-            out[i + 1] = REDACTED
-    return tuple(out)
 
 
 def _check_pinned(pins: WorkloadPins, *, model: str) -> None:
@@ -172,7 +162,7 @@ def prepare(
             key_resource=str(resource),
             runtime=runtime_versions(),
             settings=declared_settings(config, kbs_ca_pem=pem),
-            vllm_args=_redacted_api_key(config.vllm_args),
+            vllm_args=redact_secret_options(config.vllm_args),
             environment=dict(environment),
         )
     cacert = None

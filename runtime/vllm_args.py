@@ -30,8 +30,9 @@ authenticated side files: ``--chat-template NAME`` names it in the manifest and 
 the private copy.
 
 The options the runtime sets itself (model path, load format, loader configuration, host,
-port, TLS files) are added after the check; :attr:`VllmArguments.attested` is what goes into
-the attested configuration: every allowed option's effective value, secrets redacted.
+port, TLS files) are added after the check. The attested configuration carries the options as
+declared (:func:`redact_secret_options`: secrets redacted); :attr:`VllmArguments.attested` is
+every allowed option's effective value, secrets redacted, as the declared vLLM version gives it.
 """
 
 from __future__ import annotations
@@ -57,10 +58,13 @@ __all__ = [
     "GENERATION_DEFAULTS",
     "REFUSED_OPTIONS",
     "RUNTIME_DEFAULTS",
+    "SECRET_OPTIONS",
     "VllmArguments",
     "normalize_option_value",
     "parse_vllm_arguments",
+    "redact_secret_options",
     "runtime_argv",
+    "secret_options",
     "vllm_parser",
 ]
 
@@ -68,6 +72,32 @@ Check = Callable[[Any], str | None]  # returns why a value is refused, or None
 
 _MISSING = object()
 _REDACTED = "<redacted>"
+#: Options whose values are secrets (vLLM's API keys, one or more): redacted wherever the
+#: options are declared or attested, and never put into an init-data.
+SECRET_OPTIONS = ("--api-key",)
+
+
+def secret_options(argv: Sequence[str]) -> list[str]:
+    """The secret options (:data:`SECRET_OPTIONS`) ``argv`` gives, in either spelling."""
+    return [a.split("=", 1)[0] for a in argv if a.split("=", 1)[0] in SECRET_OPTIONS]
+
+
+def redact_secret_options(argv: Sequence[str]) -> tuple[str, ...]:
+    """``argv`` with every value of a secret option replaced by ``<redacted>``.
+
+    ``--api-key=K`` and ``--api-key K1 K2 …`` (the option takes one or more values: every token
+    up to the next option is one).
+    """
+    out: list[str] = []
+    secret = False
+    for arg in argv:
+        name, eq, _value = arg.partition("=")
+        if arg.startswith("-"):
+            secret = name in SECRET_OPTIONS and not eq
+            out.append(f"{name}={_REDACTED}" if eq and name in SECRET_OPTIONS else arg)
+        else:
+            out.append(_REDACTED if secret else arg)
+    return tuple(out)
 
 
 # -- Value checks ---------------------------------------------------------------------------

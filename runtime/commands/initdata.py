@@ -157,10 +157,12 @@ def run(args: argparse.Namespace) -> int:
         ResourceUri.parse(key_id)
     except ValueError as exc:
         raise ConfigError(f"--key-id is not a kbs:/// URI: {exc}") from exc
-    if any(a == "--api-key" or a.startswith("--api-key=") for a in config.vllm_args):
+    from runtime.vllm_args import secret_options
+
+    if secret_options(config.vllm_args):
         raise ConfigError(
-            "--api-key would put the API key into the init-data: declare --env VLLM_API_KEY=<redacted> "
-            "and set the variable in the pod (from a Secret)"
+            f"{secret_options(config.vllm_args)[0]} would put the API key into the init-data: declare "
+            "--env VLLM_API_KEY=<redacted> and set the variable in the pod (from a Secret)"
         )
     image_env: dict[str, str] = {}
     if args.image_facts is not None:
