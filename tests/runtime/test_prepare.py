@@ -143,3 +143,14 @@ def test_an_api_key_on_the_command_line_never_reaches_the_configuration(
     assert prepared.vllm.namespace.api_key == ["sk-operator-secret"]  # vLLM still gets it
     raw = prepared.configuration.raw.decode()
     assert "sk-operator-secret" not in raw and '"--api-key","<redacted>"' in raw
+
+
+def test_every_value_of_a_secret_option_is_redacted() -> None:
+    from runtime.vllm_args import redact_secret_options, secret_options
+
+    argv = ("--max-model-len", "512", "--api-key", "sk-1", "sk-2", "--dtype", "bfloat16", "--api-key=sk-3")
+    assert redact_secret_options(argv) == (
+        "--max-model-len", "512", "--api-key", "<redacted>", "<redacted>", "--dtype", "bfloat16",
+        "--api-key=<redacted>",
+    )  # fmt: skip
+    assert secret_options(argv) == ["--api-key", "--api-key"] and secret_options(("--dtype", "x")) == []
