@@ -53,8 +53,9 @@ __all__ = [
     "spki_sha256",
 ]
 
-#: Format identifier of the attestation document (bumped on any incompatible change).
-DOCUMENT_FORMAT = "enclave-serve/attestation/v3"
+#: Format identifier of the attestation document (bumped on any incompatible change; v4: an
+#: unchallenged document may also answer client nonces, when its collection answered them too).
+DOCUMENT_FORMAT = "enclave-serve/attestation/v4"
 #: Size of the client nonce, in bytes (hex-encoded on the wire).
 NONCE_SIZE = 32
 #: Most client nonces one document answers (one evidence collection shared by a batch).
@@ -104,7 +105,9 @@ class AttestationClaims:
     tls_spki_sha256: str | None
     #: Unix time (seconds, the enclave's clock) at which the evidence was collected.
     issued_at: int = 0
-    #: For the unchallenged (cached) document: how many seconds after ``issued_at`` it may be used.
+    #: For the unchallenged (cached) document: how many seconds after ``issued_at`` it may be used
+    #: without a nonce. Stated whenever ``nonces`` is empty; a cache refresh that answered the
+    #: nonces waiting beside it states it too (the same evidence serves both).
     max_age_s: int | None = None
     #: ``"<algorithm>:<hex>"`` of the CoCo init-data the runtime was launched with, or None.
     init_data: str | None = None
@@ -120,8 +123,8 @@ class AttestationClaims:
             raise ValueError(f"every nonce must be {NONCE_SIZE} bytes")
         if len(self.nonces) > MAX_NONCES or len(set(self.nonces)) != len(self.nonces):
             raise ValueError(f"at most {MAX_NONCES} distinct nonces")
-        if (self.max_age_s is None) == (not self.nonces):
-            raise ValueError("max_age_s is stated exactly when the document answers no nonce")
+        if self.max_age_s is None and not self.nonces:
+            raise ValueError("a document that answers no nonce must state max_age_s")
         if self.max_age_s is not None and not 0 < self.max_age_s <= 86400:
             raise ValueError("max_age_s must be between 1 and 86400")
         if len(self.config_sha256) != 64 or self.config_sha256.strip("0123456789abcdef"):
@@ -347,7 +350,7 @@ class AttestationDocument:
             shared = f" (one collection for {len(claims.nonces)} requests)" if len(claims.nonces) > 1 else ""
             checks.append(DocumentCheck(name="nonce", ok=True, detail="answers the nonce sent" + shared))
         else:
-            if claims.nonces or claims.max_age_s is None:
+            if claims.max_age_s is None:
                 raise VerificationError(
                     "nonce: a challenged document was given where the cached one was asked"
                 )

@@ -36,7 +36,9 @@ Figures per system:
 * ``errors``: failed requests (exceptions, empty streams), summed over rounds.
 
 Attestation (enclave-serve rounds, after the load): ``--attest-requests`` requests per kind, in
-bursts of ``--attest-concurrency`` simultaneous requests, one ``httpx.AsyncClient`` (one
+bursts of ``--attest-concurrency`` simultaneous requests, the kinds taking turns burst by burst
+(in every order in rotation: drift and each burst's aftermath hit them alike), one
+``httpx.AsyncClient`` (one
 connection, opened before timing) per simulated client, each from its own loopback address
 (127.0.0.10, 127.0.0.11, ...: distinct verifiers). "fresh" asks
 ``/.well-known/enclave-serve/attestation?nonce=<64 hex>`` with a new random nonce per request
@@ -68,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -654,7 +657,11 @@ def bucket_quantile(buckets: dict[float, float], q: float) -> float | None:
 async def measure_attestation(
     base_url: str, concurrency: int, requests: int, into: dict[str, AttestResult]
 ) -> None:
-    """``requests`` fresh, cached, then floor (``/livez``) requests, in bursts of ``concurrency``."""
+    """``requests`` fresh, cached and floor (``/livez``) requests, in bursts of ``concurrency``.
+
+    The kinds take turns burst by burst, in a rotating order; then each kind one request at a
+    time, each on a connection just used (untimed).
+    """
     import httpx
 
     # Each simulated client is its own verifier, on its own loopback address (127.0.0.10, ...):
@@ -670,16 +677,23 @@ async def measure_attestation(
     ]
     try:
         await asyncio.gather(*(c.get("/livez") for c in clients))  # TLS handshakes, untimed
-        for kind in ATTEST_KINDS:
-            left = requests
-            while left > 0:
-                burst = min(concurrency, left)
+        # Bursts of each kind in turn, side by side, so that drift over the measurement (the
+        # machine, the server warming up) hits every kind alike; the order rotates through every
+        # permutation, so that no kind always follows another (a fresh burst's aftermath).
+        orders = itertools.cycle(itertools.permutations(ATTEST_KINDS))
+        left = requests
+        while left > 0:
+            burst = min(concurrency, left)
+            for kind in next(orders):
                 answers = await asyncio.gather(*(_attest_one(c, kind) for c in clients[:burst]))
                 for status, ms in answers:
                     into[kind].add(status, ms)
-                left -= burst
+            left -= burst
         for kind in SERIAL_KINDS:  # one at a time: the latency without queueing
             for i in range(concurrency):
+                # Untimed: the connection may have idled past the server's keep-alive (5 s) while
+                # the other clients took their turns (a second each, with a slow quote).
+                await clients[i].get("/livez")
                 status, ms = await _attest_one(clients[i], kind)
                 into[f"{kind}-serial"].add(status, ms)
     finally:
@@ -978,8 +992,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--attest-requests",
         type=int,
-        default=160,
-        help="attestation requests per kind per round (default 160)",
+        default=640,
+        help="attestation requests per kind per round (default 640: 20 bursts of 32, within each "
+        "client's fresh-document burst of 32)",
     )
     p.add_argument(
         "--attest-concurrency", type=int, default=32, help="simultaneous attestation requests (default 32)"

@@ -773,6 +773,7 @@ class Runtime:
                 baseline=self._gates,
                 lock=service.lock,
                 metrics=self.metrics,
+                documents=self._frontend.scheduler.watchdog_document,
             )
             monitors.append(
                 asyncio.create_task(

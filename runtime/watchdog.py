@@ -6,14 +6,19 @@ Each round (in a worker thread, so serving goes on):
    the GPUs are still on the bus and counted, in CC mode, still ready, and fresh evidence over a
    random nonce verifies locally; and they are the *same* GPUs in the same state as at boot (the
    gate's identity facts: count, UUIDs, architectures, PCI addresses, CC settings);
-2. the TEE still produces evidence over fresh random report data, and it verifies locally
+2. the TEE still produces evidence over a fresh random nonce, and it verifies locally
    (with the collateral the runtime carries; a TEE whose collateral is not available here is
    checked for collection and binding only, and the round says so once in the log);
 3. the attested keyset has not reached its ``not_after`` (the ACI report's expiry).
 
 A round that does not finish within ``max(30 s, interval)`` counts as failed (the host controls
-the quoting service and could otherwise stall the watchdog forever). Rounds hold the attestation
-service's collection lock, so they never run beside a document's collection. A failed round is
+the quoting service and could otherwise stall the watchdog forever). The device checks hold the
+attestation service's collection lock, so they never run beside a document's collection. While
+serving, the TEE's evidence comes through the attestation scheduler
+(:meth:`server.freshness.EvidenceScheduler.watchdog_document`): an attestation document that goes
+before the verifiers waiting and answers their nonces too, so a round costs them no quote of
+their own; the round checks that the document answers its nonce and verifies its evidence over
+the document's report data. A failed round is
 final: the runtime flips readiness to 503 with the reason (stage
 ``watchdog``) and exits non-zero so the orchestrator replaces the pod. Nothing is retried: a GPU
 that stops attesting mid-flight is exactly what this is for.
@@ -26,10 +31,12 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from attest.document import AttestationDocument
 from attest.errors import AttestationError, Error, VerificationUnavailable
+from attest.evidence import Evidence
 from attest.providers.base import Attester, DeviceAttester, DeviceGate
 from server.metrics import Metrics
 
@@ -54,8 +61,13 @@ class Watchdog:
         lock: threading.Lock | threading.RLock | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
+        documents: Callable[[bytes], Awaitable[AttestationDocument]] | None = None,
     ) -> None:
+        """``documents``: where a round gets the TEE's evidence while serving (the attestation
+        scheduler's :meth:`~server.freshness.EvidenceScheduler.watchdog_document`); without it the
+        round collects its own."""
         self._attester = attester
+        self._documents = documents
         self._devices = tuple(devices)
         self._expected = expected_gpus
         self.interval_s = interval_s
@@ -70,13 +82,35 @@ class Watchdog:
         self.rounds = 0
 
     def check(self) -> None:
-        """Run one round (blocking). Raises :class:`attest.errors.Error` naming what changed."""
+        """Run one round collecting its own evidence (blocking).
+
+        Raises :class:`attest.errors.Error` naming what changed.
+        """
         with self._lock:
-            self._check()
+            self._check_devices()
+            report_data = secrets.token_bytes(64)
+            self._verify(self._attester.collect(report_data), report_data)
+        self.rounds += 1
 
-    def _check(self) -> None:
-        from attest.verify import verify_evidence
+    async def round(self) -> None:
+        """Run one round from the event loop: checks in a worker thread, the TEE's evidence through
+        ``documents`` when given. Raises :class:`attest.errors.Error` naming what changed."""
+        if self._documents is None:
+            await asyncio.to_thread(self.check)
+            return
+        await asyncio.to_thread(self._locked_device_checks)
+        nonce = secrets.token_bytes(32)
+        document = await self._documents(nonce)
+        if nonce not in document.claims.nonces:
+            raise AttestationError("the TEE's evidence for this round does not answer its nonce")
+        await asyncio.to_thread(self._verify, document.primary, document.claims.report_data())
+        self.rounds += 1
 
+    def _locked_device_checks(self) -> None:
+        with self._lock:
+            self._check_devices()
+
+    def _check_devices(self) -> None:
         if self._expires_at is not None and self._clock() >= self._expires_at:
             raise AttestationError(
                 "the attested keyset (TLS key) reached its not_after; restart for a fresh one"
@@ -86,8 +120,10 @@ class Watchdog:
             if i < len(self._baseline) and _identity(gate) != self._baseline[i]:
                 before, now = self._baseline[i], _identity(gate)
                 raise AttestationError(f"the {gate.tee.value} devices changed since boot: {before} -> {now}")
-        report_data = secrets.token_bytes(64)
-        evidence = self._attester.collect(report_data)
+
+    def _verify(self, evidence: Evidence, report_data: bytes) -> None:
+        from attest.verify import verify_evidence
+
         try:
             verify_evidence(
                 evidence,
@@ -101,7 +137,6 @@ class Watchdog:
                     "watchdog: %s evidence collected but not verified here: %s", evidence.tee.value, exc
                 )
                 self._warned_unavailable = True
-        self.rounds += 1
 
     async def run(self, on_failure: Callable[[str], None]) -> None:
         """Run rounds until cancelled or one fails (then call ``on_failure(reason)`` and return)."""
@@ -110,7 +145,7 @@ class Watchdog:
             if self._metrics is not None:
                 self._metrics.watchdog_checks.inc()
             try:
-                await asyncio.wait_for(asyncio.to_thread(self.check), timeout=self.timeout_s)
+                await asyncio.wait_for(self.round(), timeout=self.timeout_s)
             except TimeoutError:
                 if self._metrics is not None:
                     self._metrics.watchdog_failures.inc()

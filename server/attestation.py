@@ -136,7 +136,9 @@ class AttestationService:
     def document(self, nonces: Sequence[bytes], *, max_age_s: int | None = None) -> AttestationDocument:
         """Collect fresh evidence whose report data commits to the claims answering ``nonces``.
 
-        With no nonce, the unchallenged document, usable for ``max_age_s`` seconds.
+        With ``max_age_s``, also the unchallenged document, usable without a nonce for that many
+        seconds (required when ``nonces`` is empty): a cache refresh answers the nonces waiting
+        beside it with the same evidence.
 
         Raises:
             EvidenceCollectionError: the hardware failed to produce evidence.
@@ -149,7 +151,7 @@ class AttestationService:
                 nonces=tuple(nonces),
                 enclave_nonce=enclave_nonce,
                 issued_at=int(self._clock()),
-                max_age_s=None if nonces else max_age_s,
+                max_age_s=max_age_s,
                 canary=self._canary,
                 tee=self._attester.tee,
                 insecure_modes=self._insecure_modes,

@@ -12,9 +12,10 @@ parts keep a burst from starving real verifiers:
   newest request of the group with the most). Document requests waiting together share one
   collection: the evidence answers all their nonces (up to ``max_batch``); a burst is gathered
   for a short window before its collection, and what a collection answers is chosen only when
-  it holds the service's lock, so a verifier waits for at most the collection (or watchdog
-  round, or cache refresh) in progress and its own. ACI requests bind exactly one nonce and are
-  answered one per collection.
+  it holds the service's lock, so a verifier waits for at most the collection in progress and
+  its own. A cache refresh of the document and a watchdog round are collections like any other:
+  they answer the document nonces waiting beside them, so neither costs verifiers a quote of
+  their own. ACI requests bind exactly one nonce and are answered one per collection.
 * :class:`DocumentCache` — the unchallenged document (and ACI report), refreshed in the
   background well before its stated maximum age, in a lull of fresh requests when it can;
   requests without a nonce are answered from memory and never wait for hardware. An expired
@@ -71,11 +72,17 @@ COLLECT_TIMEOUT_S = 30.0
 BURST_WINDOW_FRACTION = 0.05
 #: ... and never longer than this, whatever a collection costs.
 BURST_WINDOW_MAX_S = 0.05
-#: A cache refresh waits for a lull, this long without a fresh request (or until its entry is
-#: within a third of its age: then it goes first), so that verifiers do not wait behind it.
+#: A cache refresh waits for a lull, this long since a fresh request last arrived or was answered
+#: (or until its entry is within a third of its age: then it goes first), so that verifiers do not
+#: wait behind it. Counted from the answer too: a verifier asking again as soon as it is answered
+#: (every quote, ~1 s on TDX) leaves no lull, rather than one that opens just before it asks.
 REFRESH_QUIET_S = 1.0
 
 _FRESH_KINDS = ("document", "aci")
+#: Collections whose evidence is a document: any of them also answers the waiting document nonces.
+_DOCUMENT_KINDS = ("document", "cached-document", "watchdog")
+#: A watchdog round's place in the order: before everything else (``_Request.due``).
+_FIRST = -math.inf
 
 
 class QueueFull(Exception):
@@ -140,12 +147,13 @@ class RateLimiter:
 
 @dataclass(slots=True, eq=False)
 class _Request:
-    kind: str  # "document" | "aci" | "cached-document" | "cached-aci"
+    kind: str  # "document" | "aci" | "cached-document" | "cached-aci" | "watchdog"
     nonce: bytes | None
     future: asyncio.Future[Any]
     client: str = ""
     arrived: float = 0.0
-    #: Cache refreshes only: from then on it goes before verifiers (monotonic seconds).
+    #: Cache refreshes and watchdog rounds: from then on it goes before verifiers (monotonic
+    #: seconds; a watchdog round is due at once).
     due: float = math.inf
 
 
@@ -166,16 +174,23 @@ class EvidenceScheduler:
     """Run evidence collections one at a time, each answering every document nonce waiting.
 
     When a collection starts is decided here; *what* it answers is decided only once the
-    service's lock is held (:attr:`AttestationService.lock`, shared with the watchdog), so the
-    requests that arrived while a watchdog round, a cache refresh or an earlier collection held it
-    all go into the next collection, which starts as soon as the lock is free:
+    service's lock is held (:attr:`AttestationService.lock`, shared with the watchdog's device
+    checks), so the requests that arrived while an earlier collection held it all go into the
+    next collection, which starts as soon as the lock is free. Its head is:
 
-    1. a cache refresh past its due time (its entry is in its last third) goes first;
-    2. else the oldest fresh request: an ACI report answers it alone (its report data binds one
-       nonce); a document answers up to ``max_batch`` waiting document nonces, taken round-robin
-       across client groups. A document request that found the collector idle first waits the
-       burst window (:attr:`window_s`) or until ``max_batch`` are waiting;
+    1. a watchdog round (:meth:`watchdog_document`), else a cache refresh past its due time (its
+       entry is in its last third);
+    2. else the oldest fresh request;
     3. else a cache refresh, once no fresh request came for ``quiet_s`` seconds.
+
+    An ACI report (fresh or cached) is collected for its head alone: its report data binds one
+    nonce, or none. Any other head makes a document collection, and it answers, beside its head,
+    a waiting watchdog round, a waiting document refresh (whether due or not: the cache gets
+    evidence it would have asked for soon) and up to ``max_batch`` nonces in all, the waiting
+    document nonces taken round-robin across client groups. The document states ``max_age_s``
+    when a refresh is among them (it serves the cache too). A document request that found the
+    collector idle first waits the burst window (:attr:`window_s`) or until ``max_batch`` are
+    waiting.
 
     The queue of fresh requests holds ``max_pending``. When it is full, a client group with fewer
     requests waiting than the group holding the most, less one, takes the newest place of that
@@ -264,6 +279,15 @@ class EvidenceScheduler:
         document, _ = await self._submit("cached-document", None, wait_s=wait_s)
         return document  # type: ignore[no-any-return]
 
+    async def watchdog_document(self, nonce: bytes) -> AttestationDocument:
+        """A document answering the watchdog's ``nonce``, collected next (before any verifier).
+
+        It answers the verifiers' nonces waiting at that moment too: a watchdog round costs them
+        no quote of their own. Never refused (it is not a client's request).
+        """
+        document, _ = await self._submit("watchdog", nonce, wait_s=_FIRST)
+        return document  # type: ignore[no-any-return]
+
     async def cached_aci(self, *, wait_s: float = 0.0) -> dict[str, Any]:
         """A new unchallenged ACI report (for the cache), within ``wait_s`` seconds of a lull."""
         report, _ = await self._submit("cached-aci", None, wait_s=wait_s)
@@ -278,7 +302,7 @@ class EvidenceScheduler:
             self._last_fresh = now
             queue: deque[_Request] | list[_Request] = self._queue
         else:
-            request.due = now + max(0.0, wait_s)
+            request.due = _FIRST if kind == "watchdog" else now + max(0.0, wait_s)
             self._refreshes.append(request)
             queue = self._refreshes
         self._wake.set()
@@ -309,7 +333,7 @@ class EvidenceScheduler:
         raise QueueFull(len(self._queue), self._retry_after())
 
     def _refresh_ready(self, now: float) -> tuple[bool, float]:
-        """Whether a waiting refresh may run now (due, or a lull), else in how many seconds."""
+        """Whether a waiting refresh or round may run now (due, or a lull), else in how many seconds."""
         if not self._refreshes:
             return False, math.inf
         due = min(r.due for r in self._refreshes)
@@ -337,29 +361,46 @@ class EvidenceScheduler:
         if attempt.abandoned:
             return []
         now = self._clock()
-        due = [r for r in self._refreshes if r.due <= now and not r.future.done()]
-        batch: list[_Request] = []
+        due = sorted(
+            (r for r in self._refreshes if r.due <= now and not r.future.done()), key=lambda r: r.due
+        )
+        head: _Request | None = None
         if due:
-            batch = [due[0]]
+            head = due[0]
         elif any(not r.future.done() for r in self._queue):
             head = next(r for r in self._queue if not r.future.done())
-            batch = [head] if head.kind == "aci" else self._document_batch()
         elif self._refresh_ready(now)[0]:
-            batch = [next(r for r in self._refreshes if not r.future.done())]
+            head = next(r for r in self._refreshes if not r.future.done())
+        batch: list[_Request] = []
+        if head is not None:
+            batch = self._document_batch(head) if head.kind in _DOCUMENT_KINDS else [head]
         for request in batch:
             (self._queue if request.kind in _FRESH_KINDS else self._refreshes).remove(request)
         attempt.batch = batch
         return batch
 
-    def _document_batch(self) -> list[_Request]:
-        """Up to ``max_batch`` waiting document requests, one per client group in turn."""
+    def _document_batch(self, head: _Request) -> list[_Request]:
+        """What one document collection headed by ``head`` answers.
+
+        The waiting watchdog round and document refresh (at most one each), then waiting
+        document requests, one per client group in turn, up to ``max_batch`` nonces in all.
+        """
+        batch: list[_Request] = []
+        nonces: set[bytes | None] = set()
+        for kind in ("watchdog", "cached-document"):
+            internal = head if head.kind == kind else None
+            internal = internal or next(
+                (r for r in self._refreshes if r.kind == kind and not r.future.done()), None
+            )
+            if internal is not None:
+                batch.append(internal)
+                nonces.add(internal.nonce)
         groups: dict[str, deque[_Request]] = {}
         for r in self._queue:
             if r.kind == "document" and not r.future.done():
                 groups.setdefault(r.client, deque()).append(r)
-        batch: list[_Request] = []
-        nonces: set[bytes | None] = set()
-        while groups and len(batch) < self.max_batch:
+        answered = sum(r.nonce is not None for r in batch)
+        while groups and answered < self.max_batch:
             for client in list(groups):
                 waiting = groups[client]
                 request = waiting.popleft()
@@ -369,18 +410,21 @@ class EvidenceScheduler:
                     continue
                 nonces.add(request.nonce)
                 batch.append(request)
-                if len(batch) == self.max_batch:
+                answered += 1
+                if answered == self.max_batch:
                     break
+        batch.sort(key=lambda r: r is not head)  # the head first: the collection is counted by it
         return batch
 
     def _collect(self, batch: list[_Request]) -> tuple[Any, bytes]:
         """Collect once for ``batch``; return the result and its JSON bytes (made once)."""
         kind = batch[0].kind
-        if kind in ("document", "cached-document"):
-            if kind == "document":
-                document = self.service.document([r.nonce for r in batch if r.nonce is not None])
-            else:
-                document = self.service.document([], max_age_s=self.cached_max_age_s)
+        if kind in _DOCUMENT_KINDS:
+            cached = any(r.kind == "cached-document" for r in batch)
+            document = self.service.document(
+                [r.nonce for r in batch if r.nonce is not None],
+                max_age_s=self.cached_max_age_s if cached else None,
+            )
             return document, document.to_bytes()
         report = self.service.aci(batch[0].nonce)
         return report, _json_bytes(report)
@@ -443,8 +487,11 @@ class EvidenceScheduler:
             self.collections[kind] = self.collections.get(kind, 0) + 1
             if self._metrics is not None:
                 self._metrics.attestation_collect_seconds.observe(attempt.collect_s)
-                if kind == "document" and failure is None:
-                    self._metrics.attestation_batch.observe(len(batch))
+                verifiers = sum(r.kind == "document" for r in batch)
+                if verifiers and failure is None:
+                    self._metrics.attestation_batch.observe(verifiers)
+            if any(r.kind in _FRESH_KINDS for r in batch):
+                self._last_fresh = self._clock()  # a lull counts from the last answer, not arrival
             for request in batch:
                 if request.future.done():
                     continue
@@ -493,6 +540,12 @@ class DocumentCache:
     its monotonic deadline (the wall clock stepped forward); a failed refresh is logged and
     retried sooner, and the previous entry is served only until its own expiry.
 
+    The document's refresh costs verifiers nothing (it rides along with their collection:
+    :class:`EvidenceScheduler`); the ACI report's is a collection of its own. So an ACI report
+    that nobody read since it was made is refreshed only in a lull, in the background: under
+    steady fresh traffic it may lapse, and the first request that finds none (503 with
+    ``Retry-After: 1``) asks for one at once.
+
     ``clock`` is the monotonic clock, ``wall_clock`` Unix time (both parameters for tests). An
     entry is served only while *both* say it is younger than ``max_age_s``
     (:meth:`CachedEntry.alive`): a document never outlives ``issued_at + max_age`` by the
@@ -515,17 +568,27 @@ class DocumentCache:
         self.aci: CachedEntry | None = None
         self._task: asyncio.Task[None] | None = None
         self._stale = asyncio.Event()
+        #: Whether the ACI entry was served since it was made (else its refresh waits for a lull).
+        self.aci_read = False
+        self._aci_task: asyncio.Task[None] | None = None
+        self._aci_urgent = False
 
     def current(self, which: str) -> CachedEntry | None:
         """The entry for ``"document"`` or ``"aci"`` if alive by both clocks, else None."""
         entry = self.document if which == "document" else self.aci
         if entry is None:
+            if which == "aci" and self._task is not None:
+                self._want_aci()
             return None
         now = self._clock()
         if not entry.alive(now, self._wall_clock()):
             if now < entry.expires:  # dead by the wall clock first: refresh now, not at the next tick
                 self._stale.set()
+            if which == "aci" and self._task is not None:
+                self._want_aci()
             return None
+        if which == "aci":
+            self.aci_read = True
         return entry
 
     def _slack(self, entry: CachedEntry | None) -> float:
@@ -564,14 +627,46 @@ class DocumentCache:
                 document.claims.issued_at,
                 self._wall_clock(),
             )
+        if in_lull and self.aci is not None and not self.aci_read:
+            self._refresh_aci_later(urgent=False)  # nobody read it: not worth a verifier's wait
+            return
+        await self._refresh_aci(wait_s=self._slack(self.aci) if in_lull else 0.0)
+
+    async def _refresh_aci(self, *, wait_s: float) -> None:
         made, wall = self._clock(), self._wall_clock()
-        aci = await self._scheduler.cached_aci(wait_s=self._slack(self.aci) if in_lull else 0.0)
+        aci = await self._scheduler.cached_aci(wait_s=wait_s)
         self.aci = CachedEntry(
             body=_json_bytes(aci),
             made=made,
             expires=made + self.max_age_s,
             wall_expires=wall + self.max_age_s,
         )
+        self.aci_read = False
+
+    def _want_aci(self) -> None:
+        """A request found no live ACI report: collect one now (once), ahead of a lull."""
+        if not self._aci_urgent:
+            self._refresh_aci_later(urgent=True)
+
+    def _refresh_aci_later(self, *, urgent: bool) -> None:
+        """Refresh the ACI report in the background: in a lull, or (``urgent``) next."""
+        task = self._aci_task
+        if task is not None and not task.done():
+            if not urgent or self._aci_urgent:
+                return
+            task.cancel()  # a lull-only refresh still waiting: replaced by an urgent one
+        self._aci_urgent = urgent
+        self._aci_task = asyncio.create_task(self._aci_in_background(urgent), name="attestation-cache-aci")
+
+    async def _aci_in_background(self, urgent: bool) -> None:
+        try:
+            await self._refresh_aci(wait_s=0.0 if urgent else math.inf)
+        except Exception as exc:
+            reason = exc if isinstance(exc, Error) else type(exc).__name__
+            logger.error("attestation cache: ACI report refresh failed: %s", reason)
+        finally:
+            if self._aci_urgent == urgent:
+                self._aci_urgent = False
 
     def start(self) -> None:
         if self._task is None:
@@ -580,6 +675,8 @@ class DocumentCache:
     async def stop(self) -> None:
         task, self._task = self._task, None
         await _cancel(task)
+        aci, self._aci_task = self._aci_task, None
+        await _cancel(aci)
 
     async def _run(self) -> None:
         interval = max(1.0, self.max_age_s / 3)

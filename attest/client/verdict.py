@@ -6,7 +6,7 @@ client saw, and a :class:`~attest.verify.workload.WorkloadPolicy`; it opens no c
 (:mod:`attest.client.remote` fetches, then calls it). Steps, in order; each is reported with
 its outcome, and a failed binding step stops the steps after it (their inputs are untrusted)::
 
-    (1) document       parses as enclave-serve/attestation/v3
+    (1) document       parses as enclave-serve/attestation/v4
     (1a) age           only with ``max_age_s`` (``verify --offline``): issued at most that long
                        ago, by its ``issued_at`` (the enclave's clock) against ``now``
     (2) nonce          answers the client's nonce (freshness)

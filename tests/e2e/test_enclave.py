@@ -145,7 +145,7 @@ def test_attestation_document_is_fresh_per_nonce(enclave: Enclave) -> None:
         a = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "11" * 32}).json()
         b = client.get("/.well-known/enclave-serve/attestation", params={"nonce": "22" * 32}).json()
         assert a["claims"]["nonces"] == ["11" * 32] and b["claims"]["nonces"] == ["22" * 32]
-        assert a["format"] == "enclave-serve/attestation/v3"
+        assert a["format"] == "enclave-serve/attestation/v4"
         assert a["claims"]["max_age_s"] is None and a["claims"]["canary"]["status"] == "passed"
         assert a["claims"]["canary"]["render"] == "chat"  # through the served chat route, in process
         assert a["claims"]["config"] == b["claims"]["config"]

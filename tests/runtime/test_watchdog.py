@@ -76,6 +76,37 @@ def test_evidence_that_stops_binding_fails_the_round() -> None:
         dog.check()
 
 
+def test_a_round_through_the_scheduler_checks_its_nonce_and_the_documents_evidence() -> None:
+    """While serving, a round takes its evidence from an attestation document: the document must
+    answer the round's nonce, and its evidence must bind the document's claims."""
+    from server.freshness import EvidenceScheduler
+    from tests.server.test_attestation_document import service
+
+    class WrongReportData(UnsafeSampleAttester):
+        def collect(self, report_data: bytes):  # type: ignore[no-untyped-def]
+            return super().collect(bytes(64))
+
+    async def one_round(attester: UnsafeSampleAttester, answer_other: bool = False) -> Watchdog:
+        scheduler = EvidenceScheduler(service(attester=attester))
+        scheduler.start()
+
+        async def documents(nonce: bytes):  # type: ignore[no-untyped-def]
+            return await scheduler.watchdog_document(bytes(32) if answer_other else nonce)
+
+        dog = Watchdog(attester=attester, devices=[], expected_gpus=None, interval_s=1, documents=documents)
+        try:
+            await dog.round()
+        finally:
+            await scheduler.stop()
+        return dog
+
+    assert asyncio.run(one_round(UnsafeSampleAttester(allow_insecure=True))).rounds == 1
+    with pytest.raises(AttestationError, match="does not answer its nonce"):
+        asyncio.run(one_round(UnsafeSampleAttester(allow_insecure=True), answer_other=True))
+    with pytest.raises(AttestationError):
+        asyncio.run(one_round(WrongReportData(allow_insecure=True)))
+
+
 def test_json_log_lines_carry_the_stage_and_no_traceback_text() -> None:
     set_stage_provider(lambda: "canary")
     try:

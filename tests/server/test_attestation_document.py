@@ -110,6 +110,20 @@ def test_swapped_device_evidence_is_detected() -> None:
         )
 
 
+def test_a_refresh_that_answered_nonces_serves_them_and_the_cache() -> None:
+    """One collection for a cache refresh and the verifiers waiting beside it: the document answers
+    their nonces and states its maximum age, and it checks out both ways (and only within its age)."""
+    doc = roundtrip(service().document([NONCE], max_age_s=60))
+    binding: dict[str, object] = {"observed_tls_spki_sha256": SPKI, "expected_model_digest": DIGEST}
+    doc.check_binding(nonce=NONCE, allow_insecure=True, **binding)  # type: ignore[arg-type]
+    checks = doc.check_binding(nonce=None, allow_insecure=True, **binding)  # type: ignore[arg-type]
+    assert checks[0].name == "nonce" and checks[0].detail.startswith("unchallenged")
+    with pytest.raises(VerificationError, match=r"cached document is .* old"):
+        doc.check_binding(nonce=None, allow_insecure=True, now=doc.claims.issued_at + 61, **binding)  # type: ignore[arg-type]
+    with pytest.raises(VerificationError, match="answers other nonces"):
+        doc.check_binding(nonce=bytes(32), allow_insecure=True, **binding)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     "mutate",
     [
@@ -126,7 +140,8 @@ def test_swapped_device_evidence_is_detected() -> None:
         lambda d: d["claims"].update(nonces=["AB" * 32]),
         lambda d: d["claims"].update(nonces=["ab" * 32, "ab" * 32]),
         lambda d: d["claims"].update(nonces=[]),  # unchallenged, but no max_age_s
-        lambda d: d["claims"].update(max_age_s=60),  # challenged, with a max_age_s
+        lambda d: d["claims"].update(max_age_s=0),  # a maximum age out of range
+        lambda d: d.update(format="enclave-serve/attestation/v3"),  # v3 refused unchallenged nonces
         lambda d: d["claims"].update(enclave_nonce="00"),
         lambda d: d["claims"].update(issued_at="1"),
         lambda d: d["claims"].update(canary=None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from typing import Any
@@ -159,8 +160,9 @@ def test_a_watchdog_round_in_progress_answers_the_nonces_waiting_in_the_next_col
     assert attester.quotes == 2  # the watchdog's and the one collection for all 16
 
 
-def test_a_refresh_waits_for_a_lull_while_its_entry_is_young() -> None:
-    """A refresh with time to spare does not go before verifiers that keep coming."""
+def test_an_aci_refresh_waits_for_a_lull_while_its_entry_is_young() -> None:
+    """An ACI refresh (its own collection) with time to spare does not go before verifiers that
+    keep coming."""
     attester = CountingAttesterDouble(delay=0.05)
 
     async def go() -> list[str]:
@@ -170,7 +172,7 @@ def test_a_refresh_waits_for_a_lull_while_its_entry_is_young() -> None:
         try:
 
             async def refresh() -> None:
-                await scheduler.cached_document(wait_s=30)
+                await scheduler.cached_aci(wait_s=30)
                 order.append("refresh")
 
             async def verifier(i: int) -> None:
@@ -187,6 +189,74 @@ def test_a_refresh_waits_for_a_lull_while_its_entry_is_young() -> None:
             await scheduler.stop()
 
     assert asyncio.run(go()) == ["fresh"] * 5 + ["refresh"]
+
+
+def test_a_document_refresh_rides_along_with_the_verifiers_collection() -> None:
+    """A document refresh waiting beside verifiers is answered by their collection: the cache gets
+    a document that states its maximum age and answers their nonces, and no quote of its own."""
+    attester = CountingAttesterDouble(delay=0.05)
+
+    async def go() -> tuple[AttestationDocument, list[AttestationDocument], dict[str, int]]:
+        scheduler = EvidenceScheduler(service(attester=attester), quiet_s=30)
+        scheduler.start()
+        try:
+            attester.release.clear()
+            attester.entered.clear()
+            first = asyncio.create_task(scheduler.document(nonce(100)))
+            await asyncio.to_thread(attester.entered.wait, 5)  # a collection is under way
+            refresh = asyncio.create_task(scheduler.cached_document(wait_s=30))
+            waiting = [asyncio.create_task(scheduler.document(nonce(i), client=str(i))) for i in range(3)]
+            await asyncio.sleep(0.05)
+            attester.release.set()
+            docs = await asyncio.gather(*waiting)
+            await first
+            return await refresh, docs, dict(scheduler.collections)
+        finally:
+            await scheduler.stop()
+
+    cached, docs, collections = asyncio.run(go())
+    assert collections == {"document": 2} and attester.quotes == 2  # the one under way, then one for all
+    assert cached is docs[0] and cached.claims.max_age_s == 60 and len(cached.claims.nonces) == 3
+    for i, doc in enumerate(docs):
+        verify(doc, nonce(i))
+    cached.check_binding(
+        nonce=None, observed_tls_spki_sha256=SPKI, expected_model_digest=None, allow_insecure=True
+    )
+
+
+def test_a_watchdog_round_answers_the_nonces_waiting_beside_it() -> None:
+    """A round goes first and its document answers the verifiers waiting: with a collection in
+    progress, a round and 15 verifiers waiting cost one quote more, not two."""
+    attester = CountingAttesterDouble()
+    svc = service(attester=attester)
+
+    async def go() -> tuple[list[AttestationDocument], dict[str, int], int]:
+        scheduler = EvidenceScheduler(svc)
+        watchdog = Watchdog(
+            attester=attester, devices=[], expected_gpus=None, interval_s=60, lock=svc.lock,
+            documents=scheduler.watchdog_document,
+        )  # fmt: skip
+        scheduler.start()
+        try:
+            attester.release.clear()
+            attester.entered.clear()
+            first = asyncio.create_task(scheduler.document(nonce(0)))
+            await asyncio.to_thread(attester.entered.wait, 5)  # its collection is under way
+            rest = [asyncio.create_task(scheduler.document(nonce(i), client=str(i))) for i in range(1, 16)]
+            round_ = asyncio.create_task(watchdog.round())
+            await asyncio.sleep(0.1)
+            attester.release.set()
+            docs = await asyncio.gather(first, *rest)
+            await round_
+            return docs, dict(scheduler.collections), watchdog.rounds
+        finally:
+            await scheduler.stop()
+
+    docs, collections, rounds = asyncio.run(go())
+    for i, doc in enumerate(docs):
+        verify(doc, nonce(i))
+    assert collections == {"document": 1, "watchdog": 1} and rounds == 1
+    assert attester.quotes == 2 and len(docs[1].claims.nonces) == 16  # 15 verifiers and the round
 
 
 def flood_and_verify(
@@ -278,3 +348,39 @@ def test_a_queue_without_the_fair_share_rule_shuts_the_verifier_out() -> None:
 )
 def test_clients_are_grouped_by_ipv4_address_and_ipv6_64(host: str, group: str) -> None:
     assert client_group(host) == group
+
+
+def test_an_unread_aci_report_is_refreshed_only_in_a_lull_and_a_request_for_a_lapsed_one_gets_it() -> None:
+    """Under steady fresh traffic a cache refresh costs verifiers no quote: the document rides
+    along with theirs and an ACI report nobody read waits for a lull. A request that then finds
+    no live ACI report gets one collected next."""
+    attester = CountingAttesterDouble(delay=0.02)
+
+    async def go() -> tuple[dict[str, int], dict[str, int], bool]:
+        scheduler = EvidenceScheduler(service(attester=attester), quiet_s=0.5)
+        scheduler.start()
+        cache = DocumentCache(scheduler, max_age_s=60)
+        try:
+            await cache.refresh()  # as at start: both forms collected
+            cache.start()
+            for i in range(3):  # a verifier asking again as soon as it is answered: no lull
+                verifier = asyncio.create_task(scheduler.document(nonce(i)))
+                if i == 1:
+                    await cache.refresh(in_lull=True)
+                await verifier
+            during = dict(scheduler.collections)
+            assert cache.aci is not None
+            cache.aci = dataclasses.replace(cache.aci, expires=0.0)  # lapsed
+            assert cache.current("aci") is None  # 503 for this request; one is collected next
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                if cache.current("aci") is not None:
+                    break
+            return during, dict(scheduler.collections), cache.aci_read
+        finally:
+            await cache.stop()
+            await scheduler.stop()
+
+    during, after, read = asyncio.run(go())
+    assert during == {"cached-document": 1, "cached-aci": 1, "document": 3}  # start, then riding along
+    assert after == {**during, "cached-aci": 2} and read
