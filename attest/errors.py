@@ -29,14 +29,25 @@ readiness 503 with a JSON reason, and an exit code.
         └── ModelDecryptionError        opaque: a shard did not authenticate (never says why)
 
 Messages never contain key material, tokens or plaintext: callers may log them.
+
+:func:`connection_failure` turns a failed connection (httpx's, or a socket's) into one line that
+names the address and what answered there: every client that opens connections (the KBS, the
+CDH, ``verify``) words it the same way.
 """
 
 from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 __all__ = [
     "AttestationError",
     "BackendUnavailable",
     "ConfigError",
+    "ConnectionFailure",
     "Error",
     "EvidenceCollectionError",
     "KeyAccessDenied",
@@ -53,6 +64,7 @@ __all__ = [
     "ResourceNotFound",
     "VerificationError",
     "VerificationUnavailable",
+    "connection_failure",
 ]
 
 
@@ -161,3 +173,94 @@ class ModelDecryptionError(ModelError):
     Deliberately opaque, like Fernet's ``InvalidToken``: it names the file, never which check
     failed (wrong key, tampered chunk, reordering, truncation, splicing all look the same).
     """
+
+
+#: OpenSSL's reasons when a TLS handshake gets a plain-HTTP answer (1.1/3.0, and 3.2 onwards).
+_PLAIN_HTTP_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST"})
+_TIMEOUT_WORDS = {
+    "ConnectTimeout": "did not accept the connection in time",
+    "ReadTimeout": "accepted the connection but did not answer in time",
+    "WriteTimeout": "did not take the request in time",
+    "PoolTimeout": "had no free connection in time",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailure:
+    """One line on a failed connection; ``final`` when retrying cannot help (a misconfiguration)."""
+
+    text: str
+    final: bool = False
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def connection_failure(exc: BaseException, *, url: str) -> ConnectionFailure:
+    """Describe why a connection to ``url`` failed: the address (scheme, host, port) and what answered.
+
+    Recognised, anywhere in ``exc``'s chain: a TLS handshake answered in plain HTTP (``final``: use
+    ``http://``, or the HTTPS port), a refused connection, a name that does not resolve, a timeout,
+    a certificate that does not verify, another TLS failure, and a plain request that a TLS port
+    dropped. Pure: reads only the exceptions' types and the OS's and OpenSSL's error names (never a
+    body, a header or a token), so the text is safe to log and to show.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme or "?"
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError:
+        port = 0
+    host = parts.hostname or "?"
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = f"{scheme}://{where}"
+    chain = _chain(exc)
+    for cause in chain:
+        if isinstance(cause, ssl.SSLError) and cause.reason in _PLAIN_HTTP_REASONS:
+            return ConnectionFailure(
+                f"the server at {where} answered plain HTTP to a TLS handshake: use http://{where} if "
+                "that is the service (development only: the traffic is in clear), or the port where it "
+                "serves HTTPS",
+                final=True,
+            )
+    names = [type(cause).__name__ for cause in chain]
+    for name in names:
+        if name in _TIMEOUT_WORDS or name.endswith("Timeout"):
+            return ConnectionFailure(
+                f"{address} {_TIMEOUT_WORDS.get(name, 'did not answer in time')} (timed out: {name})"
+            )
+    for cause in chain:
+        if isinstance(cause, ConnectionRefusedError) or getattr(cause, "errno", None) == errno.ECONNREFUSED:
+            return ConnectionFailure(
+                f"connection refused by {address}: nothing listens there (is the service running, and "
+                "is the port right?)"
+            )
+        if isinstance(cause, socket.gaierror):
+            return ConnectionFailure(
+                f"cannot resolve the host of {address} ({cause.strerror or 'unknown name'}): check the name"
+            )
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return ConnectionFailure(
+                f"TLS certificate verification failed at {address} ({cause.verify_message})"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return ConnectionFailure(
+                f"TLS handshake with {address} failed ({cause.reason or type(cause).__name__})"
+            )
+        if isinstance(cause, TimeoutError):
+            return ConnectionFailure(f"{address} did not answer in time (timed out)")
+        if isinstance(cause, OSError) and cause.strerror:
+            return ConnectionFailure(f"cannot connect to {address} ({cause.strerror})")
+    if "RemoteProtocolError" in names:
+        if scheme == "http":
+            return ConnectionFailure(
+                f"{address} closed the connection without an HTTP answer (a TLS port? then use https://{where})"
+            )
+        return ConnectionFailure(f"{address} closed the connection without a complete HTTP answer")
+    return ConnectionFailure(f"cannot talk to {address} ({names[0]})")

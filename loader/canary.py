@@ -17,7 +17,7 @@ The settings are deterministic but not the default path: ``top_k=1`` with a temp
 through the sampler (not the greedy shortcut), a repetition penalty reads the per-request
 output history (where stale per-request buffers show), and ``ignore_eos`` fixes the length.
 ``top_k=1`` makes the outcome the arg-max after the penalty, which the reference implementation
-(Hugging Face ``transformers``, float32 on the CPU) computes the same way.
+(vLLM, or Hugging Face ``transformers`` where vLLM is not installed) computes the same way.
 
 Exactness across implementations, devices and dtypes: measured on this project's CPU with the
 tiny demo model (bfloat16 weights), ``transformers`` in float32 reproduces vLLM in float32
@@ -25,7 +25,8 @@ exactly, but ``transformers`` in bfloat16 differs from vLLM in bfloat16 at the t
 either float32 reference differs from vLLM in bfloat16 by the fifth. The comparison stays exact;
 instead ``pack`` computes the reference with vLLM itself where it is installed (``engine``
 ``vllm``: the served implementation, one sequence, eager), in the dtype it will serve (the
-model's own unless ``--canary-dtype``), on its device family, and the reference records all
+model's own unless ``--canary-dtype``: ``transformers`` too loads the model's own, bfloat16 for
+most models, half the memory of float32), on its device family, and the reference records all
 three (``reference``, ``device``, ``dtype``). A mismatch on another device family says to repack
 on one. References packed before these fields existed were computed with ``transformers`` on the
 CPU in float32 and parse as such. Tensor-parallel sizes other than the packer's may change the
@@ -53,6 +54,7 @@ __all__ = [
     "CANARY_RENDERS",
     "CANARY_SAMPLING",
     "CanaryReference",
+    "canary_dtype",
     "compute_reference",
     "default_canary_device",
     "vllm_available",
@@ -254,8 +256,38 @@ def _model_dtype(model_dir: Path) -> str:
         return "float32"
     if not isinstance(config, dict):
         return "float32"
-    value = config.get("dtype") or config.get("torch_dtype")
-    return value if value in CANARY_DTYPES else "float32"
+    text = config.get("text_config")
+    for holder in (config, text if isinstance(text, dict) else {}):
+        value = holder.get("dtype") or holder.get("torch_dtype")
+        if value is not None:
+            return value if value in CANARY_DTYPES else "float32"
+    return "float32"
+
+
+def canary_dtype(model_dir: Path, dtype: str | None = None) -> str:
+    """Return the dtype the canary loads the model in: ``dtype``, else the model's own.
+
+    The model's own is the one its ``config.json`` names (``bfloat16`` for most models: what vLLM
+    serves with ``--dtype auto``, half the memory of float32), float32 where it names none.
+
+    Raises:
+        ModelFormatError: ``dtype`` is not one of :data:`CANARY_DTYPES`.
+    """
+    dtype = dtype or _model_dtype(model_dir)
+    if dtype not in CANARY_DTYPES:
+        raise ModelFormatError(f"canary: dtype must be one of {', '.join(CANARY_DTYPES)}")
+    return dtype
+
+
+def _cannot_run(engine: str, model_dir: Path, exc: BaseException) -> ModelFormatError:
+    """The error for an engine that cannot run a model that passed pack's checks, naming the cause."""
+    cause = (str(exc).strip().splitlines() or [""])[0][:300]
+    return ModelFormatError(
+        f"cannot compute the canary: {engine} cannot run {model_dir} ({type(exc).__name__}"
+        + (f": {cause}" if cause else "")
+        + "): what it cannot load, the served engine cannot either: fix the model directory, or "
+        "pack without a reference (--no-canary: the enclave then claims canary not-recorded)"
+    )
 
 
 def vllm_available() -> bool:
@@ -318,10 +350,7 @@ def _vllm_reference(model_dir: Path, *, prompt: str, dtype: str, chat: bool | No
             else llm.generate(prompt, params, use_tqdm=False)
         )
     except Exception as exc:  # vLLM raises many kinds for a model it cannot load
-        raise ModelFormatError(
-            f"cannot compute the canary: vLLM cannot run {model_dir} ({type(exc).__name__}); "
-            "pass --no-canary to pack without one"
-        ) from None
+        raise _cannot_run("vLLM", model_dir, exc) from None
     (output,) = outputs
     del llm  # the engine's processes and memory go before packing starts
     import gc
@@ -356,26 +385,21 @@ def compute_reference(
     ``engine`` is ``vllm`` (what ``pack`` uses where vLLM is installed: the served
     implementation, in the dtype it will serve, so the boot can reproduce the tokens exactly;
     ``device`` is then vLLM's own) or ``transformers`` (float32 on the CPU reproduces vLLM's
-    float32 exactly, not its bfloat16). ``dtype`` defaults to the model's own (what vLLM serves
-    by default), except float32 for ``transformers`` on the CPU. ``chat`` renders the prompt as
-    one user message with the model's chat template (default: when the tokenizer has one). Needs
-    memory for the model in that dtype on that device.
+    float32 exactly, not its bfloat16). ``dtype`` defaults to the model's own
+    (:func:`canary_dtype`: what vLLM serves by default). ``chat`` renders the prompt as one user
+    message with the model's chat template (default: when the tokenizer has one). Needs memory
+    for the model in that dtype on that device: parameters x 4 bytes in float32, x 2 in bfloat16.
 
     Raises:
         ModelFormatError: the model or its tokenizer cannot be loaded, or the device is absent.
     """
     if engine not in CANARY_ENGINES:
         raise ModelFormatError(f"canary: engine must be one of {', '.join(CANARY_ENGINES)}")
+    dtype = canary_dtype(model_dir, dtype)
     if engine == "vllm":
-        dtype = dtype or _model_dtype(model_dir)
-        if dtype not in CANARY_DTYPES:
-            raise ModelFormatError(f"canary: dtype must be one of {', '.join(CANARY_DTYPES)}")
         return _vllm_reference(model_dir, prompt=prompt, dtype=dtype, chat=chat)
     if device not in CANARY_DEVICES:
         raise ModelFormatError(f"canary: device must be one of {', '.join(CANARY_DEVICES)}")
-    dtype = dtype or ("float32" if device == "cpu" else _model_dtype(model_dir))
-    if dtype not in CANARY_DTYPES:
-        raise ModelFormatError(f"canary: dtype must be one of {', '.join(CANARY_DTYPES)}")
     try:
         import torch
         import transformers
@@ -393,10 +417,7 @@ def compute_reference(
         )
         model = model.to(device)
     except Exception as exc:  # transformers raises many kinds for a directory it cannot load
-        raise ModelFormatError(
-            f"cannot compute the canary: transformers cannot load {model_dir} ({type(exc).__name__}); "
-            "pass --no-canary to pack without one"
-        ) from None
+        raise _cannot_run("transformers", model_dir, exc) from None
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     if chat:

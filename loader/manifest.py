@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,7 +28,8 @@ import rfc8785
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from attest.errors import ModelDecryptionError, ModelFormatError
+from attest.errors import ConfigError, ModelDecryptionError, ModelFormatError
+from attest.kbs.uri import ResourceUri
 from attest.secret import SecretBytes
 from loader.canary import CanaryReference
 from loader.format import DTYPE_SIZES, FORMAT_VERSION, MODEL_KEY_SIZE, SALT_SIZE, TensorEntry
@@ -38,6 +41,7 @@ __all__ = [
     "Manifest",
     "PlainFile",
     "ShardEntry",
+    "parse_key_resource",
 ]
 
 #: File name of the manifest in an encrypted model directory.
@@ -49,6 +53,27 @@ MANIFEST_KDF_INFO = b"enclave-serve/manifest/v1"
 _MAC_PREFIX = "hmac-sha256:"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _MAX_MANIFEST = 256 << 20
+
+
+def parse_key_resource(key_id: str) -> ResourceUri:
+    """Parse the KBS resource of a model key (``kbs:///repository/type/tag``).
+
+    ``pack`` checks the key id it records with this function and ``run`` the resource it asks
+    for: what one accepts, the other does.
+
+    Raises:
+        ConfigError: not a ``kbs:///`` resource URI (the message gives the expected form).
+    """
+    try:
+        return ResourceUri.parse(key_id)
+    except ValueError as exc:
+        hint = ""
+        if re.match(r"kbs(\+[^:]*)?://[^/]", key_id):
+            hint = (
+                " (what follows kbs:// is a host, which is ignored: write "
+                "kbs:///<repository>/<type>/<tag>, three slashes)"
+            )
+        raise ConfigError(f"the key resource is not a kbs:/// URI: {exc}{hint}") from None
 
 
 def _safe_relpath(name: object, what: str) -> str:
@@ -345,12 +370,45 @@ class Manifest:
             raise ModelFormatError(f"the model's {MANIFEST_NAME} is larger than {_MAX_MANIFEST} bytes")
         return cls.from_bytes(data)
 
-    def authenticate(self, key: SecretBytes) -> None:
+    def check_files(self, model_dir: Path) -> None:
+        """Check that every encrypted shard the manifest lists is in ``model_dir`` with its size.
+
+        A courtesy for honest mistakes (an interrupted copy, a forgotten file), made before the
+        key is asked for: it names the file and what is wrong with it. It verifies nothing: the
+        manifest is not authenticated yet, and a shard of the right size may hold anything; the
+        loader authenticates every chunk after the key release.
+
+        Raises:
+            ModelFormatError: a shard is missing, not a regular file, or of another size than
+                the manifest records.
+        """
+        again = "copy the encrypted model directory again, whole (every file pack wrote)"
+        for s in self.shards:
+            path = Path(model_dir) / s.file
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                raise ModelFormatError(f"shard {s.file} is missing: {again}", log_detail=str(path)) from None
+            except OSError as exc:
+                raise ModelFormatError(
+                    f"cannot read shard {s.file}: {exc.strerror}", log_detail=str(path)
+                ) from None
+            if not stat.S_ISREG(info.st_mode):
+                raise ModelFormatError(f"shard {s.file} is not a regular file: {again}", log_detail=str(path))
+            if info.st_size != s.ciphertext_size:
+                raise ModelFormatError(
+                    f"shard {s.file} is {info.st_size} bytes; the manifest records {s.ciphertext_size}: "
+                    f"{again}",
+                    log_detail=str(path),
+                )
+
+    def authenticate(self, key: SecretBytes, *, resource: str | None = None) -> None:
         """Check the manifest MAC with the model key: detects a wrong key before vLLM starts.
 
         Verifies that every member of the manifest was written by a holder of the key. Does not
         verify the shards or plaintext files themselves (the loader and
-        :func:`loader.modelview.stage_model_view` do).
+        :func:`loader.modelview.stage_model_view` do). ``resource`` is the key resource the key
+        was released for (named in the refusal beside the one the manifest records).
 
         Raises:
             ModelDecryptionError: the MAC does not match (wrong key or tampered manifest).
@@ -367,11 +425,24 @@ class Manifest:
         expected = (
             _MAC_PREFIX + hmac.new(_mac_key(key, self.salt), rfc8785.dumps(body), hashlib.sha256).hexdigest()
         )
-        if not hmac.compare_digest(expected.encode(), self.mac.encode()):
+        if hmac.compare_digest(expected.encode(), self.mac.encode()):
+            return
+        if resource is not None and resource != self.key_id:
             raise ModelDecryptionError(
-                f"{MANIFEST_NAME} does not authenticate with the model key "
-                f"'{self.key_id}': wrong key, or the model directory was modified"
+                f"{MANIFEST_NAME} does not authenticate with the key released for '{resource}'; the "
+                f"manifest records the key resource '{self.key_id}': ask for that one (or upload this "
+                f"model's key to '{resource}'), unless the model directory was modified"
             )
+        if resource is not None:
+            raise ModelDecryptionError(
+                f"{MANIFEST_NAME} does not authenticate with the key released for '{resource}', the "
+                "resource the manifest records: the key stored there is not this model's (upload the "
+                "key pack wrote), or the model directory was modified"
+            )
+        raise ModelDecryptionError(
+            f"{MANIFEST_NAME} does not authenticate with the key given (the manifest records the key "
+            f"resource '{self.key_id}'): the key is not this model's, or the model directory was modified"
+        )
 
     def shard(self, name: str) -> ShardEntry:
         """Return the shard entry whose plaintext name is ``name``. Raises KeyError."""

@@ -10,6 +10,7 @@ directory and renames it into place only when everything succeeded.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ from attest.secret import SecretBytes
 from loader.canary import CanaryReference
 from loader.format import (
     DEFAULT_CHUNK_SIZE,
+    DTYPE_SIZES,
     GCM_TAG_SIZE,
     MAX_CHUNK_SIZE,
     MAX_SAFETENSORS_HEADER,
@@ -38,6 +40,7 @@ from loader.format import (
     SALT_SIZE,
     SHARD_SUFFIX,
     Chunk,
+    SafetensorsIndex,
     ShardHeader,
     chunk_aad,
     chunk_layout,
@@ -46,11 +49,14 @@ from loader.format import (
     derive_shard_keys,
     parse_safetensors_header,
 )
-from loader.manifest import MANIFEST_NAME, Manifest, PlainFile, ShardEntry
+from loader.manifest import MANIFEST_NAME, Manifest, PlainFile, ShardEntry, parse_key_resource
 
 __all__ = [
     "PLAIN_FILE_SUFFIXES",
     "RandBytes",
+    "SourceModel",
+    "check_destination",
+    "check_source",
     "encrypt_shard",
     "generate_model_key",
     "pack_model",
@@ -271,8 +277,198 @@ def scan_model_dir(src: Path) -> tuple[list[str], list[str]]:
     return shards, plain
 
 
+#: Safetensors dtypes an engine converts to the dtype it loads the model in.
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+#: Bytes per element of the dtypes a canary can load a model in (torch names).
+_LOAD_DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceModel:
+    """A Hugging Face model directory that passed :func:`check_source`, and what its headers say."""
+
+    directory: Path
+    shards: tuple[str, ...]
+    plain_files: tuple[str, ...]
+    #: The dtype ``config.json`` names (``dtype`` or ``torch_dtype``), None when it names none.
+    config_dtype: str | None
+    #: Elements of all tensors, and of the floating-point ones (which a load converts).
+    parameters: int
+    float_parameters: int
+    #: Bytes of the tensors that are not floating point (kept as they are by a load).
+    other_bytes: int
+    #: Bytes of every file pack reads.
+    total_bytes: int
+
+    def weight_bytes(self, dtype: str) -> int:
+        """Return the memory the weights take loaded in ``dtype`` (``float32``, ``bfloat16``…)."""
+        return self.float_parameters * _LOAD_DTYPE_SIZES[dtype] + self.other_bytes
+
+
+def _config_dtype(config: dict[str, object]) -> str | None:
+    text = config.get("text_config")
+    for holder in (config, text if isinstance(text, dict) else {}):
+        value = holder.get("dtype") or holder.get("torch_dtype")
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _read_config(src: Path) -> dict[str, object]:
+    path = src / "config.json"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFormatError(
+            f"{src} has no config.json: pack needs a Hugging Face model directory (config.json, the "
+            "tokenizer files and *.safetensors); vLLM reads the architecture from config.json"
+        ) from None
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelFormatError(
+            f"{path} is not valid JSON ({exc}): restore the model's own config.json"
+        ) from None
+    if not isinstance(config, dict):
+        raise ModelFormatError(f"{path} is not a JSON object: restore the model's own config.json")
+    return config
+
+
+def _check_shard(path: Path, name: str) -> tuple[SafetensorsIndex, int]:
+    """Read and parse one shard's safetensors header; return it and the file's size."""
+    again = "copy or download it again"
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ModelFormatError(f"shard {name} is empty (0 bytes): {again}")
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise ModelFormatError(
+                    f"shard {name} is {size} bytes, too short for a safetensors file: {again}"
+                )
+            n = int.from_bytes(prefix, "little")
+            if n > MAX_SAFETENSORS_HEADER:
+                raise ModelFormatError(
+                    f"shard {name} is not a safetensors file (its first 8 bytes announce a {n}-byte "
+                    f"header; safetensors allows {MAX_SAFETENSORS_HEADER}): {again}"
+                )
+            if 8 + n > size:
+                raise ModelFormatError(
+                    f"shard {name} is truncated: its header alone needs {8 + n} bytes and the file "
+                    f"holds {size}: {again}"
+                )
+            header = prefix + f.read(n)
+    except OSError as exc:
+        raise ModelFormatError(f"cannot read shard {name}: {exc.strerror}") from None
+    try:
+        index = parse_safetensors_header(header)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"shard {name} is not a safetensors file ({exc}): {again}") from None
+    needed = index.header_length + index.data_length
+    if needed > size:
+        raise ModelFormatError(
+            f"shard {name} is truncated: its header describes {needed} bytes and the file holds {size}: "
+            f"{again}"
+        )
+    return index, size
+
+
+def check_source(src: Path) -> SourceModel:
+    """Check that ``src`` is a model directory ``pack`` can encrypt, reading only small files and headers.
+
+    Verifies, in order: ``src`` is a readable directory and not an encrypted model already; its
+    ``config.json`` parses as a JSON object; it has ``*.safetensors`` shards, each readable and
+    non-empty, whose safetensors header parses and whose tensors fit in the file; the side files
+    can be opened. Does not read the tensor data (:func:`encrypt_shard` hashes it as it packs)
+    nor check that an engine can run the model (the canary does).
+
+    Raises:
+        ConfigError: ``src`` is missing, not a directory, unreadable, or already an encrypted model.
+        ModelFormatError: ``config.json`` is missing or malformed, there is no shard, or a shard is
+            empty, truncated or not safetensors (the message names the file and the cause).
+    """
+    src = Path(src)
+    try:
+        with os.scandir(src):
+            pass
+    except FileNotFoundError:
+        raise ConfigError(
+            f"the model directory {src} does not exist: give a Hugging Face model directory "
+            "(config.json, tokenizer, *.safetensors)"
+        ) from None
+    except NotADirectoryError:
+        raise ConfigError(f"{src} is not a directory: give a Hugging Face model directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the model directory {src}: {exc.strerror}") from None
+    shards, plain = scan_model_dir(src)
+    if MANIFEST_NAME in plain:
+        raise ConfigError(
+            f"{src} holds {MANIFEST_NAME}: it is an encrypted model already (pack's output); give the "
+            "plaintext Hugging Face model directory"
+        )
+    config = _read_config(src)
+    if not shards:
+        raise ModelFormatError(
+            f"no *.safetensors files in {src}: pack encrypts safetensors weights only (convert "
+            "*.bin or *.pt weights to safetensors first)"
+        )
+    parameters = float_parameters = other_bytes = total = 0
+    for name in shards:
+        index, size = _check_shard(src / name, name)
+        total += size
+        for t in index.tensors:
+            numel = t.nbytes // DTYPE_SIZES[t.dtype]
+            parameters += numel
+            if t.dtype in _FLOAT_DTYPES:
+                float_parameters += numel
+            else:
+                other_bytes += t.nbytes
+    for name in plain:
+        try:
+            with (src / name).open("rb") as f:
+                total += os.fstat(f.fileno()).st_size
+        except OSError as exc:
+            raise ModelFormatError(f"cannot read {src / name}: {exc.strerror}") from None
+    return SourceModel(
+        directory=src,
+        shards=tuple(shards),
+        plain_files=tuple(plain),
+        config_dtype=_config_dtype(config),
+        parameters=parameters,
+        float_parameters=float_parameters,
+        other_bytes=other_bytes,
+        total_bytes=total,
+    )
+
+
+def check_destination(src: Path, dst: Path, *, overwrite: bool) -> None:
+    """Check that ``dst`` can be written with ``src`` as the source, before anything is computed.
+
+    Raises:
+        ConfigError: ``dst`` is or holds or is inside ``src``, exists without ``overwrite``, or
+            cannot be created (the nearest existing parent is not a writable directory).
+    """
+    src, target = Path(src).resolve(), Path(dst).resolve()
+    if target == src or src in target.parents:
+        raise ConfigError(f"the destination {dst} must not be inside the source directory {src}")
+    if target in src.parents:
+        raise ConfigError(f"the destination {dst} must not contain the source directory {src}")
+    if (Path(dst).exists() or Path(dst).is_symlink()) and not overwrite:
+        raise ConfigError(f"{dst} already exists; pass --force to replace it")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create {dst}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create {dst}: no permission to write in {parent}")
+
+
 def pack_model(
-    src: Path,
+    src: Path | SourceModel,
     dst: Path,
     *,
     key: SecretBytes,
@@ -286,6 +482,8 @@ def pack_model(
 ) -> Manifest:
     """Encrypt the Hugging Face model directory ``src`` into a new encrypted model directory ``dst``.
 
+    ``src`` is a directory, or what :func:`check_source` found in one (then not checked again).
+
     Writes atomically: everything goes to a hidden sibling of ``dst`` that is renamed into place at
     the end, and removed on any error (a SIGKILL can leave that hidden directory behind, never a
     partial ``dst``). ``randbytes`` supplies the salts (inject it only for test vectors).
@@ -295,31 +493,28 @@ def pack_model(
         Files that are neither ``*.safetensors`` nor known plaintext side files
         (:data:`PLAIN_FILE_SUFFIXES`) are skipped with a warning: they may be plaintext weights.
 
+    Checks everything cheap first (arguments, the key id as ``run`` parses it,
+    :func:`check_destination`, :func:`check_source`), before it creates anything.
+
     Raises:
         ConfigError: bad arguments, or ``dst`` exists and ``overwrite`` is False.
-        ModelFormatError: a shard is not valid safetensors, or there is none.
+        ModelFormatError: no ``config.json``, no shard, or a shard that is not valid safetensors.
     """
-    src, dst = Path(src).resolve(), Path(dst).absolute()
+    checked = src if isinstance(src, SourceModel) else None
+    src = Path(src.directory if isinstance(src, SourceModel) else src).resolve()
+    dst = Path(dst).absolute()
     if len(key) != MODEL_KEY_SIZE:
         raise ConfigError(f"the model key must be {MODEL_KEY_SIZE} bytes")
-    if not key_id or len(key_id) > 1024 or not key_id.isprintable():
-        raise ConfigError("the key id must be a non-empty printable string (e.g. kbs:///repo/type/tag)")
+    if len(key_id) > 1024:
+        raise ConfigError("the key id must be at most 1024 characters")
+    parse_key_resource(key_id)  # what run accepts
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ConfigError(f"chunk size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
-    if not src.is_dir():
-        raise ConfigError(f"{src} is not a directory")
-    if dst.resolve() == src or src in dst.resolve().parents:
-        raise ConfigError("the destination must not be inside the source directory")
-    if dst.exists() and not overwrite:
-        raise ConfigError(f"{dst} already exists; pass --force to replace it")
-    shards, plain = scan_model_dir(src)
-    if not shards:
-        raise ModelFormatError(f"no *.safetensors files in {src}")
-    if MANIFEST_NAME in plain:
-        raise ConfigError(f"{src} already contains {MANIFEST_NAME}: is it an encrypted model?")
+    check_destination(src, dst, overwrite=overwrite)
+    source = checked or check_source(src)
+    shards, plain = list(source.shards), list(source.plain_files)
     threads = threads or max(1, len(os.sched_getaffinity(0)))
-    total = sum((src / n).stat().st_size for n in shards + plain)
-    bar = _Progress(total, sys.stderr if progress else None)
+    bar = _Progress(source.total_bytes, sys.stderr if progress else None)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.partial-{randbytes(8).hex()}"
     tmp.mkdir(mode=0o755)

@@ -26,6 +26,11 @@ readiness to 503 with the reason, refuses every other request, and exits non-zer
 (:data:`EXIT_WATCHDOG`, :data:`EXIT_ENGINE_DIED`) so the orchestrator replaces the pod. SIGTERM
 drains: readiness 503 ``draining``, no new connections, in-flight requests and streams get up to
 ``--drain-timeout`` seconds, then the engine stops and the process exits 0.
+
+SIGTERM or SIGINT *during* the boot (any stage before ready) stops at once (:class:`BootStopper`):
+one log line ``boot stopped at stage <stage> on <signal>``, vLLM's processes killed, the key
+wiped, the private directory removed, exit 0. A stage's thread cannot be interrupted (an import,
+a read from the key broker), so the process ends with :func:`os._exit` rather than waiting for it.
 """
 
 from __future__ import annotations
@@ -39,12 +44,13 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from attest.errors import (
     AttestationError,
@@ -73,7 +79,7 @@ from runtime.settings import read_bounded, resolve
 from runtime.watchdog import Watchdog
 from server.attestation import AttestationService
 from server.boot_server import BootServer
-from server.engine import VllmEngine
+from server.engine import EngineStartFailed, VllmEngine
 from server.freshness import AttestationFrontend
 from server.http import HttpServer
 from server.metrics import Metrics
@@ -87,10 +93,12 @@ if TYPE_CHECKING:
 __all__ = [
     "EXIT_BOOT_FAILED",
     "EXIT_ENGINE_DIED",
+    "EXIT_STOPPED",
     "EXIT_WATCHDOG",
     "Loaded",
     "RunRequest",
     "Runtime",
+    "SignalWatcher",
     "load_request",
     "print_configuration",
     "run_blocking",
@@ -99,6 +107,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXIT_BOOT_FAILED = 3
+#: SIGTERM or SIGINT during the boot: a requested stop, not a failure.
+EXIT_STOPPED = 0
 #: The inference engine died after ready.
 EXIT_ENGINE_DIED = 4
 #: A watchdog round found a change after ready.
@@ -115,6 +125,8 @@ FAILURE_GRACE_S = 2.0
 KEYSET_LIFETIME_S = 7 * 86400
 #: How often the engine's health is polled once ready.
 ENGINE_POLL_S = 1.0
+#: A stop during the boot: how long vLLM's processes may take to die after SIGKILL.
+STOP_KILL_TIMEOUT_S = 1.0
 
 T = TypeVar("T")
 
@@ -213,6 +225,121 @@ def _keep_killing_engine_processes(until: threading.Event) -> None:
     threading.Thread(target=reap, name="kill-engine", daemon=True).start()
 
 
+def _descendants(root: int, *, proc: Path = Path("/proc")) -> list[int]:
+    """Return the live (not zombie) descendants of process ``root``, read from ``proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (proc / entry.name / "stat").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; it ends at the last ")".
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) < 2 or fields[0] == b"Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_descendants(*, spare: frozenset[int], timeout_s: float) -> bool:
+    """SIGKILL every descendant of this process but ``spare`` until none is alive.
+
+    The whole tree, not only the direct children: vLLM's engine core spawns the workers, which
+    would write to the private directory after it is removed. Returns whether all died in
+    ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        # Snapshot the whole tree before killing: a killed parent's children move to init.
+        alive = [pid for pid in _descendants(os.getpid()) if pid not in spare]
+        if not alive:
+            return True
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _resource_tracker_pid() -> frozenset[int]:
+    """multiprocessing's resource tracker, spared by a stop: it unlinks the shared memory vLLM's
+    killed processes leave behind once this process is gone, then exits itself."""
+    from multiprocessing import resource_tracker
+
+    pid = getattr(getattr(resource_tracker, "_resource_tracker", None), "_pid", None)
+    return frozenset({pid}) if isinstance(pid, int) else frozenset()
+
+
+class SignalWatcher:
+    """Hand SIGTERM and SIGINT to ``on_signal(name)`` in a thread of its own.
+
+    The handler only writes the signal's number to a pipe: it runs in the main thread between
+    two bytecodes, possibly while that thread holds a lock the reaction needs, and the boot's
+    event loop can be blocked for seconds (vLLM's start-up), so neither the handler nor the loop
+    can be the one to react. ``on_signal`` runs in the watcher thread, one signal at a time.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, on_signal: Callable[[str], None]) -> None:
+        self._on_signal = on_signal
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._previous: dict[int, Any] = {}
+        self._thread = threading.Thread(target=self._watch, name="signal-watcher", daemon=True)
+
+    def install(self) -> None:
+        """Start the watcher thread and take over the signals (from the main thread)."""
+        self._thread.start()
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def uninstall(self) -> None:
+        """Give the signals back to their previous handlers and stop the watcher thread."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
+        with contextlib.suppress(OSError):
+            os.write(self._write_fd, b"\0")
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):  # a full pipe: a signal is already waiting
+            os.write(self._write_fd, bytes([signum]))
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, 1)
+            except OSError:
+                return
+            if not data or data == b"\0":
+                return
+            self._on_signal(signal.Signals(data[0]).name)
+
+
+def _flush_output() -> None:
+    for handler in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 class Runtime:
     """Boot the enclave and serve until told to stop."""
 
@@ -249,7 +376,12 @@ class Runtime:
         self._tls: EnclaveTls | None = None
         self._key: SecretBytes | None = None
         self._private: PrivateDirectory | None = None
+        #: Held while the private directory is created, and by a stop that removes it.
+        self._private_lock = threading.Lock()
+        self._stopping = False
         self._gates: list[DeviceGate] = []
+        #: The port actually bound (``--port 0`` picks one).
+        self.port = config.port
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -269,11 +401,14 @@ class Runtime:
 
     def _config_stage(self) -> Prepared:
         mountinfo = read_mountinfo()  # read once: the private directory's and the mount checks
-        self._private = PrivateDirectory.create(
-            self.config.private_dir,
-            allow_insecure_shared=self.config.allow_insecure_shared_private_dir,
-            mountinfo=mountinfo,
-        )
+        with self._private_lock:  # a stop either sees the directory or keeps it from being made
+            if self._stopping:
+                raise ConfigError("the boot was stopped before the private directory was created")
+            self._private = PrivateDirectory.create(
+                self.config.private_dir,
+                allow_insecure_shared=self.config.allow_insecure_shared_private_dir,
+                mountinfo=mountinfo,
+            )
         pins = self.loaded.pins
         # Before anything imports vLLM; with init-data, exactly the declared variables.
         environment = _apply_environment(self._private, None if pins is None else pins.environment)
@@ -380,7 +515,7 @@ class Runtime:
         finally:
             source.close()
         try:
-            prepared.model.unlock(release.secret)
+            prepared.model.unlock(release.secret, resource=str(prepared.resource))
         except BaseException:
             release.secret.wipe()
             raise
@@ -449,6 +584,8 @@ class Runtime:
             failure = handoff.first_failure()
             if failure is not None:
                 raise ModelError(f"rank {failure.rank} failed to load the model: {failure.error}") from None
+            if isinstance(exc, EngineStartFailed):  # the engine's own root cause, one line
+                raise ModelError(f"the inference engine failed to start: {exc.root_cause}") from None
             raise ModelError(
                 f"the inference engine failed to start ({type(exc).__name__}: {exc}); "
                 "see the engine log above"
@@ -465,16 +602,67 @@ class Runtime:
 
     # -- the whole boot --------------------------------------------------------------------
 
+    def _booting(self) -> bool:
+        """Whether the boot is still under way (not serving, not failed)."""
+        return self._http is None and not self.status.failed
+
+    def _stop_boot(self, signal_name: str) -> NoReturn:
+        """Stop a boot in progress at once: kill vLLM, wipe the key, remove the private directory.
+
+        Runs in the signal watcher's thread while the boot's own threads go on (an import, a
+        read from the key broker: they cannot be interrupted), hence :func:`os._exit`. Exits
+        :data:`EXIT_STOPPED`, or 1 when vLLM's processes or the private directory outlived it
+        (logged, with what to do).
+        """
+        stage = self.status.current
+        logger.warning("boot stopped at stage %s on %s", stage.value if stage else "start", signal_name)
+        # What vLLM and the interrupted stage say about their end is noise after that line.
+        logging.disable(logging.CRITICAL)
+        problems: list[str] = []
+        if not _kill_descendants(spare=_resource_tracker_pid(), timeout_s=STOP_KILL_TIMEOUT_S):
+            problems.append(
+                f"some of vLLM's processes were still alive {STOP_KILL_TIMEOUT_S:.0f} s after SIGKILL: "
+                "check for leftover 'enclave-serve' or 'VLLM' processes"
+            )
+        self._wipe_key()
+        with self._private_lock:
+            self._stopping = True
+            private = self._private
+        if private is not None:
+            try:
+                private.remove()
+            except OSError as exc:
+                problems.append(
+                    f"cannot remove the private directory {private.root}: {exc.strerror}; remove it by hand"
+                )
+        if problems:
+            logging.disable(logging.NOTSET)
+            for problem in problems:
+                logger.error("stop: %s", problem)
+        _flush_output()
+        os._exit(1 if problems else EXIT_STOPPED)
+
     async def run(self) -> int:
-        """Boot and serve until SIGTERM/SIGINT; return the process exit code."""
+        """Boot and serve until SIGTERM/SIGINT; return the process exit code.
+
+        A signal during the boot ends the process at once (:meth:`_stop_boot`); once serving,
+        it drains (:meth:`_drain`).
+        """
         cfg = self.config
         for mode in cfg.insecure_modes:
             logger.warning("INSECURE MODE: %s", mode)
         sock = _bind(cfg.host, cfg.port)
+        self.port = int(sock.getsockname()[1])
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+
+        def on_signal(name: str) -> None:
+            if self._booting():
+                self._stop_boot(name)
+            loop.call_soon_threadsafe(stop.set)
+
+        signals = SignalWatcher(on_signal)
+        signals.install()
         boot_server: BootServer | None = None
         try:
             if cfg.tls:
@@ -487,7 +675,7 @@ class Runtime:
             boot_server = BootServer(boot_app(self.status, router, self.metrics), sock, tls=self._tls)
             await boot_server.start()
             scheme = "https" if self._tls else "http"
-            logger.info("enclave-serve listening on %s://%s:%d (booting)", scheme, cfg.host, cfg.port)
+            logger.info("enclave-serve listening on %s://%s:%d (booting)", scheme, cfg.host, self.port)
 
             boot = asyncio.create_task(self._boot_and_serve(sock, boot_server))
             stopped = asyncio.create_task(stop.wait())
@@ -510,6 +698,7 @@ class Runtime:
             logger.error("boot failed: %s", exc)
             return EXIT_BOOT_FAILED
         finally:
+            signals.uninstall()
             if boot_server is not None and boot_server.running:
                 await boot_server.stop()
             self._wipe_key()
@@ -760,7 +949,7 @@ class Runtime:
         self.status.set_ready()
         self.status.end(Stage.SERVE, "serving")
         scheme = "https" if self._tls else "http"
-        logger.info("enclave-serve ready: %s://%s:%d/v1", scheme, cfg.host, cfg.port)
+        logger.info("enclave-serve ready: %s://%s:%d/v1", scheme, cfg.host, self.port)
         monitors = [asyncio.create_task(self._watch_engine(engine), name="engine-monitor")]
         if cfg.watchdog_interval_s > 0:
             watchdog = Watchdog(
@@ -845,6 +1034,10 @@ def run_blocking(request: RunRequest) -> int:
     from attest.secret import protect_process_memory
 
     protect_process_memory()  # before the process holds anything worth reading
+    # After a stop kills vLLM's processes, multiprocessing's resource tracker (spared: it ends
+    # with this process) unlinks the shared memory they leave and warns about it: expected then,
+    # and nothing for the operator to do. It takes its warning options from this process.
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     import uvloop
 
     try:

@@ -65,8 +65,10 @@ class PreparedModel(Protocol):
         """Its size, for the load stage's detail."""
         ...
 
-    def unlock(self, secret: SecretBytes) -> None:
+    def unlock(self, secret: SecretBytes, *, resource: str | None = None) -> None:
         """Check that ``secret`` opens the model and complete the view.
+
+        ``resource`` is the KBS resource the key was released for (named in the refusal).
 
         Raises:
             ModelDecryptionError: the key does not open it.
@@ -105,8 +107,8 @@ class NativeModel:
     def describe_size(self) -> str:
         return f"a {self.manifest.plaintext_bytes / 1e6:.3f} MB model"
 
-    def unlock(self, secret: SecretBytes) -> None:
-        self.manifest.authenticate(secret)
+    def unlock(self, secret: SecretBytes, *, resource: str | None = None) -> None:
+        self.manifest.authenticate(secret, resource=resource)
 
 
 @dataclass(slots=True)
@@ -143,7 +145,7 @@ class ImageModel:
     def describe_size(self) -> str:
         return f"a {self.image.compressed_bytes / 1e6:.3f} MB image ({len(self.image.layers)} layers)"
 
-    def unlock(self, secret: SecretBytes) -> None:
+    def unlock(self, secret: SecretBytes, *, resource: str | None = None) -> None:
         from loader.oci.layers import LayerKeys, read_side_files
         from loader.oci.ocicrypt import private_key_from_pem
 

@@ -2,7 +2,8 @@
 
 :func:`prepare` opens the model (:mod:`runtime.models`: the native format's manifest and side
 files read once into the guest-private directory, or an OCI image's pinned manifest and
-config), reads the pinned KBS CA once, parses and checks vLLM's arguments
+config), checks that every encrypted shard the manifest lists is there with its recorded size
+(before any key request), reads the pinned KBS CA once, parses and checks vLLM's arguments
 (:mod:`runtime.vllm_args`), and builds the :class:`attest.runconfig.RunConfiguration` that every
 attestation document will claim. Everything a later stage uses comes from the returned
 :class:`Prepared`, never from the host's paths again. The environment has been sorted and
@@ -21,6 +22,7 @@ from attest.errors import ConfigError
 from attest.initdata import InitData, WorkloadPins
 from attest.kbs.uri import ResourceUri
 from attest.runconfig import RunConfiguration
+from loader.manifest import parse_key_resource
 from runtime.config import RunConfig
 from runtime.facts import runtime_versions
 from runtime.models import ImageModel, NativeModel, prepare_model
@@ -137,19 +139,24 @@ def prepare(
     Raises:
         ConfigError: a mount where code is loaded from (:mod:`runtime.mounts`), a refused
             option, a bad CA bundle, an unusable key resource.
-        ModelFormatError: the manifest or a side file is missing, malformed or modified.
+        ModelFormatError: the manifest or a side file is missing, malformed or modified; an
+            encrypted shard is missing or of another size than the manifest records.
     """
     mounts = _check_mounts(config, read_mount_table() if mount_table is None else mount_table)
     model, view = prepare_model(
         config.model, private.model_view, allow_http=config.allow_insecure_http_registry
     )
+    if isinstance(model, NativeModel):
+        # Every shard present with the size the manifest records, before any key request: an
+        # interrupted copy is named here ("shard X is missing"), not found at the load stage
+        # after the key release and the engine start as an authentication failure. A courtesy
+        # for honest mistakes only: the manifest is authenticated after the key release (its
+        # MAC), and the loader authenticates every chunk; those checks stay.
+        model.manifest.check_files(model.directory)
     key_id = config.key_id or model.default_key_id
     if key_id is None:
         raise ConfigError(f"{model.source} names no key: give --key-id (the KBS resource of its private key)")
-    try:
-        resource = ResourceUri.parse(key_id)
-    except ValueError as exc:
-        raise ConfigError(f"the key resource is not a kbs:/// URI: {exc}") from exc
+    resource = parse_key_resource(key_id)  # the very check pack makes of the key id it records
     if pins is not None:
         _check_pinned(pins, model=model.digest)
         pem = pins.settings.get("kbs_ca_pem")

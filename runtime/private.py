@@ -30,7 +30,7 @@ of the runtime's uid or root in this container (the agent policy must deny ``exe
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -51,6 +51,8 @@ SHARED_MEMORY = Path("/dev/shm")
 
 _SUBDIRS = ("cache", "config", "home", "key", "tmp")
 _PRIVATE_MODE = 0o700
+#: How often :meth:`PrivateDirectory.remove` tries before it gives up.
+_REMOVE_ATTEMPTS = 3
 
 
 def filesystem_type(path: Path, *, mountinfo: str | None = None) -> str:
@@ -209,6 +211,22 @@ class PrivateDirectory:
         return self.root / name
 
     def remove(self) -> None:
-        """Delete the directory and its contents (idempotent)."""
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.root)
+        """Delete the directory and its contents (idempotent).
+
+        Tried again when something is created in it meanwhile (vLLM's import making its cache
+        directories while a stop removes the tree).
+
+        Raises:
+            OSError: it is still there after the last attempt (the last error).
+        """
+        for attempt in range(_REMOVE_ATTEMPTS):
+            try:
+                shutil.rmtree(self.root)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                if attempt == _REMOVE_ATTEMPTS - 1:
+                    raise
+            if not os.path.lexists(self.root):
+                return
+        raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), str(self.root))

@@ -231,7 +231,9 @@ def resolve(given: Mapping[str, Any], init: InitData | None) -> tuple[RunConfig,
             or the command line gives a value other than the one pinned (both named).
     """
     if init is None:
-        return RunConfig(**given), None
+        config = RunConfig(**given)
+        _check_urls(config, from_initdata=False)
+        return config, None
     try:
         pins = init.pins
     except Exception as exc:
@@ -296,7 +298,36 @@ def resolve(given: Mapping[str, Any], init: InitData | None) -> tuple[RunConfig,
             + "; ".join(refused)
             + ". Remove the option (the init-data decides), or make a new init-data"
         )
-    return RunConfig(**values), pins
+    config = RunConfig(**values)
+    _check_urls(config, from_initdata=True)
+    return config, pins
+
+
+#: The URL settings checked when the settings are resolved: (field, service named in messages).
+_URL_SETTINGS = (("kbs_url", "KBS"), ("cdh_url", "CDH"))
+
+
+def _check_urls(config: RunConfig, *, from_initdata: bool) -> None:
+    """Refuse a service URL that is not ``http(s)://host[:port]`` now, not when it is first used.
+
+    Raises:
+        ConfigError: the URL has no or another scheme, no host, a bad port, a query or fragment;
+            the message names the option (and, from an init-data, the declared setting).
+    """
+    from attest.kbs.http import check_base_url  # not at import: the client-only CLI has no KBS client
+
+    fields = {f.name: spec for f, spec in settings()}
+    for name, what in _URL_SETTINGS:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        spec = fields[name]
+        where = _flag(name, spec)
+        if from_initdata and spec.attested:
+            where = f"{where}, init-data setting {declared_name(name, spec)[1]}"
+        problem = check_base_url(str(value), what=what, setting=where)
+        if problem:
+            raise ConfigError(problem)
 
 
 def markdown_table() -> str:

@@ -42,6 +42,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ __all__ = [
     "RUNTIME_DEFAULTS",
     "SECRET_OPTIONS",
     "VllmArguments",
+    "default_served_name",
     "normalize_option_value",
     "parse_vllm_arguments",
     "redact_secret_options",
@@ -567,6 +569,25 @@ def _flag(parser: argparse.ArgumentParser, dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+def default_served_name(model: str) -> str:
+    """Derive the name served by default from the model argument of ``run`` (attested).
+
+    A directory: its base name (``/models/tiny-encrypted`` → ``tiny-encrypted``). An image: the
+    repository name without the registry, tag or digest (``docker://registry.example/org/llama@sha256:…``
+    → ``org/llama``), or the layout directory's base name (``oci:/images/llama@sha256:…`` →
+    ``llama``). Deterministic from the argument alone, so the run configuration that claims it
+    is still computed from the declaration.
+    """
+    if model.startswith("docker://"):
+        name = model[len("docker://") :].rpartition("@")[0] or model[len("docker://") :]
+        _host, _, repository = name.partition("/")
+        head, slash, last = repository.rpartition("/")
+        return head + slash + last.partition(":")[0]
+    if model.startswith("oci:"):
+        model = model[len("oci:") :].rpartition("@")[0] or model[len("oci:") :]
+    return os.path.basename(os.path.normpath(model)) if model else ""
+
+
 def parse_vllm_arguments(
     user_args: Sequence[str],
     *,
@@ -579,7 +600,8 @@ def parse_vllm_arguments(
 
     ``runtime_args`` are the options the runtime sets (``--model`` … ``--port``); ``side_files``
     maps each authenticated side file's manifest name to its private copy (``--chat-template``
-    must name one); ``served_model_name`` is the name served when the user sets none.
+    must name one); ``served_model_name`` is the model argument of ``run``, from which the name
+    served when the user sets none is derived (:func:`default_served_name`).
 
     Every option that differs from its default must be allowed and pass its value check
     (:data:`ALLOWED_OPTIONS`); the defaults are vLLM's except :data:`RUNTIME_DEFAULTS` (prefix
@@ -626,13 +648,15 @@ def parse_vllm_arguments(
     if template_name is not None:
         final.chat_template = str(side_files[template_name])
     if final.served_model_name is None:
-        # The model argument of `run` (host text as well): the same check as --served-model-name.
-        if _SERVED_NAME(served_model_name) is not None:
+        # From the model argument of `run` (host text as well): the same check as --served-model-name.
+        default_name = default_served_name(served_model_name)
+        if default_name in ("", ".", "..") or _SERVED_NAME(default_name) is not None:
             raise ConfigError(
-                "the served model name defaults to the model argument, which is not a plain name "
-                "(letters, digits and ._:/@+-, at most 256): pass --served-model-name NAME"
+                "the served model name defaults to the model's directory or repository name, which "
+                "is not a plain name here (letters, digits and ._:/@+-, at most 256): pass "
+                "--served-model-name NAME after '--'"
             )
-        final.served_model_name = [served_model_name]
+        final.served_model_name = [default_name]
     _validate(final)
     attested: dict[str, Any] = {}
     for dest in sorted(ALLOWED_OPTIONS):

@@ -11,9 +11,14 @@ imported here, not at module import.
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
+import os
+import re
 import socket
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
@@ -21,7 +26,15 @@ from starlette.types import ASGIApp
 
 from server.http import HttpServer
 
-__all__ = ["PUBLIC_PATHS", "VllmEngine", "assemble_app"]
+__all__ = [
+    "PUBLIC_PATHS",
+    "EngineOutput",
+    "EngineStartFailed",
+    "VllmEngine",
+    "assemble_app",
+    "root_cause",
+    "secrets_of",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +105,208 @@ def assemble_app(args: argparse.Namespace, supported_tasks: tuple[Any, ...], mod
     return app
 
 
+#: The longest root-cause line put into a boot reason.
+MAX_CAUSE_CHARS = 400
+#: A traceback's first line.
+_TRACEBACK = "Traceback (most recent call last):"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: vLLM's log header, repeated on every line of a logged traceback:
+#: ``(EngineCore_DP0 pid=12) ERROR 12-07 18:00:00 [core.py:1510] ``.
+_LOG_HEADER = re.compile(
+    r"^[^()]*\([^()]*pid=\d+\)\s(?:[A-Z]+\s+\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?\s+\[[^\]]*\]\s?)?"
+)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:: .*)?$")
+#: vLLM's wrappers that point at the real error instead of carrying it.
+_GENERIC = re.compile(r"root cause|see stack trace|see the stack trace", re.IGNORECASE)
+#: An absolute path (a host path is not for the public reason), not the path of a URL.
+_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\",:;()\[\]]+")
+#: A bytes literal with escapes: could be key material, never shown.
+_BYTES_LITERAL = re.compile(r"""b['"][^'"]*\\x""")
+#: A secret is withheld if any run of this many of its characters appears in the text.
+_SECRET_WINDOW = 8
+
+
+def secrets_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The secret strings in vLLM's namespace: API keys, the key handoff's capabilities, a hub token."""
+    found: list[str] = []
+    api_keys = getattr(args, "api_key", None)
+    if isinstance(api_keys, str):
+        found.append(api_keys)
+    elif isinstance(api_keys, list | tuple):
+        found.extend(k for k in api_keys if isinstance(k, str))
+    extra = getattr(args, "model_loader_extra_config", None)
+    if isinstance(extra, Mapping):
+        capabilities = extra.get("capabilities")
+        if isinstance(capabilities, list | tuple):
+            found.extend(c for c in capabilities if isinstance(c, str))
+    token = getattr(args, "hf_token", None)
+    if isinstance(token, str):
+        found.append(token)
+    return tuple(s for s in found if s)
+
+
+def _names_a_secret(text: str, secrets: Iterable[str]) -> bool:
+    for secret in secrets:
+        if len(secret) <= _SECRET_WINDOW:
+            if secret in text:
+                return True
+            continue
+        if any(secret[i : i + _SECRET_WINDOW] in text for i in range(len(secret) - _SECRET_WINDOW + 1)):
+            return True
+    return False
+
+
+def root_cause(lines: Iterable[str], *, secrets: Iterable[str] = ()) -> str | None:
+    """Return the root cause among the engine processes' output: one line, safe to publish.
+
+    The root cause is the first exception line (a traceback's last, unindented line) that is not
+    one of vLLM's pointers to it ("See root cause above", "See stack trace"): the engine core's
+    or a worker's own error, printed before the wrappers that report it. The line is cut to
+    :data:`MAX_CAUSE_CHARS`; absolute paths become ``<path>``. Returns None when there is none,
+    and "withheld" text when the line names a secret (any 8 characters of one of ``secrets``)
+    or holds a bytes literal with escapes (what key material would look like).
+    """
+    secrets = tuple(secrets)
+    in_traceback = False
+    for raw in lines:
+        line = _LOG_HEADER.sub("", _ANSI.sub("", raw.rstrip("\r\n")))
+        if line.strip() == _TRACEBACK:
+            in_traceback = True
+            continue
+        if not in_traceback or not line or line[0].isspace():
+            continue
+        in_traceback = False
+        if not _EXCEPTION_LINE.match(line) or _GENERIC.search(line):
+            continue
+        if _names_a_secret(line, secrets) or _BYTES_LITERAL.search(line):
+            name = line.partition(":")[0]
+            return f"{name} (its message is withheld: it may contain a secret; see the engine log)"
+        line = _PATH.sub("<path>", line)
+        return line if len(line) <= MAX_CAUSE_CHARS else line[: MAX_CAUSE_CHARS - 1] + "…"
+    return None
+
+
+class EngineStartFailed(RuntimeError):
+    """vLLM's engine did not start; the message carries its root cause (one line, safe to publish)."""
+
+    def __init__(self, root_cause: str) -> None:
+        super().__init__(f"vLLM's engine failed: {root_cause}")
+        #: The engine's own error line (see :func:`root_cause`).
+        self.root_cause = root_cause
+
+
+class EngineOutput:
+    """Keep the last lines the engine's processes write to ``fd`` while it starts, to find the cause.
+
+    vLLM's engine core runs in a spawned process; when it fails, the parent only learns "Engine
+    core initialization failed. See root cause above": the cause is the traceback the child
+    printed to the stderr it inherited (and logged, on stdout, as the workers do). While this
+    context is open, file descriptor ``fd`` is a pipe:
+    a thread copies every byte to the real stderr unchanged and keeps the last ``max_lines``
+    lines. Processes spawned meanwhile inherit the pipe and keep it after the context closes;
+    the thread goes on copying until the last of them closes it, so their output is never lost
+    (only what arrives while capturing is kept). If stderr cannot be redirected, nothing is
+    captured and nothing else changes.
+
+    .. warning::
+       Children see a pipe, not a terminal: no colours, no progress-bar redraws.
+    """
+
+    def __init__(
+        self, fd: int = 2, *, max_lines: int = 400, drain_s: float = 2.0, quiet_s: float = 0.1
+    ) -> None:
+        self._fd = fd
+        self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
+        self._drain_s = drain_s
+        self._quiet_s = quiet_s
+        self._keeping = threading.Event()
+        self._lock = threading.Lock()
+        self._partial = b""
+        self._reads = 0
+        self._original: int | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> EngineOutput:
+        try:
+            read_end, write_end = os.pipe()
+            forward = os.dup(self._fd)
+            self._original = os.dup(self._fd)
+            os.dup2(write_end, self._fd)
+            os.close(write_end)
+        except OSError as exc:  # no stderr to redirect: start without the root cause
+            logger.info("engine output not watched (%s); a failure will not carry its cause", exc.strerror)
+            self._original = None
+            return self
+        self._keeping.set()
+        self._thread = threading.Thread(
+            target=self._copy, args=(read_end, forward), name="engine-output", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._restore()
+        self._keeping.clear()
+
+    def _restore(self) -> None:
+        """Give the descriptor back (once): only the children hold the pipe afterwards."""
+        original, self._original = self._original, None
+        if original is not None:
+            os.dup2(original, self._fd)
+            os.close(original)
+
+    def _copy(self, read_end: int, forward: int) -> None:
+        try:
+            while data := os.read(read_end, 65536):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(forward, view) :]
+                if self._keeping.is_set():
+                    self._keep(data)
+                self._reads += 1
+        except OSError:
+            pass
+        finally:
+            self._keep(b"\n")
+            os.close(read_end)
+            os.close(forward)
+
+    def _keep(self, data: bytes) -> None:
+        with self._lock:
+            pieces = (self._partial + data).split(b"\n")
+            self._partial = pieces.pop()[-8192:]  # a progress bar's \r-only line stays bounded
+            self._lines.extend(p.decode("utf-8", "replace")[-8192:] for p in pieces)
+
+    def lines(self) -> list[str]:
+        """The lines kept so far."""
+        with self._lock:
+            return list(self._lines)
+
+    def failure_lines(self) -> list[str]:
+        """Stop capturing and return the lines kept, once the children's last words arrived.
+
+        A failed child writes its traceback just before it exits (which is how vLLM noticed), so
+        this waits until the pipe is closed or has been quiet for ``quiet_s``, at most ``drain_s``.
+        """
+        self._restore()
+        thread = self._thread
+        if thread is not None:
+            waited = 0.0
+            seen = -1
+            while thread.is_alive() and waited < self._drain_s and seen != self._reads:
+                seen = self._reads
+                thread.join(timeout=self._quiet_s)
+                waited += self._quiet_s
+        self._keeping.clear()
+        with self._lock:
+            if self._partial:
+                self._lines.append(self._partial.decode("utf-8", "replace"))
+                self._partial = b""
+        return self.lines()
+
+
 class VllmEngine:
     """One vLLM engine: :meth:`start`, :meth:`build_app`, :meth:`http_server`, then :meth:`stop`.
 
@@ -100,8 +315,12 @@ class VllmEngine:
        into the namespace: vLLM's "non-default args" line prints every option.
     """
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(
+        self, args: argparse.Namespace, *, launcher: Callable[[argparse.Namespace], Any] | None = None
+    ) -> None:
         self.args = args
+        #: vLLM's ``build_async_engine_client`` (by default): an async context manager of the client.
+        self._launcher = launcher
         self._cm: Any = None
         self._client: Any = None
 
@@ -152,13 +371,34 @@ class VllmEngine:
     async def start(self) -> None:
         """Start the engine; returns once the workers have loaded the weights.
 
-        Raises whatever vLLM raises when the engine fails to start (the caller turns it into a
-        boot failure with the workers' own load reports).
-        """
-        from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+        The engine processes' stderr is watched while they start (:class:`EngineOutput`), so that
+        a failure carries the engine core's own error rather than vLLM's "See root cause above".
 
-        cm = build_async_engine_client(self.args)
-        self._client = await cm.__aenter__()
+        Raises:
+            EngineStartFailed: the engine did not start and its root cause was found: the message
+                is that one line (paths replaced, withheld if it could name a secret); vLLM's
+                exception is its ``__cause__``.
+            Exception: whatever vLLM raised, when no root cause was found.
+        """
+        launcher = self._launcher
+        if launcher is None:
+            from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
+
+            launcher = build_async_engine_client
+        with EngineOutput(2) as stderr, EngineOutput(1) as stdout:
+            try:
+                cm = launcher(self.args)
+                self._client = await cm.__aenter__()
+            except Exception as exc:
+                secrets = secrets_of(self.args)
+                # The exception that ended the engine core is on stderr; when that is only vLLM's
+                # pointer (a worker failed), the worker's logged traceback is on stdout.
+                cause = root_cause(stderr.failure_lines(), secrets=secrets) or root_cause(
+                    stdout.failure_lines(), secrets=secrets
+                )
+                if cause is None:
+                    raise
+                raise EngineStartFailed(cause) from exc
         self._cm = cm
 
     @staticmethod

@@ -15,14 +15,21 @@
 * :mod:`attest.client.aci`: :func:`verify_aci_report`, the same checks for the draft ACI
   ``aci/1`` report (keyset, statement, bound insecure modes and device evidence).
 
-Exceptions a client sees (all :class:`attest.errors.Error`)::
+Exceptions a client sees, all exported here (all :class:`Error`)::
 
-    AttestationError
-    ├── VerificationError
-    │   └── PolicyViolation            e.g. a plain-HTTP URL given to the verifying transport
-    │       └── ServerRefused          a replica did not verify (``exc.verdict``: every step)
-    │           └── NoVerifiedReplica  every connection tried reached a refused replica
-    └── VerificationUnavailable        no replica could be asked (unreachable, HTTP error)
+    Error
+    ├── ConfigError                    an unusable policy or collateral file, a bad option
+    └── AttestationError
+        ├── MalformedEvidence          the server's document is not JSON / not the format
+        ├── VerificationError
+        │   └── PolicyViolation        e.g. a plain-HTTP URL given to the verifying transport
+        │       └── ServerRefused      a replica did not verify (``exc.verdict``: every step)
+        │           ├── NoVerifiedReplica  every connection tried reached a refused replica
+        │           └── NotAnEnclave   the server answered, but has no attestation (plain vLLM)
+        └── VerificationUnavailable    no replica could be asked (unreachable, HTTP error)
+
+A refusal's ``str()`` names the Python arguments (``allow_insecure=True``); its ``cli_message``
+names the command line's flags (:mod:`attest.client.wording`).
 
 Client-only install: nothing here imports ``server``, ``loader`` or ``runtime`` (the layers
 contract in ``pyproject.toml``) nor vLLM or torch (a forbidden contract); the packages it needs are
@@ -38,9 +45,11 @@ from attest.client.aci import AciVerdict, verify_aci_report
 from attest.client.remote import (
     ATTESTATION_PATH,
     CONFIG_PATH,
+    NotAnEnclave,
     VerificationBundle,
     VerifiedServer,
     fetch_bundle,
+    server_base_url,
     verify_bundle,
     verify_server,
 )
@@ -55,7 +64,15 @@ from attest.client.transport import (
 )
 from attest.client.verdict import ServerRefused, Verdict, verify_document
 from attest.client.verifier import NoVerifiedReplica, Replica, Verifier
-from attest.errors import VerificationUnavailable
+from attest.errors import (
+    AttestationError,
+    ConfigError,
+    Error,
+    MalformedEvidence,
+    PolicyViolation,
+    VerificationError,
+    VerificationUnavailable,
+)
 
 if TYPE_CHECKING:
     from attest.client.proxy import proxy_app
@@ -81,13 +98,20 @@ __all__ = [
     "CONFIG_PATH",
     "AciVerdict",
     "AsyncVerifyingTransport",
+    "AttestationError",
     "AttestedAsyncOpenAI",
     "AttestedOpenAI",
+    "ConfigError",
+    "Error",
+    "MalformedEvidence",
     "NoVerifiedReplica",
+    "NotAnEnclave",
+    "PolicyViolation",
     "Replica",
     "ServerRefused",
     "Verdict",
     "VerificationBundle",
+    "VerificationError",
     "VerificationUnavailable",
     "VerifiedServer",
     "Verifier",
@@ -99,6 +123,7 @@ __all__ = [
     "probe",
     "proxy_app",
     "replica_of",
+    "server_base_url",
     "verified_async_client",
     "verified_client",
     "verify_aci_report",

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from cryptography import x509
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from attest.client.verdict import ServerRefused, Verdict, verify_document
 from attest.document import NONCE_SIZE, AttestationDocument, DocumentCheck
-from attest.errors import MalformedEvidence, VerificationUnavailable
+from attest.errors import MalformedEvidence, VerificationUnavailable, connection_failure
 from attest.evidence import TeeKind
 from attest.runconfig import RunConfiguration
 from attest.verify.workload import WorkloadPolicy
@@ -41,10 +42,12 @@ __all__ = [
     "ATTESTATION_PATH",
     "BUNDLE_FORMAT",
     "CONFIG_PATH",
+    "NotAnEnclave",
     "VerificationBundle",
     "VerifiedServer",
     "fetch_bundle",
     "peer_identity",
+    "server_base_url",
     "unverified_tls_context",
     "verify_bundle",
     "verify_server",
@@ -54,6 +57,44 @@ ATTESTATION_PATH = "/.well-known/enclave-serve/attestation"
 CONFIG_PATH = "/.well-known/enclave-serve/config"
 #: Format of a saved verification bundle (``verify --save``).
 BUNDLE_FORMAT = "enclave-serve/verification-bundle/v1"
+#: The OpenAI API's prefix: the URL an OpenAI client is given, not the server's base URL.
+OPENAI_PREFIX = "/v1"
+#: What a server without enclave-serve's attestation route answers for it.
+_NO_SUCH_ROUTE = frozenset({404, 405})
+
+
+def server_base_url(url: str) -> str:
+    """Return the server's base URL: ``url`` without a trailing ``/`` or OpenAI ``/v1`` (``/v1/``).
+
+    ``enclave-serve serve`` prints ``https://host:port/v1`` for OpenAI clients; the attestation
+    routes live beside ``/v1``, under ``/.well-known/``.
+    """
+    base = url.rstrip("/")
+    return base.removesuffix(OPENAI_PREFIX) if base.endswith(OPENAI_PREFIX) else base
+
+
+class NotAnEnclave(ServerRefused):
+    """The server answered, but it has no enclave-serve attestation (a plain vLLM, another server).
+
+    A verdict, not an outage: it is refused (``enclave-serve verify`` exits 1). ``verdict`` holds
+    one failed ``document`` step that says what answered.
+    """
+
+    def __init__(self, url: str, status: int) -> None:
+        path = urlsplit(url).path.rstrip("/")
+        hint = (
+            f"; if it is one, give its base URL (without {path}), e.g. "
+            f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
+            if path
+            else ""
+        )
+        detail = (
+            f"{url} answered HTTP {status} for {ATTESTATION_PATH}: it is not an enclave-serve server "
+            f"(a plain vLLM or other OpenAI server has no attestation), so nothing about it is "
+            f"verified{hint}"
+        )
+        super().__init__(Verdict(steps=(DocumentCheck(name="document", ok=False, detail=detail),)))
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,20 +219,28 @@ def fetch_bundle(
 ) -> VerificationBundle:
     """Fetch a fresh attestation document (for a new random nonce) and the run configuration.
 
+    ``base_url`` may be the OpenAI URL (``https://host:port/v1``): the ``/v1`` is dropped.
+
     Raises:
-        VerificationUnavailable: the server is unreachable or answers an error.
+        NotAnEnclave: the server answered, but has no attestation route (404/405): refused.
+        VerificationUnavailable: the server is unreachable or answers an error; the message names
+            the address and what happened there (refused, timed out, plain HTTP, TLS).
         MalformedEvidence: the document is not JSON.
     """
     nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
-    base = base_url.rstrip("/")
+    base = server_base_url(base_url)
     client = http_client or httpx.Client(verify=unverified_tls_context(), timeout=timeout)
     try:
 
         def get(url: str, **kw: Any) -> httpx.Response:
             try:
                 response = client.get(url, **kw)
+            except httpx.TransportError as exc:
+                raise VerificationUnavailable(connection_failure(exc, url=url).text) from exc
             except httpx.HTTPError as exc:
                 raise VerificationUnavailable(f"cannot reach {url}: {exc}") from exc
+            if response.status_code in _NO_SUCH_ROUTE and url.startswith(base + ATTESTATION_PATH):
+                raise NotAnEnclave(base, response.status_code)
             if response.status_code != 200:
                 raise VerificationUnavailable(
                     f"the server answered {response.status_code} for {url}: {response.text[:500]}"
@@ -209,7 +258,7 @@ def fetch_bundle(
         if http_client is None:
             client.close()
     return VerificationBundle(
-        url=base_url,
+        url=base,
         nonce=nonce,
         tls_spki_sha256=None if peer is None else peer[0],
         tls_certificate_pem=None if peer is None else peer[1],

@@ -51,6 +51,7 @@ import httpx
 from attest.client.remote import (
     ATTESTATION_PATH,
     CONFIG_PATH,
+    NotAnEnclave,
     VerificationBundle,
     VerifiedServer,
     peer_identity,
@@ -166,7 +167,11 @@ def _collect(path: str, chunks: Iterable[bytes], body: bytearray) -> None:
             raise VerificationUnavailable(f"the answer to {path} is larger than {MAX_DOCUMENT_BYTES} bytes")
 
 
-def _status_error(status: int, path: str, body: bytes) -> VerificationUnavailable:
+def _status_error(status: int, host: str, port: int, path: str, body: bytes) -> AttestationError:
+    """The error for a non-200 answer: no attestation route is a refusal, anything else an outage."""
+    if path.startswith(ATTESTATION_PATH) and status in (404, 405):
+        authority = f"[{host}]" if ":" in host else host
+        return NotAnEnclave(f"https://{authority}:{port}", status)
     return VerificationUnavailable(
         f"the replica answered {status} for {path}: {body[:300].decode(errors='replace')}"
     )
@@ -186,7 +191,7 @@ def _get(conn: httpcore.HTTP11Connection, host: str, port: int, path: str, timeo
     except _HTTPCORE_ERRORS as exc:
         raise VerificationUnavailable(f"the replica broke off the answer to {path}: {exc!r}") from exc
     if response.status != 200:
-        raise _status_error(response.status, path, bytes(body))
+        raise _status_error(response.status, host, port, path, bytes(body))
     return bytes(body)
 
 
@@ -427,7 +432,7 @@ async def _aget(
     except _HTTPCORE_ERRORS as exc:
         raise VerificationUnavailable(f"the replica broke off the answer to {path}: {exc!r}") from exc
     if response.status != 200:
-        raise _status_error(response.status, path, bytes(body))
+        raise _status_error(response.status, host, port, path, bytes(body))
     return bytes(body)
 
 

@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from attest.binding import document_device_nonce
+from attest.client.wording import for_python
 from attest.document import CLOCK_SKEW_S, DOCUMENT_FORMAT, AttestationDocument, DocumentCheck
 from attest.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationError
 from attest.evidence import Evidence, TeeKind
@@ -123,11 +124,19 @@ class Verdict(StepsVerdict):
 
 
 class ServerRefused(PolicyViolation):
-    """The server did not verify; ``verdict`` holds every step (``str()`` names the failures)."""
+    """The server did not verify; ``verdict`` holds every step.
+
+    ``str()`` names the failed steps in Python's words (``allow_insecure=True``, for a caller of
+    the Python API); :attr:`cli_message` is the same text with the command line's flags
+    (``--allow-insecure-sample-tee``), which ``enclave-serve`` prints.
+    """
 
     def __init__(self, verdict: Verdict) -> None:
-        super().__init__("; ".join(f"{s.name}: {s.detail}" for s in verdict.failures) or "not verified")
+        message = "; ".join(f"{s.name}: {s.detail}" for s in verdict.failures) or "not verified"
+        super().__init__(for_python(message))
         self.verdict = verdict
+        #: The message naming the CLI's flags (``str()`` names the Python arguments).
+        self.cli_message = message
 
 
 def evidence_summary(result: VerificationResult) -> str:
@@ -391,7 +400,11 @@ def verify_document(
             now=None if now is None else now.timestamp(),
         )
     except AttestationError as exc:
-        return failed(str(exc).split(":", 1)[0] if ":" in str(exc) else "binding", exc, document=document)
+        # check_binding names the step first ("tee: the server runs ..."): the step, then the rest.
+        name, sep, rest = str(exc).partition(": ")
+        detail = rest if sep else str(exc)
+        steps.append(DocumentCheck(name=name if sep else "binding", ok=False, detail=detail))
+        return Verdict(steps=tuple(steps), warnings=tuple(warnings), document=document)
     # (6) the configuration the server publishes is the attested one
     try:
         if hashlib.sha256(config_bytes).hexdigest() != document.claims.config_sha256:

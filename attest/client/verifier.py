@@ -35,6 +35,7 @@ from pathlib import Path
 
 from attest.client.remote import VerificationBundle, VerifiedServer, verify_bundle
 from attest.client.verdict import ServerRefused, Verdict
+from attest.client.wording import for_python
 from attest.document import NONCE_SIZE
 from attest.errors import AttestationError, ConfigError, PolicyViolation
 from attest.evidence import TeeKind
@@ -92,11 +93,19 @@ class NoVerifiedReplica(ServerRefused):
         assert isinstance(first, ServerRefused)
         super().__init__(first.verdict)
         self.replicas = replicas
-        reasons = "; ".join(dict.fromkeys(f"{(r.spki_sha256 or '?')[:16]}…: {r.error}" for r in replicas))
-        self.args = (
-            f"no replica behind {address} verified in {len(replicas)} connection(s): {reasons}. "
-            "Check the policy (enclave-serve verify URL --replicas N shows each replica)",
+        reasons = "; ".join(
+            dict.fromkeys(f"{(r.spki_sha256 or '?')[:16]}…: {_cli_text(r.error)}" for r in replicas)
         )
+        self.cli_message = (
+            f"no replica behind {address} verified in {len(replicas)} connection(s): {reasons}. "
+            "Check the policy (enclave-serve verify URL --replicas N shows each replica)"
+        )
+        self.args = (for_python(self.cli_message),)
+
+
+def _cli_text(error: object) -> str:
+    """An error's text in the CLI's words (a :class:`ServerRefused` keeps them apart)."""
+    return error.cli_message if isinstance(error, ServerRefused) else str(error)
 
 
 def _policy(policy: WorkloadPolicy | str | PathLike[str] | None) -> WorkloadPolicy | None:

@@ -18,11 +18,29 @@ The dev server is not imported here (it pulls in FastAPI and uvicorn); import
 
 from __future__ import annotations
 
-from attest.kbs.admin import KbsAdminClient
-from attest.kbs.client import KbsAttestation, KbsClient, TokenTransport
-from attest.kbs.retry import Deadline, RetryPolicy
-from attest.kbs.teekey import TeeKeyKind, TeeKeyPair
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from attest.kbs.uri import ResourceUri
+
+if TYPE_CHECKING:
+    from attest.kbs.admin import KbsAdminClient
+    from attest.kbs.client import KbsAttestation, KbsClient, TokenTransport
+    from attest.kbs.retry import Deadline, RetryPolicy
+    from attest.kbs.teekey import TeeKeyKind, TeeKeyPair
+
+#: Imported on first use: the client and the TEE key need jwcrypto, which a client-only install
+#: (``enclave-serve verify``, whose packages parse ``kbs:///`` URIs) does not have.
+_LAZY = {
+    "Deadline": "attest.kbs.retry",
+    "RetryPolicy": "attest.kbs.retry",
+    "KbsAdminClient": "attest.kbs.admin",
+    "KbsAttestation": "attest.kbs.client",
+    "KbsClient": "attest.kbs.client",
+    "TeeKeyKind": "attest.kbs.teekey",
+    "TeeKeyPair": "attest.kbs.teekey",
+    "TokenTransport": "attest.kbs.client",
+}
 
 __all__ = [
     "Deadline",
@@ -35,3 +53,11 @@ __all__ = [
     "TeeKeyPair",
     "TokenTransport",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the KBS client, the admin client, the retries and the TEE key on first use."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

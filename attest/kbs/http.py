@@ -14,23 +14,60 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from attest.errors import ConfigError
+from attest.errors import ConfigError, connection_failure
 from attest.kbs.wire import ErrorInformation, WireFormatError
 
-__all__ = ["error_information", "make_http_client", "normalize_base_url"]
+__all__ = [
+    "PlainHttpAnswer",
+    "check_base_url",
+    "describe_transport_error",
+    "error_information",
+    "make_http_client",
+    "normalize_base_url",
+]
 
 logger = logging.getLogger(__name__)
 
 
-def normalize_base_url(url: str, *, what: str) -> str:
+def check_base_url(url: str, *, what: str, setting: str | None = None) -> str:
+    """Return why ``url`` is not an ``http(s)://host[:port]`` base URL, or "" when it is one.
+
+    ``what`` names the service ("KBS") and ``setting`` where the URL came from (``--kbs-url``),
+    so that the message says what to change. Pure: used where settings are resolved (before any
+    I/O) and again by the clients.
+    """
+    named = f"{what} URL {url!r}" + (f" ({setting})" if setting else "")
+    parts = urlsplit(url)
+    if "://" not in url:
+        return (
+            f"{named} has no scheme: give http://{url} (development only, the token travels in clear) "
+            f"or https://{url}"
+        )
+    if parts.scheme not in ("http", "https"):
+        return f"{named} has the scheme {parts.scheme}://; only http:// and https:// are supported"
+    try:
+        port = parts.port
+    except ValueError:
+        return f"{named} has an invalid port: give https://host:port with a port from 1 to 65535"
+    if not parts.hostname:
+        return f"{named} names no host: give it as https://host:port"
+    if port == 0:
+        return f"{named} has port 0: give the port the service listens on"
+    if parts.query or parts.fragment:
+        return f"{named} carries a query or fragment: give only https://host:port"
+    return ""
+
+
+def normalize_base_url(url: str, *, what: str, setting: str | None = None) -> str:
     """Return ``url`` without a trailing slash after checking it is ``http(s)://host[:port]``.
 
     Raises:
-        ConfigError: not an absolute http(s) URL, or it carries a query or fragment.
+        ConfigError: not an absolute http(s) URL, or it carries a query or fragment; the message
+            names ``what`` and ``setting`` and says what to give instead.
     """
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"{what} URL {url!r} must look like https://host:port")
+    problem = check_base_url(url, what=what, setting=setting)
+    if problem:
+        raise ConfigError(problem)
     return url.rstrip("/")
 
 
@@ -55,3 +92,26 @@ def error_information(response: httpx.Response) -> ErrorInformation | None:
         return ErrorInformation.from_json(response.content)
     except WireFormatError:
         return None
+
+
+class PlainHttpAnswer(Exception):
+    """A TLS handshake reached a server that answered plain HTTP (``str()`` says what to use)."""
+
+
+def describe_transport_error(exc: httpx.TransportError) -> str:
+    """Return one line naming the address (scheme, host, port) and what happened there.
+
+    See :func:`attest.errors.connection_failure` for what is recognised.
+
+    Raises:
+        PlainHttpAnswer: the request was ``https://`` and the server answered plain HTTP: a
+            misconfiguration that retrying cannot fix (the message says which URL to use).
+    """
+    try:
+        url = str(exc.request.url)
+    except RuntimeError:  # raised without a request: no address to name
+        url = ""
+    failure = connection_failure(exc, url=url)
+    if failure.final:
+        raise PlainHttpAnswer(failure.text)
+    return failure.text

@@ -35,8 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         usage="enclave-serve initdata MODEL --expect-model DIGEST|DIR --key-id URI --kbs-url URL "
         "(--agent-policy FILE | --allow-insecure-agent-policy) [--image-facts FILE] [--env NAME=VALUE]... "
         "[run options] -o FILE [-- VLLM_ARGS...]",
-        description="Every attested option of 'enclave-serve run' can be given here; the enclave then "
-        "takes it from the init-data (docs/configuration.md).",
+        description="Write the CoCo init-data the pod is launched with: the model (where the enclave "
+        "finds it and its identity), the key resource and KBS, the Kata agent policy, the software the "
+        "image runs, every attested setting, the vLLM options (after '--') and the attested environment. "
+        "Print its digest (what TDX MRCONFIGID or SNP HOST_DATA will hold) and the digest of the run "
+        "configuration the enclave will claim, for the workload policy. Every attested option of "
+        "'enclave-serve run' can be given here; the enclave then takes it from the init-data "
+        "(docs/configuration.md).",
     )
     p.add_argument(
         "model",
@@ -72,7 +77,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="DEVELOPMENT ONLY: an agent policy that pins nothing about the container",
     )
-    p.add_argument("--algorithm", choices=["sha256", "sha384", "sha512"], default="sha384")
+    p.add_argument(
+        "--algorithm",
+        choices=["sha256", "sha384", "sha512"],
+        default="sha384",
+        help="the init-data digest's algorithm, as the file declares it (default: sha384; TDX "
+        "MRCONFIGID and SNP HOST_DATA hold the digest, zero-padded or truncated to their size)",
+    )
     p.add_argument("-o", "--output", type=Path, required=True, help="init-data TOML to write")
     p.add_argument("--json", action="store_true", help="print the digests as one JSON object")
     add_arguments(p, attested_only=True)
@@ -138,7 +149,6 @@ def run(args: argparse.Namespace) -> int:
     from attest.errors import ConfigError, MalformedEvidence
     from attest.evidence import TeeKind
     from attest.initdata import ENCLAVE_SERVE_ENTRY, INITDATA_ANNOTATION, InitData, WorkloadPins
-    from attest.kbs.uri import ResourceUri
     from runtime.config import RunConfig
     from runtime.facts import load_image_facts, runtime_versions
     from runtime.settings import declared_settings, given_settings, read_ca_bundle
@@ -153,10 +163,9 @@ def run(args: argparse.Namespace) -> int:
     key_id = config.key_id or manifest_key
     if key_id is None:
         raise ConfigError("--key-id is required: the KBS resource of the model's key")
-    try:
-        ResourceUri.parse(key_id)
-    except ValueError as exc:
-        raise ConfigError(f"--key-id is not a kbs:/// URI: {exc}") from exc
+    from loader.manifest import parse_key_resource
+
+    parse_key_resource(key_id)  # the check pack and run make: what one accepts, the others do
     from runtime.vllm_args import secret_options
 
     if secret_options(config.vllm_args):

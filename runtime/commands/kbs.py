@@ -99,7 +99,17 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Dispatch the ``kbs`` subcommand."""
+    """Dispatch the ``kbs`` subcommand.
+
+    Raises:
+        ConfigError: ``--url`` is not an http(s) base URL (named before any connection), or a file
+            or resource path cannot be used.
+    """
+    from attest.kbs.http import check_base_url
+
+    problem = check_base_url(args.url, what="KBS", setting="--url")
+    if problem:
+        raise ConfigError(problem)
     if args.kbs_command == "fetch":
         return _fetch(args)
     from attest.kbs.admin import KbsAdminClient

@@ -172,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
             "kbs-dev: WARNING: --allow-insecure-sample-evidence releases keys to unsigned evidence",
             file=sys.stderr,
         )
-    serve(
+    stopped_by = serve(
         config, host=args.host, port=args.port, tls_cert=args.tls_cert, tls_key=args.tls_key, on_ready=ready
     )
-    return 0
+    if stopped_by is not None:
+        print(f"kbs-dev stopped on {stopped_by}", flush=True)
+    return 0  # a requested stop

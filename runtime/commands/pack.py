@@ -17,17 +17,21 @@ import argparse
 import os
 import re
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from attest.errors import ConfigError
 from attest.secret import SecretBytes
 from loader.canary import CANARY_DEVICES, CANARY_DTYPES, CANARY_ENGINES, CanaryReference
-from loader.format import DEFAULT_CHUNK_SIZE, MODEL_KEY_SIZE
-from loader.packer import generate_model_key, pack_model
+from loader.format import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MODEL_KEY_SIZE
+from loader.manifest import parse_key_resource
+from loader.packer import SourceModel, check_destination, check_source, generate_model_key, pack_model
 
 __all__ = [
     "add_parser",
+    "canary_plan",
     "parse_size",
     "run",
 ]
@@ -91,8 +95,9 @@ def add_parser(subparsers: Any) -> None:
         "--canary-dtype",
         choices=("auto", *CANARY_DTYPES),
         default="auto",
-        help="the dtype of the canary computation: the one the model will be served in; auto: the "
-        "model's own (what vLLM serves by default; float32 for transformers on the CPU)",
+        help="the dtype the canary loads the model in: the one it will be served in; auto: the "
+        "model's own as its config.json names it (what vLLM serves by default; bfloat16 for most "
+        "models, half the memory of float32), float32 where it names none",
     )
     p.set_defaults(func=run)
 
@@ -104,8 +109,23 @@ def _read_key(path: Path) -> SecretBytes:
     except OSError as exc:
         raise ConfigError(f"cannot read key file {path}: {exc.strerror}") from None
     if len(data) != MODEL_KEY_SIZE:
-        raise ConfigError(f"key file {path} must hold exactly {MODEL_KEY_SIZE} raw bytes")
+        raise ConfigError(
+            f"key file {path} must hold exactly {MODEL_KEY_SIZE} raw bytes (it holds "
+            f"{'more' if len(data) > MODEL_KEY_SIZE else len(data)}): give the raw key pack "
+            "--generate-key wrote, not a hex or base64 text of it"
+        )
     return SecretBytes(data)
+
+
+def _check_new_key_path(path: Path) -> None:
+    """Refuse a --generate-key path that cannot be created, before anything is computed."""
+    if path.exists() or path.is_symlink():
+        raise ConfigError(f"{path} already exists; use --key-file to reuse a key")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create key file {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot create key file {path}: no permission to write in {parent}")
 
 
 def _write_new_key(path: Path) -> SecretBytes:
@@ -131,7 +151,9 @@ def _run_oci(args: argparse.Namespace) -> int:
         raise ConfigError(
             "pack --oci takes no key: skopeo encrypts the layout for the recipient's public key"
         )
-    result = pack_oci_layout(args.src, args.dst, overwrite=args.force, canary=_canary(args))
+    check_destination(args.src, args.dst, overwrite=args.force)
+    source = check_source(args.src)
+    result = pack_oci_layout(args.src, args.dst, overwrite=args.force, canary=_canary(args, source))
     print(f"wrote the plain OCI image layout {result.layout} ({result.layers} layers, tag latest)")
     print(f"plain manifest: {result.digest} (encrypting gives a new digest: pin that one)")
     print(
@@ -141,40 +163,91 @@ def _run_oci(args: argparse.Namespace) -> int:
     return 0
 
 
-def _canary(args: argparse.Namespace) -> CanaryReference | None:
+def _bytes(n: int) -> str:
+    """``1.3 GB``, ``855 kB``: decimal units, three significant digits."""
+    value = float(n)
+    for prefix in ("", "k", "M", "G"):
+        if value < 1000:
+            return f"{value:.3g} {prefix}B"
+        value /= 1000
+    return f"{value:.3g} TB"
+
+
+def _parameters(n: int) -> str:
+    """``0.427M``, ``8.03B``."""
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
+
+
+def canary_plan(source: SourceModel, *, engine: str, device: str, dtype: str) -> str:
+    """Return the line ``pack`` prints before the canary: what it loads, where, and its memory."""
+    where = "" if engine == "vllm" else f" on {device}"  # vLLM runs where it was built for
+    return (
+        f"canary: loading {_parameters(source.parameters)} parameters with {engine}{where} in "
+        f"{dtype}: about {_bytes(source.weight_bytes(dtype))} of memory for the weights (plus the "
+        "engine's own); --canary-dtype chooses the dtype, --no-canary skips the canary"
+    )
+
+
+def _canary(
+    args: argparse.Namespace,
+    source: SourceModel,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    out: TextIO | None = None,
+) -> CanaryReference | None:
     if args.no_canary:
         return None
-    from loader.canary import compute_reference, default_canary_device, vllm_available
+    from loader.canary import canary_dtype, compute_reference, default_canary_device, vllm_available
 
+    out = out or sys.stderr
     engine = (
         ("vllm" if vllm_available() else "transformers")
         if args.canary_engine == "auto"
         else args.canary_engine
     )
     device = default_canary_device() if args.canary_device == "auto" else args.canary_device
-    dtype = None if args.canary_dtype == "auto" else args.canary_dtype
-    reference = compute_reference(args.src, device=device, dtype=dtype, engine=engine)
-    print(f"canary: {len(reference.token_ids)} reference tokens ({reference.reference})", file=sys.stderr)
+    dtype = canary_dtype(source.directory, None if args.canary_dtype == "auto" else args.canary_dtype)
+    print(canary_plan(source, engine=engine, device=device, dtype=dtype), file=out, flush=True)
+    start = clock()
+    reference = compute_reference(source.directory, device=device, dtype=dtype, engine=engine)
+    print(
+        f"canary: {len(reference.token_ids)} reference tokens ({reference.reference}) in "
+        f"{clock() - start:.1f} s",
+        file=out,
+        flush=True,
+    )
     return reference
 
 
 def run(args: argparse.Namespace) -> int:
-    """Pack; print the model identity and key id (never the key)."""
+    """Pack; print the model identity and key id (never the key).
+
+    Checks everything cheap first, in well under a second (arguments, the key id as ``run``
+    parses it, the key file, the destination, the source's config and safetensors headers), then
+    computes the canary (its memory printed first), then encrypts.
+    """
     if args.oci:
         return _run_oci(args)
     if not args.key_id or (args.key_file is None and args.generate_key is None):
         raise ConfigError("pack needs --key-id and one of --key-file / --generate-key (or --oci)")
+    parse_key_resource(args.key_id)  # what run will accept
     chunk_size = parse_size(args.chunk_size)
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ConfigError(f"--chunk-size must be between {MIN_CHUNK_SIZE} and {MAX_CHUNK_SIZE} bytes")
     if args.threads is not None and args.threads < 1:
         raise ConfigError("--threads must be at least 1")
     generated = args.generate_key is not None
-    if generated and args.dst.exists() and not args.force:
-        raise ConfigError(f"{args.dst} already exists; pass --force to replace it")
-    canary = _canary(args)  # before a key exists: a model that will not load leaves nothing behind
+    if generated:
+        _check_new_key_path(args.generate_key)
+    else:
+        _read_key(args.key_file).wipe()  # its size now; read again when needed
+    check_destination(args.src, args.dst, overwrite=args.force)
+    source = check_source(args.src)
+    canary = _canary(args, source)  # before a key exists: a model that will not load leaves nothing behind
     key = _write_new_key(args.generate_key) if generated else _read_key(args.key_file)
     try:
         manifest = pack_model(
-            args.src,
+            source,
             args.dst,
             key=key,
             key_id=args.key_id,

@@ -33,9 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     record.add_argument("--tdx-collateral", type=Path, metavar="FILE", help="DCAP collateral for TDX")
     record.add_argument("--force", action="store_true", help="overwrite the output file")
     show = actions.add_parser("show", help="explain a policy rule by rule")
-    show.add_argument("file", type=Path)
+    show.add_argument("file", type=Path, metavar="POLICY", help="the workload policy file (TOML)")
     trustee = actions.add_parser("trustee", help="export a policy for a real Trustee KBS")
-    trustee.add_argument("file", type=Path)
+    trustee.add_argument(
+        "file", type=Path, metavar="POLICY", help="the workload policy file (TOML) to export"
+    )
     trustee.add_argument(
         "--init-data",
         type=Path,

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         first = verify_first(verifier, args.url)
     except ServerRefused as exc:
-        print(f"enclave-serve proxy: not verified: {exc}", file=sys.stderr)
+        print(f"enclave-serve proxy: not verified: {exc.cli_message}", file=sys.stderr)
         return EXIT_NOT_VERIFIED
     except Error as exc:
         print(f"enclave-serve proxy: could not check {args.url}: {exc}", file=sys.stderr)

@@ -216,7 +216,7 @@ def _digest(value: str | None, flag: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    from attest.client.remote import VerificationBundle, fetch_bundle, verify_bundle
+    from attest.client.remote import VerificationBundle, fetch_bundle, server_base_url, verify_bundle
     from attest.client.verdict import ServerRefused, Verdict
     from attest.errors import ConfigError, Error, MalformedEvidence, VerificationUnavailable
 
@@ -245,18 +245,14 @@ def run(args: argparse.Namespace) -> int:
         options = _verification_options(args)
     except ConfigError as exc:
         return unavailable(str(exc))
-    try:
-        if args.offline is not None:
-            bundle = VerificationBundle.from_json(json.loads(args.offline.read_text()))
+
+    def refused(exc: ServerRefused, url: str) -> int:
+        if args.json:
+            print(json.dumps({"url": url, **offline_json(exc.verdict), **exc.verdict.to_json()}, indent=2))
         else:
-            bundle = fetch_bundle(args.url)
-            if args.save is not None:
-                args.save.write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
-    except (VerificationUnavailable, OSError, ValueError) as exc:
-        return unavailable(str(exc))
-    except MalformedEvidence as exc:
-        return unavailable(f"the server's answer is malformed: {exc}")
-    url = bundle.url
+            print_verdict(exc.verdict, url=url, offline=args.offline)
+            print(f"enclave-serve verify: {exc.cli_message}", file=sys.stderr)
+        return EXIT_NOT_VERIFIED
 
     def offline_json(verdict: Verdict) -> dict[str, object]:
         # A saved bundle's URL is whatever the file says; its age is the document's own.
@@ -271,6 +267,21 @@ def run(args: argparse.Namespace) -> int:
         }
 
     try:
+        if args.offline is not None:
+            bundle = VerificationBundle.from_json(json.loads(args.offline.read_text()))
+        else:
+            bundle = fetch_bundle(args.url)
+            if args.save is not None:
+                args.save.write_text(json.dumps(bundle.to_json(), indent=2) + "\n")
+    except ServerRefused as exc:  # reachable, but not an enclave (no attestation route)
+        return refused(exc, server_base_url(args.url))
+    except (VerificationUnavailable, OSError, ValueError) as exc:
+        return unavailable(str(exc))
+    except MalformedEvidence as exc:
+        return unavailable(f"the server's answer is malformed: {exc}")
+    url = bundle.url
+
+    try:
         verified = verify_bundle(
             bundle,
             **options,
@@ -279,12 +290,7 @@ def run(args: argparse.Namespace) -> int:
             max_age_s=max_age_s,
         )
     except ServerRefused as exc:
-        if args.json:
-            print(json.dumps({"url": url, **offline_json(exc.verdict), **exc.verdict.to_json()}, indent=2))
-        else:
-            print_verdict(exc.verdict, url=url, offline=args.offline)
-            print(f"enclave-serve verify: {exc}", file=sys.stderr)
-        return EXIT_NOT_VERIFIED
+        return refused(exc, url)
     except Error as exc:
         return unavailable(str(exc))
     if args.json:
@@ -310,7 +316,7 @@ def print_replicas(replicas: list[Replica], *, url: str, connections: int, out: 
         elif verdict is not None:
             outcome = "NOT VERIFIED (" + ", ".join(s.name for s in verdict.failures) + ")"
         else:
-            outcome = f"COULD NOT CHECK ({replica.error})"
+            outcome = f"COULD NOT CHECK ({_cli_text(replica.error)})"
         model = "-" if claims is None else claims.model_digest
         config = "-" if claims is None else f"sha256:{claims.config_sha256}"
         print(f"{spki}  sha256//{pin}  {outcome}  model {model}  config {config}", file=stream)  # type: ignore[arg-type]
@@ -362,7 +368,7 @@ def _run_replicas(args: argparse.Namespace) -> int:
                         {
                             "tls_spki_sha256": r.spki_sha256,
                             "verified": r.ok,
-                            "error": None if r.error is None else str(r.error),
+                            "error": None if r.error is None else _cli_text(r.error),
                             **({} if r.verdict is None else {"verdict": r.verdict.to_json()}),
                         }
                         for r in replicas
@@ -380,3 +386,9 @@ def _run_replicas(args: argparse.Namespace) -> int:
     if any(isinstance(r.error, ServerRefused) for r in replicas):
         return EXIT_NOT_VERIFIED
     return 0 if all(r.ok for r in replicas) else EXIT_UNAVAILABLE
+
+
+def _cli_text(error: object) -> str:
+    """An error's text with the command line's flags (a refusal's ``str()`` names Python's arguments)."""
+    cli_message = getattr(error, "cli_message", None)
+    return cli_message if isinstance(cli_message, str) else str(error)

@@ -59,7 +59,9 @@ def test_cdh_source_errors_are_explained(tag: str, error: type[Exception], text:
 def test_cdh_down_is_unreachable_after_retries() -> None:
     slept: list[float] = []
     source = CdhKeySource(
-        url=closed_port_url(), retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.1), sleep=slept.append
+        url=closed_port_url(),
+        retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.1, jitter=0.0),
+        sleep=slept.append,
     )
     with pytest.raises(KeyBrokerUnreachable, match="gave up after 3 attempt"):
         source.fetch(KEY)

@@ -26,7 +26,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tiny: Path) -> CanaryReference:
-    return compute_reference(tiny)
+    return compute_reference(tiny, dtype="float32")  # float32 remains choosable (the default: the model's)
 
 
 def test_the_reference_is_deterministic_and_uses_the_fixed_settings(
@@ -36,11 +36,11 @@ def test_the_reference_is_deterministic_and_uses_the_fixed_settings(
     assert reference.sampling == dict(CANARY_SAMPLING)
     assert reference.sampling["top_k"] == 1 and reference.sampling["temperature"] != 1.0  # not the defaults
     assert reference.prompt_token_ids and reference.reference.startswith("transformers ")
-    assert compute_reference(tiny) == reference
+    assert compute_reference(tiny, dtype="float32") == reference
 
 
 def test_another_model_gives_other_tokens(tmp_path: Path, reference: CanaryReference) -> None:
-    other = compute_reference(build_demo_model(tmp_path / "other", seed=7))
+    other = compute_reference(build_demo_model(tmp_path / "other", seed=7), dtype="float32")
     assert other.prompt_token_ids == reference.prompt_token_ids  # same tokenizer
     assert other.token_ids != reference.token_ids
 
@@ -102,8 +102,14 @@ def test_a_manifest_packed_without_one_still_loads(tiny: Path, tmp_path: Path) -
 
 def test_a_directory_transformers_cannot_load_says_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelFormatError, match="--no-canary"):
+    with pytest.raises(ModelFormatError, match="--no-canary") as info:
         compute_reference(tmp_path)
+    assert "(ValueError: " in str(info.value)  # the cause, named
+
+
+def test_the_default_dtype_is_the_models_own(tiny: Path) -> None:
+    reference = compute_reference(tiny)  # the demo model's config says bfloat16
+    assert reference.dtype == "bfloat16" and reference.reference.endswith("bfloat16 cpu")
 
 
 def test_the_reference_names_where_it_was_computed(reference: CanaryReference) -> None:

@@ -122,7 +122,9 @@ def test_skips_files_that_may_be_plaintext_weights(
     ("kwargs", "match"),
     [
         ({"key": SecretBytes(b"short")}, "32 bytes"),
-        ({"key_id": ""}, "key id"),
+        ({"key_id": ""}, "not a kbs:/// URI"),
+        ({"key_id": "my-model-key"}, "not a kbs:/// URI"),
+        ({"key_id": "kbs://repo/type/tag"}, "three slashes"),
         ({"chunk_size": 100}, "chunk size"),
     ],
 )
@@ -185,6 +187,7 @@ def test_cli_killed_midway_leaves_no_output(tmp_path: Path) -> None:
         save_file(
             {"w": torch.ones(4 << 20, dtype=torch.float32)}, src / f"model-{i}.safetensors"
         )  # 16 MiB each
+    (src / "config.json").write_text("{}")
     dst = tmp_path / "out"
     (tmp_path / "k").write_bytes(bytes(32))
     proc = subprocess.Popen(

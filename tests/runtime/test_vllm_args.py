@@ -13,6 +13,7 @@ from runtime.vllm_args import (
     ALLOWED_OPTIONS,
     REFUSED_OPTIONS,
     RUNTIME_DEFAULTS,
+    default_served_name,
     parse_vllm_arguments,
     runtime_argv,
 )
@@ -115,8 +116,37 @@ def test_benign_options_pass_and_the_runtime_sets_its_own(parser: argparse.Argum
     assert set(result.attested) == set(ALLOWED_OPTIONS)
 
 
-def test_served_name_defaults_to_the_operators_model_argument(parser: argparse.ArgumentParser) -> None:
-    assert parse(parser, []).namespace.served_model_name == ["/models/tiny"]
+def test_served_name_defaults_to_the_model_directorys_name(parser: argparse.ArgumentParser) -> None:
+    result = parse(parser, [])
+    assert result.namespace.served_model_name == ["tiny"]
+    assert result.attested["served_model_name"] == ["tiny"]  # the name served is the name claimed
+
+
+def test_explicit_served_name_wins_over_the_default(parser: argparse.ArgumentParser) -> None:
+    assert parse(parser, ["--served-model-name", "chat"]).namespace.served_model_name == ["chat"]
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("/models/tiny-encrypted", "tiny-encrypted"),
+        ("/models/tiny-encrypted/", "tiny-encrypted"),
+        ("./tiny", "tiny"),
+        ("tiny", "tiny"),
+        ("docker://registry.example:5000/org/llama-3@sha256:" + "ab" * 32, "org/llama-3"),
+        ("docker://registry.example/llama@sha256:" + "ab" * 32, "llama"),
+        ("docker://127.0.0.1:5000/team/models/llama:v1@sha256:" + "ab" * 32, "team/models/llama"),
+        ("oci:/images/llama-enc@sha256:" + "ab" * 32, "llama-enc"),
+        ("/", ""),
+    ],
+)
+def test_default_served_name_is_the_short_name_of_the_model(model: str, name: str) -> None:
+    assert default_served_name(model) == name
+
+
+def test_served_name_default_from_the_root_directory_is_refused(parser: argparse.ArgumentParser) -> None:
+    with pytest.raises(ConfigError, match="pass --served-model-name"):
+        parse_vllm_arguments([], runtime_args=RUNTIME, side_files={}, served_model_name="/", parser=parser)
 
 
 def test_chat_template_must_be_an_authenticated_side_file(

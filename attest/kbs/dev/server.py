@@ -23,16 +23,19 @@ Every known difference from Trustee is listed in docs/kbs.md. State lives in mem
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import hmac
 import logging
 import os
 import re
+import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -456,11 +459,34 @@ def create_app(config: DevKbsConfig) -> FastAPI:
 
 
 class _AnnouncingServer(uvicorn.Server):
-    """A uvicorn server that reports the bound address once it accepts connections."""
+    """A uvicorn server that reports the bound address once it accepts connections.
+
+    SIGTERM and SIGINT stop it gracefully and :func:`serve` returns: a requested stop, not a
+    death by signal (uvicorn itself raises the signal again once stopped, exit status 143).
+    """
 
     def __init__(self, config: uvicorn.Config, on_ready: Callable[[str, int], None]) -> None:
         super().__init__(config)
         self._on_ready = on_ready
+        #: The signal that stopped the server, if one did.
+        self.stopped_by: signal.Signals | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = signal.Signals(sig)
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         await super().startup(sockets)  # type: ignore[arg-type]
@@ -481,10 +507,11 @@ def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     on_ready: Callable[[str, int], None] | None = None,
-) -> None:
+) -> str | None:
     """Run kbs-dev until interrupted; call ``on_ready(host, port)`` once it accepts connections.
 
-    ``port=0`` picks a free port (reported through ``on_ready``).
+    ``port=0`` picks a free port (reported through ``on_ready``). Returns the name of the signal
+    that stopped it (``SIGTERM``, ``SIGINT``), if one did.
 
     Raises:
         ValueError: only one of ``tls_cert`` / ``tls_key`` is given.
@@ -503,3 +530,4 @@ def serve(
     )
     server = _AnnouncingServer(uv_config, on_ready or (lambda h, p: None))
     server.run()
+    return None if server.stopped_by is None else server.stopped_by.name
