@@ -48,6 +48,11 @@ LANGUAGES = ("sh", "console", "python")
 DIRECTIVE = re.compile(r"<!--\s*doc-test:\s*(?P<kind>parse-only)\s+(?P<reason>.+?)\s*-->\s*\Z", re.DOTALL)
 #: Placeholders in documented commands: an elided argument.
 PLACEHOLDER = re.compile(r"…|\.\.\.|<[^>]*>|\bDIGEST\b|\$\{?[A-Z_]+")
+#: What a reader's shell passes on to the commands (anything else the test process holds is left out).
+READER_ENVIRONMENT = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "TMPDIR", "TZ",
+     "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PIP_CERT"}
+)  # fmt: skip
 #: How long one block may run.
 BLOCK_TIMEOUT_S = 600
 
@@ -74,11 +79,11 @@ class Workspace:
         for entry in REPO.iterdir():
             if entry.name not in (".git",) and not (root / entry.name).exists():
                 (root / entry.name).symlink_to(entry)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
-        env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-        env.pop(
-            "PYTHONPATH", None
-        )  # as a reader's shell: the package comes from .venv (the runtime refuses it)
+        # A reader's login shell, not this test process's environment: imports in the test
+        # process change it (opencv, imported with vLLM, appends to LD_LIBRARY_PATH), and the
+        # runtime and `image-facts` read the environment.
+        env = {k: v for k, v in os.environ.items() if k in READER_ENVIRONMENT or k.startswith("LC_")}
+        env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', os.defpath)}"
         return cls(path=root, env=env)
 
     def close(self) -> None:

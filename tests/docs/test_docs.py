@@ -62,3 +62,16 @@ def test_a_console_block_checks_the_documented_output_and_exit_status(tmp_path: 
     doc.write_text("```console\n$ false\n$ echo $?\n0\n```\n")
     with pytest.raises(Exception, match="documented: 0"):
         run_document(doc, tmp_path / "ws")
+
+
+def test_blocks_see_a_readers_environment_not_the_test_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's opencv appends to LD_LIBRARY_PATH in the process that imports it; a reader's shell
+    has no such thing, and `image-facts` would record it (CI failed on exactly this)."""
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/somewhere/cv2/../../lib64:")
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        '```console\n$ echo "[${LD_LIBRARY_PATH:-}]"\n[]\n$ command -v enclave-serve\n…/.venv/bin/enclave-serve\n```\n'
+    )
+    assert run_document(doc, tmp_path / "ws").ran
