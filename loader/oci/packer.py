@@ -81,6 +81,24 @@ def _tar_layer(root: Path, src: Path, names: list[str]) -> tuple[str, int]:
     return f"sha256:{digest}", writer.size
 
 
+def check_flat_model(src: Path) -> tuple[list[str], list[str]]:
+    """The shards and side files of ``src``, refusing files in subdirectories (cheap: names only).
+
+    ``pack --oci`` calls it before the canary, and :func:`pack_oci_layout` again.
+
+    Raises:
+        ConfigError: a file lies in a subdirectory (images carry the model directory's top level).
+    """
+    shards, plain = scan_model_dir(src)
+    nested = [n for n in shards + plain if "/" in n]
+    if nested:
+        raise ConfigError(
+            f"files in subdirectories are not loaded from images: {', '.join(nested[:5])}: move them to "
+            "the top of the model directory or leave them out"
+        )
+    return shards, plain
+
+
 def pack_oci_layout(
     src: Path,
     out: Path,
@@ -98,12 +116,7 @@ def pack_oci_layout(
         ConfigError: ``src`` has no safetensors or no config.json, or ``out`` exists (without
             ``overwrite``).
     """
-    shards, plain = scan_model_dir(src)
-    nested = [n for n in shards + plain if "/" in n]
-    shards = [n for n in shards if "/" not in n]
-    plain = [n for n in plain if "/" not in n]
-    if nested:
-        raise ConfigError(f"files in subdirectories are not loaded from images: {', '.join(nested[:5])}")
+    shards, plain = check_flat_model(src)
     if not shards or "config.json" not in plain:
         raise ConfigError(f"{src} has no safetensors shards or no config.json")
     if out.exists() and not overwrite:

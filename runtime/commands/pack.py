@@ -145,7 +145,7 @@ def _write_new_key(path: Path) -> SecretBytes:
 
 
 def _run_oci(args: argparse.Namespace) -> int:
-    from loader.oci.packer import pack_oci_layout
+    from loader.oci.packer import check_flat_model, pack_oci_layout
 
     if args.key_id or args.key_file or args.generate_key:
         raise ConfigError(
@@ -153,6 +153,7 @@ def _run_oci(args: argparse.Namespace) -> int:
         )
     check_destination(args.src, args.dst, overwrite=args.force)
     source = check_source(args.src)
+    check_flat_model(args.src)  # before the canary, like every cheap check
     result = pack_oci_layout(args.src, args.dst, overwrite=args.force, canary=_canary(args, source))
     print(f"wrote the plain OCI image layout {result.layout} ({result.layers} layers, tag latest)")
     print(f"plain manifest: {result.digest} (encrypting gives a new digest: pin that one)")

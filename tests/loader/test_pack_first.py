@@ -284,3 +284,15 @@ def test_pack_oci_validates_before_the_canary_too(
     with pytest.raises(ModelFormatError, match="is truncated"):
         pack.run(pack_args(copy, tmp_path / "layout", "--oci"))
     assert engine.calls == [] and not (tmp_path / "layout").exists()
+
+
+def test_pack_oci_refuses_files_in_subdirectories_before_the_canary(
+    copy: Path, tmp_path: Path, engine: CanaryEngineDouble
+) -> None:
+    (copy / "extra").mkdir()
+    (copy / "extra" / "notes.json").write_text("{}")
+    with pytest.raises(
+        ConfigError, match=r"files in subdirectories are not loaded from images: extra/notes\.json"
+    ):
+        pack.run(pack_args(copy, tmp_path / "layout", "--oci"))
+    assert engine.calls == [] and not (tmp_path / "layout").exists()
