@@ -28,7 +28,7 @@ from loader.canary import CanaryReference
 from loader.oci.image import LABEL_CANARY, LABEL_LAYERS, OCI_CONFIG, OCI_MANIFEST
 from loader.packer import scan_model_dir
 
-__all__ = ["OciPackResult", "pack_oci_layout"]
+__all__ = ["OciPackResult", "check_flat_model", "pack_oci_layout"]
 
 _LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"
 _BLOCK = 8 << 20
