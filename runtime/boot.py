@@ -72,6 +72,7 @@ from attest.verify import collateral_from_json
 from loader.keyhandoff import KeyHandoffServer, LoadReport
 from runtime.config import RunConfig
 from runtime.environment import apply_environment, decide_environment
+from runtime.kv_cache import cpu_kv_cache_default
 from runtime.mounts import parse_mountinfo, read_mountinfo
 from runtime.prepare import Prepared, prepare, runtime_versions
 from runtime.private import PrivateDirectory
@@ -532,6 +533,12 @@ class Runtime:
         args = prepared.vllm.namespace
         ranks = prepared.ranks
         digest = prepared.model.digest
+        if VllmEngine.device_family() == "cpu":
+            kv_cache = cpu_kv_cache_default(
+                args, given=prepared.vllm.given, model_view=Path(args.model), environ=os.environ
+            )
+            if kv_cache is not None:
+                logger.info("KV cache (CPU): %s", kv_cache.describe())
         engine = VllmEngine(args)
         engine.log_arguments()  # before the capabilities go in
         await asyncio.to_thread(engine.warm_model_info_cache)

@@ -510,6 +510,8 @@ class VllmArguments:
     namespace: argparse.Namespace
     #: Every allowed option with its effective value (plain JSON; secrets redacted).
     attested: dict[str, Any]
+    #: The options the pass-through arguments set to other than their default (by ``dest``).
+    given: frozenset[str] = frozenset()
 
 
 def vllm_parser() -> argparse.ArgumentParser:
@@ -623,10 +625,12 @@ def parse_vllm_arguments(
     given = _parse(parser, user_args)
     defaults = _parse(parser, [])
     refused: list[str] = []
+    changed: set[str] = set()
     for dest in sorted(set(vars(given)) | set(vars(defaults))):
         value, default = getattr(given, dest, _MISSING), getattr(defaults, dest, _MISSING)
         if value == default:
             continue
+        changed.add(dest)
         flag = _flag(parser, dest)
         check = ALLOWED_OPTIONS.get(dest)
         if check is None:
@@ -669,7 +673,7 @@ def parse_vllm_arguments(
             attested[dest] = normalize_option_value(value)
         except TypeError as exc:
             raise ConfigError(f"{_flag(parser, dest)}: {exc}") from None
-    return VllmArguments(namespace=final, attested=attested)
+    return VllmArguments(namespace=final, attested=attested, given=frozenset(changed))
 
 
 def _validate(args: argparse.Namespace) -> None:

@@ -41,7 +41,6 @@ fi
 [ -f "$DEMO/admin.token" ] || (umask 077; "$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(32))' > "$DEMO/admin.token")
 
 VLLM_ARGS=(--enforce-eager --max-model-len 512 --max-num-seqs 4 --dtype bfloat16 --served-model-name tiny)
-export VLLM_CPU_KVCACHE_SPACE=1
 DIGEST=$("$VENV/bin/python" -c "import hashlib;print('sha256:'+hashlib.sha256(open('$DEMO/tiny-encrypted/manifest.json','rb').read()).hexdigest())")
 KBS_URL="http://127.0.0.1:$KBS_PORT"
 
@@ -53,7 +52,7 @@ PRIVATE=(--private-dir /dev/shm --allow-insecure-shared-private-dir)  # no memor
 "$ES" image-facts > "$DEMO/image-facts.json"   # in production: recorded by the image build
 DECLARED=$("$ES" initdata "$DEMO/tiny-encrypted" --expect-model "$DIGEST" --key-id "$KEY_ID" \
   --kbs-url "$KBS_URL" --allow-insecure-agent-policy --image-facts "$DEMO/image-facts.json" \
-  --tee sample --gpus none --allow-insecure-sample-tee "${PRIVATE[@]}" --env VLLM_CPU_KVCACHE_SPACE=1 \
+  --tee sample --gpus none --allow-insecure-sample-tee "${PRIVATE[@]}" \
   -o "$DEMO/initdata.toml" --json -- "${VLLM_ARGS[@]}")
 INIT=$(printf '%s' "$DECLARED" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["init_data_digest"])')
 CONFIG=$(printf '%s' "$DECLARED" | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["config_sha256"])')
