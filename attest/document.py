@@ -50,7 +50,6 @@ __all__ = [
     "DeviceClaim",
     "DocumentCheck",
     "device_evidence_digest",
-    "spki_sha256",
 ]
 
 #: Format identifier of the attestation document (bumped on any incompatible change; v4: an
@@ -67,11 +66,6 @@ CLOCK_SKEW_S = 300
 UNCHALLENGED_CLOCK_SKEW_S = 5
 #: Outcomes the ``canary`` claim may state (a failed canary never yields a document).
 CANARY_STATUSES = ("passed", "not-recorded")
-
-
-def spki_sha256(public_key_der: bytes) -> str:
-    """Return the hex SHA-256 of a DER SubjectPublicKeyInfo (what TLS pinning compares)."""
-    return hashlib.sha256(public_key_der).hexdigest()
 
 
 def device_evidence_digest(evidence: Evidence) -> str:

@@ -12,7 +12,7 @@ import base64
 import binascii
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -21,7 +21,6 @@ from attest.errors import MalformedEvidence
 __all__ = [
     "DEVICE_TEES",
     "Evidence",
-    "EvidenceBundle",
     "SampleDeviceEvidence",
     "SampleEvidence",
     "TeeKind",
@@ -157,22 +156,6 @@ class SampleDeviceEvidence:
 
 register_evidence_type(TeeKind.SAMPLE, SampleEvidence.from_json)
 register_evidence_type(TeeKind.SAMPLE_DEVICE, SampleDeviceEvidence.from_json)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EvidenceBundle:
-    """The primary (CPU) evidence plus the additional (device) evidence, as one unit."""
-
-    primary: Evidence
-    devices: Sequence[Evidence] = field(default_factory=tuple)
-
-    def additional_evidence_string(self) -> str:
-        """Return Trustee's ``additional_evidence``: a JSON *string* of ``{tee: evidence}``, or "".
-
-        Trustee keys the map by TEE, so at most one evidence object per device TEE; NVIDIA's
-        evidence already lists every GPU inside ``device_evidence_list``.
-        """
-        return additional_evidence_string(self.devices)
 
 
 def additional_evidence_string(devices: Sequence[Evidence]) -> str:

@@ -79,7 +79,6 @@ __all__ = [
     "derive_shard_keys",
     "header_chunks",
     "parse_safetensors_header",
-    "sha256_hex",
 ]
 
 #: First bytes of every encrypted shard (PNG-style: a high byte and CR LF catch text-mode mangling).
@@ -136,11 +135,6 @@ _FIXED = struct.Struct("<8sHHIQQ32s32s")  # magic … salt, 96 bytes
 _U16 = struct.Struct("<H")
 _U64BE = struct.Struct(">Q")
 _MAX_HEADER_LENGTH = 0xFFFF
-
-
-def sha256_hex(data: bytes | bytearray | memoryview) -> str:
-    """Return ``"sha256:<hex>"`` of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -44,7 +44,7 @@ import socket
 import struct
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +58,6 @@ __all__ = [
     "KeyHandoffServer",
     "LoadReport",
     "request_key",
-    "serving_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -362,11 +361,3 @@ def request_key(
         raise
     conn.settimeout(None)
     return key, KeyHandoffClient(conn)
-
-
-@contextlib.contextmanager
-def serving_key(key: SecretBytes, *, manifest_digest: str, ranks: int = 1) -> Iterator[KeyHandoffServer]:
-    """Serve ``key`` to ``ranks`` capability holders for the duration of the ``with`` block."""
-    server = KeyHandoffServer(key, manifest_digest=manifest_digest, ranks=ranks)
-    with server:
-        yield server
