@@ -11,13 +11,15 @@ imported here, not at module import.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
+import contextlib
 import logging
 import os
 import re
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "EngineStartFailed",
     "VllmEngine",
     "assemble_app",
+    "engine_client",
     "root_cause",
     "secrets_of",
 ]
@@ -307,6 +310,55 @@ class EngineOutput:
         return self.lines()
 
 
+@contextlib.asynccontextmanager
+async def engine_client(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """vLLM's ``build_async_engine_client``, with its blocking part off the event loop.
+
+    vLLM builds the engine client synchronously: ``AsyncLLM.from_vllm_config`` waits for the
+    engine core's handshake, which comes after the workers have loaded the weights, so the event
+    loop that serves ``/livez`` and ``/readyz`` during boot stood still for the whole load (26 s
+    for the tiny model on two cores; many minutes for a large model on a GPU, where a liveness
+    probe would restart the pod). Here the configuration and the client are built in a worker
+    thread, where vLLM finds no running loop and defers its output tasks; they are started on
+    this loop afterwards, as vLLM does when it builds the client inside one. Otherwise the same
+    steps as vLLM's launcher: engine arguments from the namespace, the model-cache reset, the
+    shutdown on exit.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    try:
+        from vllm.entrypoints.launchers.cli_args import propagate_flash_late_interaction
+    except ImportError:  # a vLLM without it
+        pass
+    else:
+        propagate_flash_late_interaction(args, engine_args)
+    usage = UsageContext.OPENAI_API_SERVER
+
+    def build() -> tuple[Any, Any]:
+        config = engine_args.create_engine_config(usage_context=usage)
+        client = AsyncLLM.from_vllm_config(
+            vllm_config=config,
+            usage_context=usage,
+            enable_log_requests=engine_args.enable_log_requests,
+            aggregate_engine_logging=engine_args.aggregate_engine_logging,
+            disable_log_stats=engine_args.disable_log_stats,
+        )
+        return config, client
+
+    config, client = await asyncio.to_thread(build)
+    try:
+        start_output_handler = getattr(client, "_run_output_handler", None)
+        if start_output_handler is not None:  # else it starts with the first request
+            start_output_handler()
+        await client.reset_mm_cache()
+        yield client
+    finally:
+        client.shutdown(timeout=config.shutdown_timeout)
+
+
 class VllmEngine:
     """One vLLM engine: :meth:`start`, :meth:`build_app`, :meth:`http_server`, then :meth:`stop`.
 
@@ -319,7 +371,7 @@ class VllmEngine:
         self, args: argparse.Namespace, *, launcher: Callable[[argparse.Namespace], Any] | None = None
     ) -> None:
         self.args = args
-        #: vLLM's ``build_async_engine_client`` (by default): an async context manager of the client.
+        #: :func:`engine_client` (by default): an async context manager of vLLM's engine client.
         self._launcher = launcher
         self._cm: Any = None
         self._client: Any = None
@@ -380,11 +432,7 @@ class VllmEngine:
                 exception is its ``__cause__``.
             Exception: whatever vLLM raised, when no root cause was found.
         """
-        launcher = self._launcher
-        if launcher is None:
-            from vllm.entrypoints.launchers.api_server.entry import build_async_engine_client
-
-            launcher = build_async_engine_client
+        launcher = self._launcher if self._launcher is not None else engine_client
         with EngineOutput(2) as stderr, EngineOutput(1) as stdout:
             try:
                 cm = launcher(self.args)

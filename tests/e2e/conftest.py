@@ -84,6 +84,15 @@ class Proc:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    #: The slowest ``/livez`` answer seen while waiting for it to boot, per boot stage (seconds).
+    livez: dict[str, float] = field(default_factory=dict)
+
+    def probe_livez(self, client: httpx.Client, url: str, stage: str) -> None:
+        """Time one ``/livez`` as a kubelet probe would (a fresh connection) and record it."""
+        start = time.monotonic()
+        with contextlib.suppress(httpx.HTTPError):
+            client.get(url + "/livez", headers={"Connection": "close"})
+        self.livez[stage] = max(self.livez.get(stage, 0.0), time.monotonic() - start)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -125,6 +134,8 @@ def wait_ready(url: str, proc: Proc, *, timeout: float = BOOT_TIMEOUT, want_fail
                 raise AssertionError(
                     f"{proc.name} exited with {proc.popen.returncode}:\n{proc.text()[-4000:]}"
                 )
+            if body.get("stage"):
+                proc.probe_livez(client, url, body["stage"])
             try:
                 r = client.get(url + "/readyz")
                 body = r.json()
@@ -315,6 +326,8 @@ def wait_stage_done(url: str, proc: Proc, stage: str, *, timeout: float = BOOT_T
                 raise AssertionError(f"{proc.name} exited:\n{proc.text()[-4000:]}")
             with contextlib.suppress(httpx.HTTPError, ValueError):
                 boot = client.get(url + "/.well-known/enclave-serve/boot").json()
+                if boot.get("stage"):
+                    proc.probe_livez(client, url, boot["stage"])
                 if any(s["stage"] == stage and s["ok"] for s in boot["stages"]):
                     return
                 if boot["status"] == "failed":

@@ -91,6 +91,19 @@ def _greedy_token_ids(base_url: str, prompt: str, *, verify: object = True) -> l
     return tokens
 
 
+def test_livez_answers_within_a_second_in_every_boot_stage(enclave: Enclave) -> None:
+    """A liveness probe (a kubelet's times out after 1 s) is answered through the whole boot.
+
+    The shared enclave's boot was probed on fresh connections every half second. The engine
+    start (stage ``load``) used to hold the event loop for the whole weight load: vLLM builds its
+    client synchronously (server.engine.engine_client now builds it in a thread).
+    """
+    seen = enclave.proc.livez
+    assert {"load", "canary"} <= set(seen), seen  # the engine start and the canary were probed
+    slowest = max(seen, key=seen.__getitem__)
+    assert seen[slowest] < 1.0, f"/livez took {seen[slowest]:.2f} s during stage {slowest}: {seen}"
+
+
 def test_greedy_tokens_equal_plaintext_vllm(enclave: Enclave, plaintext_url: str) -> None:
     for prompt in PROMPTS:
         encrypted = _greedy_token_ids(enclave.url, prompt, verify=False)
