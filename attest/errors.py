@@ -10,6 +10,9 @@ readiness 503 with a JSON reason, and an exit code.
 
     Error
     ├── ConfigError                     bad flags or configuration (runtime/)
+    │   ├── PolicyFileError             a workload policy that is not valid (attest.verify.workload)
+    │   ├── ExportRefused               a rule Trustee cannot enforce (attest.verify.trustee)
+    │   └── NoInitData                  recording a policy from a server without init-data
     ├── AttestationError                evidence (attest/)
     │   ├── BackendUnavailable          the TEE, device or library is not present
     │   ├── EvidenceCollectionError     the hardware refused or returned nonsense
@@ -20,13 +23,20 @@ readiness 503 with a JSON reason, and an exit code.
     ├── KeyRetrievalError               key release (attest/kbs, attest/keysource)
     │   ├── KeyBrokerUnreachable        network fault, timeout, 5xx after retries
     │   ├── KeyBrokerProtocolError      the broker answered outside the protocol
+    │   │   └── WireFormatError         a KBS message of the wrong shape (attest.kbs.wire)
     │   ├── KeyAccessDenied             attestation or resource policy refused (401/403)
+    │   │   └── TokenRejected           kbs-dev: a token it did not issue, or expired
     │   ├── ResourceNotFound            no such resource (404)
     │   ├── KeyUnwrapError              the JWE response does not decrypt with our TEE key
     │   └── KeyHandoffCompromised       something other than vLLM's workers asked for the key
     └── ModelError                      encrypted model (loader/)
         ├── ModelFormatError            manifest/header malformed, unsupported version, size mismatch
         └── ModelDecryptionError        opaque: a shard did not authenticate (never says why)
+
+Defined where they are raised, beside the tree: ``server.engine.EngineStartFailed`` (an
+:class:`Error`: vLLM's engine did not start). The exceptions that stay outside are signals
+between two functions of one component, translated before a user sees them
+(``tests/test_exports.py`` lists them).
 
 Messages never contain key material, tokens or plaintext: callers may log them.
 

@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from starlette.types import ASGIApp
 
+from attest.errors import Error
 from server.http import HttpServer
 
 __all__ = [
@@ -189,7 +190,7 @@ def root_cause(lines: Iterable[str], *, secrets: Iterable[str] = ()) -> str | No
     return None
 
 
-class EngineStartFailed(RuntimeError):
+class EngineStartFailed(Error, RuntimeError):
     """vLLM's engine did not start; the message carries its root cause (one line, safe to publish)."""
 
     def __init__(self, root_cause: str) -> None:

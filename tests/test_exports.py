@@ -55,3 +55,33 @@ def test_nothing_named_mock_or_fake_ships() -> None:
             assert not any(w in path.name.lower() for w in ("mock", "fake")), path
             text = path.read_text()
             assert "class Mock" not in text and "class Fake" not in text, path
+
+
+#: Public exceptions outside the tree, each a signal between two functions of one component that
+#: its caller translates before any user sees it (kept out so that ``except Error`` never swallows
+#: a retry or a refusal that is still being decided).
+CONTROL_FLOW = {
+    "attest.client.verdict.StepFailed": "a verification step's refusal, recorded into the verdict",
+    "attest.kbs.http.PlainHttpAnswer": "a plain-HTTP answer on a TLS port, worded by the transport",
+    "attest.kbs.retry.TransientFault": "a fault the retry loop retries until its deadline",
+    "attest.kbs.dev.appraisal.AppraisalFailed": "kbs-dev's refusal, turned into an HTTP status",
+    "attest.kbs.dev.policy.PolicyDenied": "kbs-dev's refusal, turned into an HTTP status",
+    "server.freshness.QueueFull": "a full evidence queue, turned into a 503 with Retry-After",
+}
+
+
+def test_every_public_exception_is_in_the_error_tree() -> None:
+    from attest.errors import Error
+
+    outside = []
+    for name in _modules():
+        module = importlib.import_module(name)
+        for public in getattr(module, "__all__", []):
+            value = getattr(module, public)
+            if inspect.isclass(value) and issubclass(value, BaseException) and value.__module__ == name:
+                if not issubclass(value, Error) and f"{name}.{public}" not in CONTROL_FLOW:
+                    outside.append(f"{name}.{public}")
+    assert not outside, f"public exceptions outside attest.errors.Error: {outside}"
+    for qualified in CONTROL_FLOW:  # the exemptions name classes that exist and are still outside
+        module, _, public = qualified.rpartition(".")
+        assert not issubclass(getattr(importlib.import_module(module), public), Error), qualified

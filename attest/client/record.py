@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attest.client.verdict import Verdict
+from attest.errors import ConfigError
 from attest.evidence import TeeKind
 from attest.verify.claims import NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
 from attest.verify.workload import (
@@ -32,7 +33,7 @@ from attest.verify.workload import (
 __all__ = ["NoInitData", "RecordedPolicy", "record_policy"]
 
 
-class NoInitData(ValueError):
+class NoInitData(ConfigError, ValueError):
     """The server runs without init-data, so no policy recorded from it could pin its software."""
 
 

@@ -27,6 +27,7 @@ from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
+from attest.errors import KeyAccessDenied
 from attest.kbs.wire import EcTeePubKey, RsaTeePubKey, WireFormatError, b64url_decode, parse_tee_pubkey
 
 __all__ = [
@@ -49,7 +50,7 @@ RUNTIME_DATA_CLAIMS = "runtime_data_claims"
 _NON_TEE_KEYS = frozenset({RUNTIME_DATA_CLAIMS, "init_data_claims"})
 
 
-class TokenRejected(ValueError):
+class TokenRejected(KeyAccessDenied, ValueError):
     """A token is not one this KBS issued, or it expired."""
 
 

@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from attest.errors import MalformedEvidence
+from attest.errors import ConfigError, MalformedEvidence
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, register_for_digest
 from attest.verify.workload import (
@@ -80,7 +80,7 @@ _NOT_MIGRATABLE_NIBBLES = ("0", "1", "4", "5", "8", "9", "c", "d")
 assert TDX_ATTR_MIGRATABLE == 1 << (8 * 3 + 4 + 1)
 
 
-class ExportRefused(ValueError):
+class ExportRefused(ConfigError, ValueError):
     """A rule the export cannot enforce in Trustee, or an allowed init-data the policy refuses.
 
     ``rule`` names the workload-policy rule (as :meth:`WorkloadPolicy.evaluate` does).

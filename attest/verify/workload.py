@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest.errors import PolicyViolation
+from attest.errors import ConfigError, PolicyViolation
 from attest.evidence import TeeKind
 from attest.initdata import register_for_digest
 from attest.verify.claims import TCB_STATUS_UNKNOWN, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
@@ -70,7 +70,7 @@ _TCB_STATUSES = {
 }  # fmt: skip
 
 
-class PolicyFileError(ValueError):
+class PolicyFileError(ConfigError, ValueError):
     """Not a valid, complete policy (a file or a policy built in Python); ``str()`` says what to fix."""
 
 
