@@ -43,6 +43,7 @@ COMMANDS = (
     "proxy",
     "policy",
     "initdata",
+    "deploy",
     "image_facts",
     "measure",
     "evidence",
@@ -117,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # name them with the usage of the (sub)command they were given to
         usage: argparse.ArgumentParser = getattr(args, "_usage_parser", parser)
+        if argv.index(unknown[0]) < argv.index(args.command):  # before the command: the top level's
+            usage = parser
         usage.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.passthrough = passthrough
     logging.basicConfig(

@@ -48,11 +48,16 @@ def test_unknown_flag_of_a_subcommand_shows_that_subcommands_usage(
     assert f"{' '.join(usage.split()[1:])}: error: unrecognized arguments: --bogus" in err
 
 
-def test_unknown_top_level_flag_shows_the_top_level_usage(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("argv", [["--bogus"], ["--bogus", "run"], ["--bogus", "policy", "show", "p.toml"]])
+def test_unknown_top_level_flag_shows_the_top_level_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_:
-        main(["--bogus"])
+        main(argv)
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.startswith("usage: enclave-serve [-h]")
+    err = capsys.readouterr().err
+    assert err.startswith("usage: enclave-serve [-h]"), err
+    assert "enclave-serve: error: " in err
 
 
 def test_every_command_has_a_description_and_every_argument_help() -> None:
