@@ -135,7 +135,6 @@ def test_load_tensors_accepts_any_source(packed_pristine: Path, reference: dict[
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["pinned", "pageable"])
 def test_round_trip_to_gpu_with_each_staging_mode(
     packed_pristine: Path, reference: dict[str, torch.Tensor], mode: str
@@ -164,7 +163,6 @@ def test_round_trip_to_gpu_with_each_staging_mode(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("mode", ["pinned", "pageable"])
 def test_copies_land_after_a_fill_queued_on_the_consumers_stream(
     packed_pristine: Path, reference: dict[str, torch.Tensor], mode: str
@@ -190,7 +188,6 @@ def test_copies_land_after_a_fill_queued_on_the_consumers_stream(
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_copy_thread_uses_the_destination_device_and_its_own_stream(packed_pristine: Path) -> None:
     from loader.lazy import LazyCheckpoint
     from loader.staging import CopyLane, CudaCopyLane, StagingRing
