@@ -654,13 +654,20 @@ def _trustee(spec: DeploySpec, policy: WorkloadPolicy, kbs_url: str, key_resourc
         raise ConfigError(f"the workload policy cannot be exported for Trustee: {exc}") from None
     head = [f"# {line}".rstrip() for line in _header(spec, "Trustee KBS policies of the workload policy.")]
     files = {f"trustee/{name}": "\n".join(head) + "\n" + text for name, text in export.files().items()}
-    shebang, _, script = kbs_client_script(export, kbs_url=kbs_url).partition("\n")
+    pins = spec.init_data.pins
+    pem = None if pins is None else pins.settings.get("kbs_ca_pem")
+    cacert = None
+    if isinstance(pem, str):  # the KBS's private CA, as the init-data pins it for the enclave
+        cacert = "kbs-ca.pem"
+        files[f"trustee/{cacert}"] = pem.strip() + "\n"
+    shebang, _, script = kbs_client_script(export, kbs_url=kbs_url, cacert=cacert).partition("\n")
     key = urlsplit(key_resource).path.strip("/")
+    cert = "" if cacert is None else f" --cert-file {cacert}"
     files["trustee/kbs-client.sh"] = "\n".join([
         shebang, *head, script.rstrip("\n"),
         "# The model key itself is the provider's and never in this directory; install it with:",
-        f"# kbs-client --url {kbs_url} config --admin-token-file admin.jwt set-resource --path {key} \\",
-        "#     --resource-file model.key",
+        f"# kbs-client --url {kbs_url}{cert} config --admin-token-file admin.jwt \\",
+        f"#     set-resource --path {key} --resource-file model.key",
         "",
     ])  # fmt: skip
     return files

@@ -474,9 +474,16 @@ def export_policy(policy: WorkloadPolicy, documents: Sequence[InitData]) -> Trus
     )
 
 
-def kbs_client_script(export: TrusteeExport, *, kbs_url: str = "https://kbs:8080") -> str:
-    """Return the ``kbs-client`` commands that install ``export`` (run in its directory)."""
-    admin = f"kbs-client --url {kbs_url} config --admin-token-file admin.jwt"
+def kbs_client_script(
+    export: TrusteeExport, *, kbs_url: str = "https://kbs:8080", cacert: str | None = None
+) -> str:
+    """Return the ``kbs-client`` commands that install ``export`` (run in its directory).
+
+    ``cacert`` names the PEM file of the KBS's private CA, passed as ``--cert-file`` (None: the
+    KBS's certificate is one the system trusts).
+    """
+    cert = "" if cacert is None else f" --cert-file {cacert}"
+    admin = f"kbs-client --url {kbs_url}{cert} config --admin-token-file admin.jwt"
     lines = ["#!/bin/sh", "# Install the enclave-serve export into a Trustee KBS (docs/kbs.md).", "set -e"]
     for policy_id in export.attestation_policies:
         lines.append(

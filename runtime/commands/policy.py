@@ -48,6 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     trustee.add_argument("-o", "--output", type=Path, required=True, help="directory to write into")
     trustee.add_argument("--kbs-url", default="https://kbs:8080", help="KBS URL for the printed commands")
+    trustee.add_argument(
+        "--kbs-cacert",
+        metavar="FILE",
+        help="the KBS's private CA (PEM) as kbs-client.sh should name it (--cert-file FILE); default: the "
+        "system's trust store",
+    )
     p.set_defaults(func=run)
 
 
@@ -138,7 +144,7 @@ def _trustee(args: argparse.Namespace) -> int:
     out: Path = args.output
     out.mkdir(parents=True, exist_ok=True)
     files = export.files()
-    files["kbs-client.sh"] = kbs_client_script(export, kbs_url=args.kbs_url)
+    files["kbs-client.sh"] = kbs_client_script(export, kbs_url=args.kbs_url, cacert=args.kbs_cacert)
     for name, text in files.items():
         (out / name).write_text(text)
     print(f"wrote {', '.join(sorted(files))} into {out}; every rule is enforced here:")

@@ -471,3 +471,10 @@ def test_the_script_installs_all_three_policies() -> None:
     assert script.rstrip().endswith("set-resource-policy --policy-file resource-policy.rego")
     assert set(export.files()) == {"resource-policy.rego", "attestation-policy-default_cpu.rego",
                                    "attestation-policy-default_gpu.rego"}  # fmt: skip
+    assert "--cert-file" not in script
+    private = kbs_client_script(export, kbs_url="https://kbs.example:8080", cacert="ca.pem")
+    admin = (
+        "kbs-client --url https://kbs.example:8080 --cert-file ca.pem config --admin-token-file admin.jwt "
+    )
+    assert all(line.startswith(admin) for line in private.splitlines() if line.startswith("kbs-client"))
+    assert private.count(admin) == 3  # the CA on every command, as docs/kbs.md shows

@@ -275,6 +275,27 @@ def test_snp_manifest(snp: Inputs, tmp_path: Path) -> None:
 # -- Trustee ------------------------------------------------------------------------------------
 
 
+def test_a_private_kbs_ca_in_the_init_data_goes_to_every_kbs_client_command(tmp_path: Path) -> None:
+    from tests.kbs.support import make_pki
+
+    pki = make_pki(tmp_path, "kbs")
+    init_path = _initdata(tmp_path / "in", "snp", 1, "--kbs-cacert", str(pki.ca_pem))
+    init = InitData.from_bytes(init_path.read_bytes())
+    policy = _policy(tmp_path / "in", init, "snp", 1)
+    out = tmp_path / "out"
+    code, _, err = es("deploy", "--tee", "snp", "--image", IMAGE, "--init-data", str(init_path), "--gpus", "1",
+                      "--policy", str(policy), "-o", str(out))  # fmt: skip
+    assert code == 0, err
+    assert (out / "trustee" / "kbs-ca.pem").read_text().strip() == pki.ca_pem.read_text().strip()
+    commands = [
+        line for line in (out / "trustee" / "kbs-client.sh").read_text().splitlines() if "kbs-client " in line
+    ]
+    assert len(commands) == 4  # two attestation policies, the resource policy, the key (commented)
+    assert all(
+        "kbs-client --url https://kbs.example:8080 --cert-file kbs-ca.pem config " in c for c in commands
+    )
+
+
 def test_the_trustee_export_requires_every_one_of_the_eight_gpus(tdx: Inputs, tdx_out: Path) -> None:
     from tests.kbs.test_trustee_export import HOPPERS, TDX, launched
     from tests.kbs.trustee_support import allows, token
