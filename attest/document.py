@@ -40,7 +40,8 @@ from typing import Any
 
 from attest.binding import DOCUMENT_PURPOSE, canonical_json, document_report_data
 from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
-from attest.evidence import Evidence, TeeKind, evidence_from_json
+from attest.evidence import Evidence, TeeKind
+from attest.tee import BACKENDS, evidence_from_json
 
 __all__ = [
     "DOCUMENT_FORMAT",
@@ -129,7 +130,7 @@ class AttestationClaims:
     @property
     def insecure(self) -> bool:
         """Whether anything insecure is in effect (an insecure mode or an insecure TEE)."""
-        return bool(self.insecure_modes) or self.tee.is_insecure
+        return bool(self.insecure_modes) or BACKENDS[self.tee].insecure
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -277,7 +278,7 @@ class AttestationDocument:
             raise MalformedEvidence("attestation document: unknown TEE") from exc
         if tee != claims.tee:
             raise MalformedEvidence("attestation document: evidence TEE differs from the claimed TEE")
-        if tee.is_device:
+        if BACKENDS[tee].device:
             raise MalformedEvidence(f"attestation document: {tee.value} is not a CPU TEE")
         primary = evidence_from_json(tee, evidence.get("primary"))
         devices_json = evidence.get("devices", [])
@@ -291,7 +292,7 @@ class AttestationDocument:
                 dev_tee = TeeKind(str(item.get("tee")))
             except ValueError as exc:
                 raise MalformedEvidence("attestation document: unknown device TEE") from exc
-            if not dev_tee.is_device:
+            if not BACKENDS[dev_tee].device:
                 raise MalformedEvidence(f"attestation document: {dev_tee.value} is not a device TEE")
             devices.append(evidence_from_json(dev_tee, item.get("evidence")))
         try:
@@ -423,7 +424,7 @@ class AttestationDocument:
             )
         )
         # (6) Insecure TEE.
-        insecure = claims.insecure or any(d.tee.is_insecure for d in self.devices)
+        insecure = claims.insecure or any(BACKENDS[d.tee].insecure for d in self.devices)
         if insecure and not allow_insecure:
             modes = "; ".join(claims.insecure_modes) or "sample TEE"
             raise PolicyViolation(

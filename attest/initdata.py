@@ -33,11 +33,13 @@ import tomllib
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
 from attest.runconfig import RunConfiguration
+from attest.tee import BACKENDS
 
 __all__ = [
     "ENCLAVE_SERVE_ENTRY",
@@ -78,9 +80,11 @@ INSECURE_AGENT_POLICY = "package agent_policy\n\n" + "".join(
 
 #: enclave-serve's own entry in the init-data's ``data`` table.
 ENCLAVE_SERVE_ENTRY = "enclave-serve.toml"
-#: Size of the register each TEE carries the digest in (TDX MRCONFIGID, SNP HOST_DATA); the
-#: sample TEE uses TDX's size.
-REGISTER_SIZES: Mapping[TeeKind, int] = {TeeKind.TDX: 48, TeeKind.SNP: 32, TeeKind.SAMPLE: 48}
+#: Size of the register each TEE carries the digest in (TDX MRCONFIGID, SNP HOST_DATA; the
+#: sample TEE uses TDX's size), from the backends (:mod:`attest.tee`).
+REGISTER_SIZES: Mapping[TeeKind, int] = MappingProxyType(
+    {kind: b.init_data.size for kind, b in BACKENDS.items() if b.init_data is not None}
+)
 _ALGORITHMS = {"sha256": hashlib.sha256, "sha384": hashlib.sha384, "sha512": hashlib.sha512}
 #: The largest init-data document accepted, as TOML and as the annotation's decompressed output.
 #: Real documents are a few KiB (the Cloud API Adaptor's example, with its agent policy, is

@@ -13,8 +13,8 @@ from __future__ import annotations
 import sys
 import time
 
-from attest.evidence import SampleEvidence
-from attest.providers.sample import UnsafeSampleAttester
+from attest.tee.sample.attester import UnsafeSampleAttester
+from attest.tee.sample.evidence import SampleEvidence
 
 
 def slow_sample_attester(seconds: float) -> None:

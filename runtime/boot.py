@@ -36,9 +36,7 @@ a read from the key broker), so the process ends with :func:`os._exit` rather th
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -64,12 +62,13 @@ from attest.evidence import TeeKind
 from attest.initdata import InitData, WorkloadPins
 from attest.keysource.base import KeyRelease, KeySource
 from attest.logs import set_stage_provider
-from attest.providers import detect_devices, init_data_register, nvidia_gpus_present, select_attester
-from attest.providers.base import Attester, DeviceAttester, DeviceGate
 from attest.runconfig import RunConfiguration
 from attest.secret import SecretBytes
+from attest.tee.attester import Attester, DeviceAttester, DeviceGate
+from attest.tee.select import detect_devices, init_data_register, nvidia_gpus_present, select_attester
 from attest.verify import collateral_from_json
 from loader.keyhandoff import KeyHandoffServer, LoadReport
+from runtime.collateral import collateral_json
 from runtime.config import RunConfig
 from runtime.environment import apply_environment, decide_environment
 from runtime.kv_cache import cpu_kv_cache_default
@@ -884,16 +883,7 @@ class Runtime:
 
     def _collateral(self) -> dict[str, Any]:
         """The collateral files given, read once (authenticated later by their own signatures)."""
-        collateral: dict[str, Any] = {}
-        cfg = self.config
-        try:
-            if cfg.tdx_collateral is not None:
-                collateral["tdx"] = json.loads(cfg.tdx_collateral.read_bytes())
-            if cfg.snp_vcek is not None:
-                collateral["snp"] = {"vcek": base64.b64encode(cfg.snp_vcek.read_bytes()).decode()}
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read the collateral file: {exc}") from None
-        return collateral
+        return collateral_json(self.config.collateral_files())
 
     async def _serve(
         self,
@@ -945,8 +935,11 @@ class Runtime:
         app = self._app if self._app is not None else await engine.build_app()  # the canary's, if any
         app.include_router(router)
         await self._frontend.start()  # the cached document exists before ready
-        # Hand the port over from the boot server to the serving one.
-        await boot_server.stop()
+        # Hand the port over from the boot server to the serving one: the boot server stops
+        # taking connections at once (they wait in the backlog for the serving server) and lets
+        # those already open finish in the background, so a probe is never held up by them.
+        boot_server.stop_accepting()
+        handover = asyncio.create_task(boot_server.stop(), name="boot-server-stop")
         self._http = engine.http_server(
             app,
             sock,
@@ -982,7 +975,7 @@ class Runtime:
         finally:
             for task in monitors:
                 task.cancel()
-            await asyncio.gather(*monitors, return_exceptions=True)
+            await asyncio.gather(*monitors, handover, return_exceptions=True)
         if self._exit_code == 0 and not await engine.healthy():
             # vLLM's own error handler stops the server when a request meets a dead engine,
             # possibly before the monitor's next poll: the death is still the reason for exiting.

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from attest.errors import ConfigError
+from attest.evidence import TeeKind
+from attest.tee.select import device_choices, primary_choices
 
 __all__ = ["DEFAULT_PRIVATE_DIR", "KEY_SOURCES", "SETTING", "RunConfig", "Setting", "setting"]
 
@@ -100,14 +102,14 @@ class RunConfig:
         help="CPU TEE (auto: detect)",
         group=_ATT,
         flag="--tee",
-        choices=("auto", "tdx", "snp", "sample"),
+        choices=primary_choices(),
     )
     gpus: str = setting(
         "auto",
         help="GPU evidence (auto: NVIDIA GPUs if any is on the PCI bus or in NVML)",
         group=_ATT,
         flag="--gpus",
-        choices=("auto", "none", "nvidia", "sample"),
+        choices=device_choices(),
     )
     expected_gpus: int | None = setting(
         None,
@@ -278,9 +280,19 @@ class RunConfig:
         metavar="N",
         operational="fresh documents waiting for evidence (429 beyond): availability only",
     )
+    collateral: tuple[str, ...] = setting(
+        (),
+        help="collateral carried in every document for offline verification, TEE=FILE; repeat for each "
+        "TEE (tdx: DCAP collateral, dcap-qvl JSON; snp: the VCEK or VLEK, DER or PEM)",
+        group=_SRV,
+        flag="--collateral",
+        metavar="TEE=FILE",
+        operational="data each verifier authenticates by its own signatures against pinned roots; it "
+        "decides only whether verification completes without fetching it",
+    )
     tdx_collateral: Path | None = setting(
         None,
-        help="DCAP collateral (dcap-qvl JSON) carried in every document for offline verification",
+        help="DCAP collateral (dcap-qvl JSON) carried in every document; the same as --collateral tdx=FILE",
         group=_SRV,
         flag="--tdx-collateral",
         metavar="FILE",
@@ -290,7 +302,7 @@ class RunConfig:
     )
     snp_vcek: Path | None = setting(
         None,
-        help="the VCEK (DER or PEM) carried in every document",
+        help="the VCEK (DER or PEM) carried in every document; the same as --collateral snp=FILE",
         group=_SRV,
         flag="--snp-vcek",
         metavar="FILE",
@@ -422,10 +434,23 @@ class RunConfig:
             raise ConfigError(
                 "--attestation-rate, --attestation-burst and --attestation-queue must be positive"
             )
+        self.collateral_files()  # each --collateral names a TEE that takes collateral, once
         if self.log_format not in ("text", "json"):
             raise ConfigError("--log-format must be text or json")
         # The vLLM options are checked on vLLM's parsed namespace at the config stage
         # (runtime.vllm_args), not here by spelling.
+
+    def collateral_files(self) -> dict[TeeKind, Path]:
+        """Return the collateral files by TEE: ``--collateral TEE=FILE`` and its two aliases.
+
+        Raises:
+            ConfigError: an item is not TEE=FILE with a TEE that takes collateral, or one TEE is
+                given two files.
+        """
+        from runtime.collateral import collateral_files, parse_collateral
+
+        aliases = {TeeKind.TDX: self.tdx_collateral, TeeKind.SNP: self.snp_vcek}
+        return collateral_files([parse_collateral(item) for item in self.collateral], aliases)
 
     @property
     def insecure_modes(self) -> list[str]:

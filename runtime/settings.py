@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, attested_only: bool = Fals
             kwargs["action"] = "store_false" if f.default else "store_true"
         elif isinstance(f.default, tuple):
             kwargs["action"] = "append"
+            if spec.metavar:
+                kwargs["metavar"] = spec.metavar
         else:
             kwargs["type"] = spec.kind or (str if f.default is None else type(f.default))
             if spec.choices:

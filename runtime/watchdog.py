@@ -2,7 +2,7 @@
 
 Each round (in a worker thread, so serving goes on):
 
-1. every device attester re-runs its gate (:meth:`attest.providers.base.DeviceAttester.recheck`):
+1. every device attester re-runs its gate (:meth:`attest.tee.attester.DeviceAttester.recheck`):
    the GPUs are still on the bus and counted, in CC mode, still ready, and fresh evidence over a
    random nonce verifies locally; and they are the *same* GPUs in the same state as at boot (the
    gate's identity facts: count, UUIDs, architectures, PCI addresses, CC settings);
@@ -37,7 +37,7 @@ from typing import Any
 from attest.document import AttestationDocument
 from attest.errors import AttestationError, Error, VerificationUnavailable
 from attest.evidence import Evidence
-from attest.providers.base import Attester, DeviceAttester, DeviceGate
+from attest.tee.attester import Attester, DeviceAttester, DeviceGate
 from server.metrics import Metrics
 
 __all__ = ["Watchdog"]

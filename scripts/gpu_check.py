@@ -436,7 +436,7 @@ print(json.dumps({
 
 NVML_PROBE = r"""
 import json
-from attest.providers.pci import nvidia_pci_devices
+from attest.tee.nvidia.pci import nvidia_pci_devices
 pci = nvidia_pci_devices()
 out = {"pci_gpus": sum(d.is_gpu for d in pci), "pci_switches": sum(d.is_switch for d in pci)}
 try:
@@ -446,7 +446,7 @@ except Exception as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"
 else:
     try:
-        from attest.providers.nvidia import NvidiaAttester, NVML_DEVICE_ARCHITECTURES
+        from attest.tee.nvidia.attester import NvidiaAttester, NVML_DEVICE_ARCHITECTURES
         out["driver"] = str(pynvml.nvmlSystemGetDriverVersion())
         out["nvml_gpus"] = int(pynvml.nvmlDeviceGetCount())
         gpus = []
@@ -475,8 +475,8 @@ print(json.dumps(out, default=str))
 GATE_PROBE = r"""
 import json
 from attest.errors import Error
-from attest.providers import detect_devices, nvidia_gpus_present
-from attest.providers.nvidia import NvidiaAttester
+from attest.tee.select import detect_devices, nvidia_gpus_present
+from attest.tee.nvidia.attester import NvidiaAttester
 out = {"gpus_present": nvidia_gpus_present()}
 if not out["gpus_present"]:
     out.update(status="skipped", detail="no NVIDIA GPU on the PCI bus or in NVML")

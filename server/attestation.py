@@ -19,8 +19,8 @@ from typing import Any
 from attest.binding import document_device_nonce, pad_report_data
 from attest.document import AttestationClaims, AttestationDocument, DeviceClaim, device_evidence_digest
 from attest.evidence import Evidence
-from attest.providers.base import Attester, DeviceAttester
 from attest.runconfig import RunConfiguration
+from attest.tee.attester import Attester, DeviceAttester
 from server.aci import aci_device_nonce, aci_report, aci_report_data, keyset_digest, workload_keyset
 
 __all__ = ["AttestationService"]

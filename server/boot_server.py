@@ -58,6 +58,16 @@ class BootServer:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def stop_accepting(self) -> None:
+        """Stop taking connections now; those that come meanwhile wait in the kernel's backlog.
+
+        The next server can take the original socket at once, while :meth:`stop` lets the
+        connections already open finish (up to the graceful timeout: a prober's keep-alive
+        connection would otherwise hold the port's hand-over for up to 2 s).
+        """
+        for server in getattr(self._server, "servers", ()):
+            server.close()
+
     async def stop(self) -> None:
         """Stop serving (the original listening socket stays open)."""
         self._server.should_exit = True

@@ -38,6 +38,7 @@ from attest.client.verdict import StepFailed, StepsVerdict, policy_steps, verify
 from attest.document import DocumentCheck
 from attest.errors import AttestationError
 from attest.evidence import TeeKind
+from attest.tee import BACKENDS
 from attest.verify import (
     collateral_from_json,
 )
@@ -136,7 +137,7 @@ def verify_aci_report(
             claimed_init_data=report.workload.init_data,
             claimed_tee=report.primary.tee,
             collateral=collateral,
-            refuse_insecure=policy is None and not report.primary.tee.is_insecure,
+            refuse_insecure=policy is None and not BACKENDS[report.primary.tee].insecure,
             now=now,
             allow_insecure=allow_insecure,
         )

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from attest.client.verdict import Verdict
 from attest.errors import ConfigError
 from attest.evidence import TeeKind
-from attest.verify.claims import NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
+from attest.tee import NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
 from attest.verify.workload import (
     GpuRules,
     SnpRules,

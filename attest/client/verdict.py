@@ -47,6 +47,7 @@ from attest.errors import AttestationError, MalformedEvidence, PolicyViolation, 
 from attest.evidence import Evidence, TeeKind
 from attest.initdata import register_for_digest
 from attest.runconfig import RunConfiguration
+from attest.tee import BACKENDS
 from attest.verify import (
     Outcome,
     RefuseInsecure,
@@ -430,7 +431,7 @@ def verify_document(
             claimed_init_data=document.claims.init_data,
             claimed_tee=document.claims.tee,
             collateral=collateral,
-            refuse_insecure=policy is None and not document.primary.tee.is_insecure,
+            refuse_insecure=policy is None and not BACKENDS[document.primary.tee].insecure,
             now=now,
             allow_insecure=allow_insecure,
         )

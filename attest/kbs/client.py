@@ -62,8 +62,8 @@ from attest.kbs.wire import (
     WireFormatError,
     WireModel,
 )
-from attest.providers.base import Attester, DeviceAttester
 from attest.secret import SecretBytes
+from attest.tee.attester import Attester, DeviceAttester
 
 __all__ = ["KbsAttestation", "KbsClient", "TokenTransport"]
 

@@ -14,13 +14,14 @@ from typing import Any, ClassVar, Literal
 
 from attest.kbs.uri import ResourceUri
 from attest.secret import SecretBytes
+from attest.tee import insecure_kinds
 
 __all__ = ["KeyRelease", "KeyReleaseReceipt", "KeySource", "KeySourceName"]
 
 KeySourceName = Literal["kbs", "cdh", "file"]
 
-#: TEE names whose evidence proves nothing.
-_INSECURE_TEES = frozenset({"sample", "sampledevice"})
+#: TEE names whose evidence proves nothing (the registry's insecure backends).
+_INSECURE_TEES = frozenset(kind.value for kind in insecure_kinds())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

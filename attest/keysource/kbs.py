@@ -15,7 +15,7 @@ from attest.kbs.teekey import TeeKeyKind
 from attest.kbs.uri import ResourceUri
 from attest.kbs.wire import PROTOCOL_VERSION
 from attest.keysource.base import KeyRelease, KeyReleaseReceipt, KeySource, KeySourceName
-from attest.providers.base import Attester, DeviceAttester
+from attest.tee.attester import Attester, DeviceAttester
 
 __all__ = ["KbsKeySource"]
 

@@ -1,27 +1,29 @@
 """Verify TEE evidence: one verifier per TEE behind one interface.
 
 Entry points: :func:`verify_evidence` (TDX, SNP, sample) and :func:`verify_device_evidence`
-(NVIDIA, sampledevice). Both return a :class:`VerificationResult` listing every step and the
-typed claims, or raise :class:`~attest.errors.VerificationError` /
-:class:`~attest.errors.PolicyViolation` naming the failed step, with the partial result as
-``exc.result`` (see :func:`result_of`). Nothing here touches the network. What the verified
-evidence must measure is the workload policy's to say (:mod:`attest.verify.workload`).
+(NVIDIA, sampledevice); the verifier of each kind is its backend's (:mod:`attest.tee`). Both return
+a :class:`VerificationResult` listing every step and the typed claims, or raise
+:class:`~attest.errors.VerificationError` / :class:`~attest.errors.PolicyViolation` naming the
+failed step, with the partial result as ``exc.result`` (see :func:`result_of`). Nothing here
+touches the network. What the verified evidence must measure is the workload policy's to say
+(:mod:`attest.verify.workload`).
 """
 
 from __future__ import annotations
 
-# Importing the per-TEE modules registers their verifiers (and, through attest.formats, the
-# evidence JSON parsers).
-from attest.verify import nvidia as _nvidia
-from attest.verify import sample as _sample
-from attest.verify import snp as _snp
-from attest.verify import tdx as _tdx
+from attest.tee import (
+    GpuClaims,
+    NvidiaClaims,
+    SampleClaims,
+    SnpClaims,
+    SnpCollateral,
+    TdxClaims,
+    TdxCollateral,
+    fetch_vcek,
+)
+from attest.tee.result import Outcome, Step, VerificationResult, result_of
 from attest.verify.api import collateral_from_json, verify_device_evidence, verify_evidence
-from attest.verify.claims import GpuClaims, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
 from attest.verify.policy import Policy, RefuseInsecure
-from attest.verify.result import Outcome, Step, VerificationResult, result_of
-from attest.verify.snp import SnpCollateral, fetch_vcek
-from attest.verify.tdx import TdxCollateral
 
 __all__ = [
     "GpuClaims",
@@ -42,5 +44,3 @@ __all__ = [
     "verify_device_evidence",
     "verify_evidence",
 ]
-
-del _nvidia, _sample, _snp, _tdx

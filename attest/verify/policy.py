@@ -11,26 +11,12 @@ user's pipeline and kbs-dev's appraisal use it).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 from attest.errors import PolicyViolation
-from attest.verify.claims import SnpClaims, TdxClaims
-from attest.verify.result import VerificationResult
+from attest.tee import backend
+from attest.tee.result import VerificationResult
+from attest.tee.verifier import Policy
 
 __all__ = ["Policy", "RefuseInsecure"]
-
-
-@runtime_checkable
-class Policy(Protocol):
-    """Decide whether a verified result is acceptable."""
-
-    def verify(self, result: VerificationResult) -> None:
-        """Return None if ``result`` is acceptable.
-
-        Raises:
-            PolicyViolation: it is not.
-        """
-        ...
 
 
 class RefuseInsecure:
@@ -52,8 +38,6 @@ class RefuseInsecure:
                 f"policy RefuseInsecure: {result.tee.value} evidence is insecure (not signed by "
                 "hardware); use a real TEE"
             )
-        claims = result.claims
-        if isinstance(claims, TdxClaims) and claims.debug:
-            raise PolicyViolation("policy RefuseInsecure: the TD runs in debug mode (TDATTRIBUTES.DEBUG)")
-        if isinstance(claims, SnpClaims) and claims.debug_allowed:
-            raise PolicyViolation("policy RefuseInsecure: the SNP guest policy allows debugging")
+        debuggable = backend(result.tee).debuggable(result.claims)
+        if debuggable is not None:
+            raise PolicyViolation(f"policy RefuseInsecure: {debuggable}")

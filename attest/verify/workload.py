@@ -35,8 +35,8 @@ from typing import Any
 from attest.errors import ConfigError, PolicyViolation
 from attest.evidence import TeeKind
 from attest.initdata import register_for_digest
-from attest.verify.claims import TCB_STATUS_UNKNOWN, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
-from attest.verify.result import VerificationResult
+from attest.tee import BACKENDS, TCB_STATUS_UNKNOWN, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
+from attest.tee.result import VerificationResult
 
 __all__ = [
     "POLICY_VERSION",
@@ -63,7 +63,7 @@ SNP_POLICY_SMT = 1 << 16
 SNP_POLICY_MIGRATE_MA = 1 << 18
 SNP_POLICY_DEBUG = 1 << 19
 
-_TEES = {"tdx", "snp", "sample"}
+_TEES = {b.name for b in BACKENDS.values() if not b.device}
 _TCB_STATUSES = {
     "UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
     "OutOfDate", "OutOfDateConfigurationNeeded", TCB_STATUS_UNKNOWN,
@@ -890,14 +890,8 @@ class WorkloadPolicy:
 
 def init_data_register_of(result: VerificationResult) -> bytes | None:
     """Return the init-data register of verified primary evidence (MRCONFIGID, HOST_DATA)."""
-    claims = result.claims
-    if isinstance(claims, TdxClaims):
-        return claims.mr_config_id
-    if isinstance(claims, SnpClaims):
-        return claims.host_data
-    if isinstance(claims, SampleClaims):
-        return claims.init_data
-    return None
+    register = BACKENDS[result.tee].init_data
+    return None if register is None else register.of_claims(result.claims)
 
 
 def _list(values: Iterable[str]) -> str:
@@ -942,4 +936,5 @@ def _flag_off(problem: str, bit: int) -> str:
 
 
 def _register_name(tee: TeeKind) -> str:
-    return {TeeKind.TDX: "MRCONFIGID", TeeKind.SNP: "HOST_DATA"}.get(tee, "init_data")
+    register = BACKENDS[tee].init_data
+    return "init_data" if register is None else register.name

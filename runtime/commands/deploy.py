@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from attest.tee.select import primary_choices
+
 __all__ = ["add_parser", "run"]
 
 
@@ -30,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "policies of the workload policy with the kbs-client commands that install them. "
         "--tee sample writes the same shape for 'podman kube play' (DEVELOPMENT ONLY).",
     )
-    p.add_argument("--tee", choices=["tdx", "snp", "sample"], required=True, help="the CPU TEE of the nodes")
+    p.add_argument("--tee", choices=primary_choices()[1:], required=True, help="the CPU TEE of the nodes")
     p.add_argument(
         "--image", required=True, metavar="REF@sha256:…", help="the enclave image, pinned by digest"
     )

@@ -12,7 +12,8 @@ import json
 from typing import Any
 
 from attest.errors import ConfigError
-from attest.providers import detect_devices, detected_tees, select_attester
+from attest.tee import BACKENDS
+from attest.tee.select import detect_devices, detected_tees, select_attester
 
 __all__ = ["add_parser", "run"]
 
@@ -62,7 +63,7 @@ def _collect(args: argparse.Namespace) -> dict[str, Any]:
         additional[device.tee.value] = device.collect(nonce).to_json()
     return {
         "tee": primary.tee.value,
-        "insecure": primary.tee.is_insecure,
+        "insecure": BACKENDS[primary.tee].insecure,
         "report_data": nonce.hex(),
         "evidence": primary.to_json(),
         "additional_evidence": additional,

@@ -20,35 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from attest.errors import ConfigError, MalformedEvidence, VerificationError
-from attest.evidence import Evidence, SampleEvidence, TeeKind, evidence_from_json
-from attest.formats import (
-    NvidiaDeviceEvidence,
-    NvidiaEvidence,
-    SnpEvidence,
-    TdxEvidence,
-    parse_nvidia_report,
-    parse_snp_report,
-    parse_tdx_quote,
-)
-from attest.formats.snp_report import REPORT_SIZE
-from attest.verify import (
-    SnpCollateral,
-    TdxCollateral,
-    VerificationResult,
-    result_of,
-    verify_device_evidence,
-    verify_evidence,
-)
-from attest.verify.claims import TCB_STATUS_UNKNOWN
+from attest.evidence import Evidence, TeeKind
+from attest.tee import BACKENDS, TCB_STATUS_UNKNOWN, evidence_from_json
+from attest.verify import VerificationResult, result_of, verify_device_evidence, verify_evidence
 
 __all__ = ["add_parser", "run"]
 
-#: Trustee evidence JSON: the key that identifies each TEE's object.
-_JSON_KINDS = {
-    "quote": TeeKind.TDX,
-    "attestation_report": TeeKind.SNP,
-    "device_evidence_list": TeeKind.NVIDIA,
-}
+#: Trustee evidence JSON: the key that identifies each TEE's object (from the backends).
+_JSON_KINDS = {b.json_key: kind for kind, b in BACKENDS.items() if b.json_key is not None}
 
 
 def add_parser(subparsers: Any) -> None:
@@ -61,7 +40,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("file", type=Path, help="raw, hex, base64 or Trustee JSON evidence")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--chain", type=Path, help="certificates: SNP VCEK/VLEK (DER/PEM) or NVIDIA PEM chain")
-    p.add_argument("--collateral", type=Path, help="TDX DCAP collateral (dcap-qvl JSON)")
+    p.add_argument(
+        "--collateral",
+        type=Path,
+        help="collateral for the evidence's TEE: "
+        + "; ".join(f"{b.name}: {b.collateral.what}" for b in BACKENDS.values() if b.collateral),
+    )
     p.add_argument("--at", help="verification time: ISO 8601 or Unix seconds (default: now)")
     p.set_defaults(func=run)
 
@@ -88,46 +72,28 @@ def _decode_text(data: bytes) -> tuple[bytes, str]:
 def _from_json(obj: Any) -> _Loaded:
     if isinstance(obj, list):
         # NVIDIA attestation-sdk (NVAT) JSON: a list of {"arch", "nonce", "evidence", "certificate"}.
-        nvat = NvidiaEvidence.from_json({"device_evidence_list": obj})
+        nvat = evidence_from_json(TeeKind.NVIDIA, {"device_evidence_list": obj})
         return _Loaded(evidence=nvat, encoding="nvat-json", self_contained=True)
     if not isinstance(obj, dict):
         raise MalformedEvidence("the JSON is not an evidence object")
     for key, tee in _JSON_KINDS.items():
         if key in obj:
             ev = evidence_from_json(tee, obj)
-            contained = tee is not TeeKind.SNP or bool(obj.get("cert_chain"))
+            contained = BACKENDS[tee].with_chain is None or bool(obj.get("cert_chain"))
             return _Loaded(evidence=ev, encoding="trustee-json", self_contained=contained)
     if "svn" in obj and "report_data" in obj:
-        return _Loaded(evidence=SampleEvidence.from_json(obj), encoding="trustee-json", self_contained=True)
+        sample = evidence_from_json(TeeKind.SAMPLE, obj)
+        return _Loaded(evidence=sample, encoding="trustee-json", self_contained=True)
     raise MalformedEvidence("unrecognised JSON: expected Trustee tdx, snp, nvidia or sample evidence")
 
 
 def _from_bytes(raw: bytes, encoding: str, chain: bytes | None) -> _Loaded:
-    if len(raw) >= 8 and int.from_bytes(raw[:2], "little") in (4, 5) and raw[4:8] == b"\x81\0\0\0":
-        parse_tdx_quote(raw)
-        return _Loaded(evidence=TdxEvidence(quote=raw), encoding=encoding, self_contained=True)
-    if len(raw) == REPORT_SIZE and 2 <= int.from_bytes(raw[:4], "little") <= 5:
-        parse_snp_report(raw)
-        return _Loaded(evidence=SnpEvidence(report=raw), encoding=encoding, self_contained=False)
-    if len(raw) >= 2 and raw[:2] == b"\x11\xe0":
-        parse_nvidia_report(raw)
-        arch = _arch_from_chain(chain)
-        device = NvidiaDeviceEvidence(arch=arch, uuid="unknown", evidence=raw, certificate=chain or b"")
-        return _Loaded(evidence=NvidiaEvidence(devices=(device,)), encoding=encoding, self_contained=False)
+    for b in BACKENDS.values():
+        found = b.from_raw(raw, chain)
+        if found is not None:
+            evidence, contained = found
+            return _Loaded(evidence=evidence, encoding=encoding, self_contained=contained)
     raise MalformedEvidence("not a TDX quote (v4/v5), SNP report (1184 bytes) or NVIDIA SPDM report")
-
-
-def _arch_from_chain(chain: bytes | None) -> str:
-    """The GPU architecture the leaf certificate names (``GH100 …`` Hopper, ``GB…`` Blackwell)."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    try:
-        leaf = x509.load_pem_x509_certificates(chain)[0] if chain else None
-    except (ValueError, IndexError):
-        leaf = None
-    names = [] if leaf is None else leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return "BLACKWELL" if names and str(names[0].value).startswith("GB") else "HOPPER"
 
 
 def _load(data: bytes, chain: bytes | None) -> _Loaded:
@@ -156,46 +122,23 @@ def _parse_time(value: str | None) -> datetime:
 
 
 def _fields(ev: Evidence) -> dict[str, Any]:
-    if isinstance(ev, TdxEvidence):
-        out = parse_tdx_quote(ev.quote).to_json()
-        out["cc_eventlog_size"] = None if ev.cc_eventlog is None else len(ev.cc_eventlog)
-        return {"type": "tdx_quote", **out}
-    if isinstance(ev, SnpEvidence):
-        out = parse_snp_report(ev.report).to_json()
-        chain = [c.cert_type.value for c in ev.cert_chain or ()]
-        return {"type": "snp_report", **out, "cert_chain": chain}
-    if isinstance(ev, NvidiaEvidence):
-        gpus = [
-            {"arch": d.arch, "uuid": d.uuid, **parse_nvidia_report(d.evidence).to_json()} for d in ev.devices
-        ]
-        if len(gpus) == 1:
-            return {"type": "nvidia_report", **gpus[0]}
-        return {"type": "nvidia_evidence", "gpus": gpus}
-    if isinstance(ev, SampleEvidence):
-        return {"type": "sample", "svn": ev.svn, "report_data": ev.report_data.hex(), "insecure": True}
-    raise MalformedEvidence(f"cannot inspect {type(ev).__name__}")
+    return BACKENDS[ev.tee].fields(ev)
 
 
 def _with_chain(loaded: _Loaded, chain: bytes | None) -> tuple[Evidence, object | None, bool]:
     ev = loaded.evidence
-    if chain is None:
+    add = BACKENDS[ev.tee].with_chain
+    if chain is None or add is None:
         return ev, None, loaded.self_contained
-    if isinstance(ev, SnpEvidence):
-        return ev, SnpCollateral(vek=chain), True
-    if isinstance(ev, NvidiaEvidence):
-        devices = tuple(
-            NvidiaDeviceEvidence(arch=d.arch, uuid=d.uuid, evidence=d.evidence, certificate=chain)
-            for d in ev.devices
-        )
-        return NvidiaEvidence(devices=devices), None, True
-    return ev, None, loaded.self_contained
+    evidence, collateral = add(ev, chain)
+    return evidence, collateral, True
 
 
 def _verify(
     ev: Evidence, collateral: object | None, at: datetime
 ) -> tuple[VerificationResult | None, str | None]:
     try:
-        if ev.tee.is_device:
+        if BACKENDS[ev.tee].device:
             return verify_device_evidence(ev, expected_runtime_data=None, now=at, collateral=collateral), None
         return verify_evidence(ev, expected_report_data=None, now=at, collateral=collateral), None
     except (VerificationError, MalformedEvidence) as exc:
@@ -227,18 +170,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         data = args.file.read_bytes()
         chain = args.chain.read_bytes() if args.chain else None
-        collateral = TdxCollateral.from_json(args.collateral.read_bytes()) if args.collateral else None
+        collateral_file = args.collateral.read_bytes() if args.collateral else None
     except OSError as exc:
         raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from exc
     at = _parse_time(args.at)
     loaded = _load(data, chain)
     fields = _fields(loaded.evidence)
     evidence, extra, verifiable = _with_chain(loaded, chain)
-    if collateral is not None:
-        extra, verifiable = collateral, verifiable or isinstance(evidence, TdxEvidence)
+    if collateral_file is not None:
+        extra, verifiable = (
+            BACKENDS[evidence.tee].typed_collateral(collateral_file, source=args.collateral),
+            True,
+        )
     result: VerificationResult | None = None
     error: str | None = None
-    if verifiable and not loaded.evidence.tee.is_insecure:
+    if verifiable and not BACKENDS[loaded.evidence.tee].insecure:
         result, error = _verify(evidence, extra, at)
     out: dict[str, Any] = {
         "encoding": loaded.encoding,

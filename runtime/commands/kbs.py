@@ -16,6 +16,7 @@ from pathlib import Path
 
 from attest.errors import ConfigError
 from attest.secret import SecretBytes
+from attest.tee.select import device_choices, primary_choices
 
 __all__ = ["add_parser", "run"]
 
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     fetch = sub.add_parser("fetch", help="attest with this machine's TEE and fetch one resource")
     fetch.add_argument("resource", metavar="RESOURCE_URI", help="e.g. kbs:///default/llama/key")
     _common(fetch)
-    fetch.add_argument("--tee", choices=["auto", "tdx", "snp", "sample"], default="auto", help="primary TEE")
+    fetch.add_argument("--tee", choices=primary_choices(), default="auto", help="primary TEE")
     fetch.add_argument(
         "--allow-insecure-sample-tee",
         action="store_true",
@@ -41,7 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     fetch.add_argument(
         "--gpus",
-        choices=["auto", "none", "nvidia", "sample"],
+        choices=device_choices(),
         default="none",
         help="device evidence to add (default none; 'sample' needs --allow-insecure-sample-tee)",
     )
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     from attest.kbs.uri import ResourceUri
     from attest.keysource import KbsKeySource
-    from attest.providers import detect_devices, select_attester
+    from attest.tee.select import detect_devices, select_attester
 
     try:
         resource = ResourceUri.parse(args.resource)

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from attest.verify.measure import snp_launch_measurement
+    from attest.tee import snp_launch_measurement
 
     digest = snp_launch_measurement(
         ovmf=args.ovmf,

@@ -20,6 +20,8 @@ __all__ = ["add_parser", "run"]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from runtime.collateral import add_collateral_arguments
+
     p = sub.add_parser("policy", help="record, show or export a workload policy (docs/policy.md)")
     actions = p.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     record = actions.add_parser("record", help="write the policy of a deployment you trust")
@@ -30,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="DEVELOPMENT ONLY: record from the sample TEE (the policy says insecure_development = true)",
     )
-    record.add_argument("--tdx-collateral", type=Path, metavar="FILE", help="DCAP collateral for TDX")
+    add_collateral_arguments(record)
     record.add_argument("--force", action="store_true", help="overwrite the output file")
     show = actions.add_parser("show", help="explain a policy rule by rule")
     show.add_argument("file", type=Path, metavar="POLICY", help="the workload policy file (TOML)")
@@ -63,14 +65,12 @@ def _record(args: argparse.Namespace) -> int:
     from attest.client.verdict import verify_document
     from attest.errors import ConfigError, VerificationUnavailable
     from attest.evidence import TeeKind
-    from attest.verify import TdxCollateral
+    from runtime.collateral import collateral_files, typed_collateral
     from runtime.commands.verify import EXIT_UNAVAILABLE, print_verdict
 
     if args.output.exists() and not args.force:
         raise ConfigError(f"{args.output} exists; pass --force to overwrite it")
-    collateral: dict[TeeKind, object] = {}
-    if args.tdx_collateral is not None:
-        collateral[TeeKind.TDX] = TdxCollateral.from_json(args.tdx_collateral.read_text())
+    collateral = typed_collateral(collateral_files(args.collateral, {TeeKind.TDX: args.tdx_collateral}))
     try:
         bundle = fetch_bundle(args.url)
     except VerificationUnavailable as exc:

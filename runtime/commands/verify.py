@@ -92,6 +92,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 def add_verifier_arguments(p: argparse.ArgumentParser) -> None:
     """Add the options a :class:`~attest.client.verifier.Verifier` is built from (``verify``, ``proxy``)."""
+    from runtime.collateral import add_collateral_arguments
+
     p.add_argument("--policy", type=Path, metavar="FILE", help="the workload policy (TOML) to verify against")
     p.add_argument(
         "--allow-unpinned-software",
@@ -108,9 +110,7 @@ def add_verifier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--expect-config", metavar="DIGEST", help="also require this run configuration (sha256:...)"
     )
-    p.add_argument(
-        "--tdx-collateral", type=Path, metavar="FILE", help="DCAP collateral (dcap-qvl JSON) for TDX"
-    )
+    add_collateral_arguments(p)
 
 
 def _verification_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,14 +121,13 @@ def _verification_options(args: argparse.Namespace) -> dict[str, Any]:
     """
     from attest.errors import ConfigError
     from attest.evidence import TeeKind
-    from attest.verify import TdxCollateral
     from attest.verify.workload import PolicyFileError, WorkloadPolicy
+    from runtime.collateral import collateral_files, typed_collateral
 
     try:
         policy = None if args.policy is None else WorkloadPolicy.load(args.policy)
-        collateral: dict[TeeKind, object] = {}
-        if args.tdx_collateral is not None:
-            collateral[TeeKind.TDX] = TdxCollateral.from_json(args.tdx_collateral.read_text())
+        files = collateral_files(args.collateral, {TeeKind.TDX: args.tdx_collateral})
+        collateral = typed_collateral(files)
         expect_config = _digest(args.expect_config, "--expect-config")
     except (OSError, ValueError, PolicyFileError, ConfigError) as exc:
         raise ConfigError(f"cannot use the policy or collateral: {exc}") from exc

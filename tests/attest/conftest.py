@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from attest.formats import NvidiaDeviceEvidence, NvidiaEvidence, SnpEvidence, TdxEvidence
+from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence
+from attest.tee.snp.report import SnpEvidence
+from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import SnpCollateral, TdxCollateral
 from tests.attest.support import vector
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from attest.formats.snp_report import SIGNED_SIZE, SnpReport
+from attest.tee.snp.report import SIGNED_SIZE, SnpReport
 
 NOT_BEFORE = datetime(2020, 1, 1, tzinfo=UTC)
 NOT_AFTER = datetime(2040, 1, 1, tzinfo=UTC)
@@ -186,7 +186,7 @@ def forge_tdx_quote(
 
     from cryptography.hazmat.primitives import serialization
 
-    from attest.formats.tdx_quote import parse_tdx_quote
+    from attest.tee.tdx.quote import parse_tdx_quote
 
     parsed = parse_tdx_quote(quote)
     root_key, inter_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))

@@ -27,8 +27,8 @@ from starlette.routing import Route
 from attest.client.remote import ATTESTATION_PATH, CONFIG_PATH
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
-from attest.providers.sample import UnsafeSampleAttester
 from attest.runconfig import RunConfiguration
+from attest.tee.sample.attester import UnsafeSampleAttester
 from attest.verify.workload import WorkloadPolicy
 from server.attestation import AttestationService
 from server.tls import generate_enclave_tls

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from attest.formats import TdxEvidence
+from attest.tee.tdx.quote import TdxEvidence
 from runtime.cli import main
 from tests.attest.support import HOPPER_NONCE, VECTORS, WINDOW_END, WINDOW_MID
 

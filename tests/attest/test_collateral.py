@@ -9,7 +9,7 @@ import pytest
 
 from attest.errors import MalformedEvidence, VerificationError
 from attest.evidence import TeeKind
-from attest.formats import TdxEvidence
+from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import SnpCollateral, TdxCollateral, collateral_from_json, verify_evidence
 from tests.attest.support import NOW, vector
 

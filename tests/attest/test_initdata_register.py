@@ -21,14 +21,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attest.errors import AttestationError, BackendUnavailable, EvidenceCollectionError, MalformedEvidence
-from attest.evidence import Evidence, SampleEvidence, TeeKind
-from attest.formats import SnpEvidence, TdxEvidence, parse_snp_report, parse_tdx_quote
-from attest.formats.tdx_report import TDREPORT_SIZE, parse_tdreport
-from attest.providers import Attester, init_data_register
-from attest.providers.sample import UnsafeSampleAttester
-from attest.providers.snp import SnpAttester
-from attest.providers.tdx import TDX_CMD_GET_REPORT0, TDX_GUEST_DEVICE, TdxAttester, read_tdreport
-from attest.providers.tsm import ConfigfsTsm
+from attest.evidence import Evidence, TeeKind
+from attest.tee.sample.attester import UnsafeSampleAttester
+from attest.tee.sample.evidence import SampleEvidence
+from attest.tee.select import Attester, init_data_register
+from attest.tee.snp.attester import SnpAttester
+from attest.tee.snp.report import SnpEvidence, parse_snp_report
+from attest.tee.tdx.attester import TDX_CMD_GET_REPORT0, TDX_GUEST_DEVICE, TdxAttester, read_tdreport
+from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
+from attest.tee.tdx.report import TDREPORT_SIZE, parse_tdreport
+from attest.tee.tsm import ConfigfsTsm
 from tests.attest.support import NOW, at, vector
 from tests.attest.tsm_kernel import KernelLikeTsm
 

@@ -9,19 +9,18 @@ from importlib import resources
 import pytest
 
 from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
-from attest.evidence import TeeKind, evidence_from_json
-from attest.formats import NvidiaDeviceEvidence, NvidiaEvidence, parse_nvidia_report
-from attest.formats.nvidia_report import OpaqueType, format_vbios_version
-from attest.verify import (
-    NvidiaClaims,
-    Outcome,
-    _x509,
-    result_of,
-    verify_device_evidence,
-    verify_evidence,
+from attest.evidence import TeeKind
+from attest.tee import _x509, evidence_from_json
+from attest.tee.nvidia.report import (
+    NvidiaDeviceEvidence,
+    NvidiaEvidence,
+    OpaqueType,
+    format_vbios_version,
+    parse_nvidia_report,
 )
-from attest.verify.nvidia import NvidiaVerifier
-from attest.verify.result import StepLog, VerificationResult
+from attest.tee.nvidia.verifier import NvidiaVerifier
+from attest.tee.result import StepLog, VerificationResult
+from attest.verify import NvidiaClaims, Outcome, result_of, verify_device_evidence, verify_evidence
 from tests.attest.pki import NvidiaPki, sign_nvidia_report
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from attest.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
-from attest.providers import detect_devices, nvidia_gpus_present
-from attest.providers.nvidia import GpuGateError, NvidiaAttester
-from attest.providers.pci import nvidia_pci_devices
+from attest.tee.nvidia.attester import GpuGateError, NvidiaAttester
+from attest.tee.nvidia.pci import nvidia_pci_devices
+from attest.tee.select import detect_devices, nvidia_gpus_present
 from attest.verify import NvidiaClaims, VerificationResult, verify_device_evidence
 from tests.attest.fake_nvml import FakeGpu, FakeNvml
 from tests.attest.support import HOPPER_NONCE, NOW, vector

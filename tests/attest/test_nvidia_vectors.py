@@ -17,11 +17,16 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from attest.errors import MalformedEvidence, VerificationError
 from attest.evidence import TeeKind
-from attest.formats import NvidiaDeviceEvidence, NvidiaEvidence, parse_nvidia_report
-from attest.formats.nvidia_report import HOPPER_SIGNATURE_SIZE, OpaqueType
+from attest.tee.nvidia.report import (
+    HOPPER_SIGNATURE_SIZE,
+    NvidiaDeviceEvidence,
+    NvidiaEvidence,
+    OpaqueType,
+    parse_nvidia_report,
+)
+from attest.tee.nvidia.verifier import NvidiaVerifier
+from attest.tee.result import StepLog
 from attest.verify import NvidiaClaims, verify_device_evidence
-from attest.verify.nvidia import NvidiaVerifier
-from attest.verify.result import StepLog
 from tests.attest.pki import NvidiaPki, sign_nvidia_report
 from tests.attest.support import NOW, vector
 

@@ -12,18 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attest.errors import MalformedEvidence, VerificationError
-from attest.formats import (
-    NvidiaDeviceEvidence,
-    NvidiaEvidence,
-    SnpEvidence,
-    SnpReport,
-    TdxEvidence,
-    parse_nvidia_report,
-    parse_snp_cert_table,
-    parse_snp_report,
-    parse_tdx_quote,
-)
-from attest.formats.tdx_report import parse_tdreport
+from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence, parse_nvidia_report
+from attest.tee.snp.report import SnpEvidence, SnpReport, parse_snp_cert_table, parse_snp_report
+from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
+from attest.tee.tdx.report import parse_tdreport
 from attest.verify import SnpCollateral, verify_device_evidence, verify_evidence
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 

@@ -13,20 +13,22 @@ from typing import Any
 import pytest
 
 from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
-from attest.evidence import TeeKind, evidence_from_json
-from attest.formats import SnpCertificate, SnpCertType, SnpEvidence, SnpProduct, SnpReport, parse_snp_report
-from attest.formats.snp_report import CERT_TABLE_GUIDS, parse_snp_cert_table
-from attest.verify import (
-    Outcome,
-    RefuseInsecure,
-    SnpCollateral,
-    _x509,
-    result_of,
-    verify_evidence,
+from attest.evidence import TeeKind
+from attest.tee import _x509, evidence_from_json
+from attest.tee.result import StepLog
+from attest.tee.snp.claims import SnpClaims
+from attest.tee.snp.report import (
+    CERT_TABLE_GUIDS,
+    SnpCertificate,
+    SnpCertType,
+    SnpEvidence,
+    SnpProduct,
+    SnpReport,
+    parse_snp_cert_table,
+    parse_snp_report,
 )
-from attest.verify.claims import SnpClaims
-from attest.verify.result import StepLog
-from attest.verify.snp import SnpVerifier, pinned_amd_chain
+from attest.tee.snp.verifier import SnpVerifier, pinned_amd_chain
+from attest.verify import Outcome, RefuseInsecure, SnpCollateral, result_of, verify_evidence
 from tests.attest.pki import AmdPki, sign_snp_report, turin_report_json
 from tests.attest.support import NOW, vector
 
@@ -179,7 +181,7 @@ def test_pinned_amd_bundles(product: str, sha256: str) -> None:
 
 
 def test_only_the_milan_chain_validates_the_milan_vcek(snp_vcek: bytes) -> None:
-    from attest.verify.snp import _chain_problem
+    from attest.tee.snp.verifier import _chain_problem
 
     vek = _x509.load_certificates(snp_vcek)[0]
     assert _chain_problem(vek, SnpCertType.VCEK, pinned_amd_chain(SnpProduct.MILAN), NOW) is None
@@ -461,7 +463,7 @@ def test_debug_guest_is_refused_by_refuse_insecure(turin_pki: AmdPki) -> None:
 
 
 def test_hwid_extension_encodings(turin_pki: AmdPki, snp_vcek: bytes) -> None:
-    from attest.verify.snp import _hwid
+    from attest.tee.snp.verifier import _hwid
 
     raw_form = _x509.load_certificates(snp_vcek)[0]
     assert _hwid(raw_form) == bytes.fromhex(MILAN_FACTS["chip_id"])

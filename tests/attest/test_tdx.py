@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from attest.errors import MalformedEvidence, VerificationError
-from attest.evidence import evidence_from_json
-from attest.formats import TdxEvidence, parse_tdx_quote
-from attest.formats.tdx_quote import TdxBodyType
+from attest.tee import evidence_from_json
+from attest.tee.tdx.claims import TdxClaims
+from attest.tee.tdx.quote import TdxBodyType, TdxEvidence, parse_tdx_quote
 from attest.verify import (
     Outcome,
     RefuseInsecure,
@@ -18,7 +18,6 @@ from attest.verify import (
     result_of,
     verify_evidence,
 )
-from attest.verify.claims import TdxClaims
 from tests.attest.support import DCAP_EXAMPLE_TIME, NOW, WINDOW_END, WINDOW_MID, WINDOW_START, at
 
 QUOTE4_FACTS: dict[str, Any] = {
@@ -288,8 +287,8 @@ def test_malformed_quotes(tdx_quote4: bytes, scenario: str, mutate: object, mess
 
 
 def _verify_forged(quote: bytes, root: Any) -> Any:
-    from attest.verify.result import StepLog
-    from attest.verify.tdx import TdxVerifier
+    from attest.tee.result import StepLog
+    from attest.tee.tdx.verifier import TdxVerifier
 
     log = StepLog(tee=TdxEvidence.tee)
     TdxVerifier(root=root).verify(TdxEvidence(quote=quote), expected=None, now=NOW, collateral=None, log=log)

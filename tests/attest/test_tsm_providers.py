@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from attest.errors import BackendUnavailable, EvidenceCollectionError
-from attest.formats import SnpCertType, parse_snp_report, parse_tdx_quote
-from attest.formats.snp_report import CERT_TABLE_GUIDS
-from attest.providers.snp import SnpAttester
-from attest.providers.tdx import TdxAttester
-from attest.providers.tsm import ConfigfsTsm, OsFilesystem
+from attest.tee.snp.attester import SnpAttester
+from attest.tee.snp.report import CERT_TABLE_GUIDS, SnpCertType, parse_snp_report
+from attest.tee.tdx.attester import TdxAttester
+from attest.tee.tdx.quote import parse_tdx_quote
+from attest.tee.tsm import ConfigfsTsm, OsFilesystem
 from tests.attest.support import vector
 from tests.attest.tsm_kernel import KernelLikeTsm
 

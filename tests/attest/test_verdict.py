@@ -10,8 +10,8 @@ from attest.client.record import record_policy
 from attest.client.verdict import verify_document
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
-from attest.providers.sample import UnsafeSampleAttester
 from attest.runconfig import RunConfiguration
+from attest.tee.sample.attester import UnsafeSampleAttester
 from attest.verify.workload import WorkloadPolicy
 from server.attestation import AttestationService
 from tests.attest.support import workload_pins

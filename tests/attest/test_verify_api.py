@@ -8,8 +8,9 @@ from datetime import datetime
 import pytest
 
 from attest.errors import PolicyViolation, VerificationError
-from attest.evidence import SampleDeviceEvidence, SampleEvidence, TeeKind
-from attest.formats import TdxEvidence
+from attest.evidence import TeeKind
+from attest.tee.sample.evidence import SampleDeviceEvidence, SampleEvidence
+from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import (
     Outcome,
     RefuseInsecure,

@@ -13,7 +13,7 @@ import pytest
 
 from attest.client.remote import VerificationBundle
 from attest.evidence import TeeKind
-from attest.providers.sample import UnsafeSampleAttester
+from attest.tee.sample.attester import UnsafeSampleAttester
 from runtime.cli import main
 from server.attestation import AttestationService
 from tests.attest.test_verdict import CONFIG, INIT, MODEL, NONCE, POLICY, SPKI

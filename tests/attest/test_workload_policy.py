@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from attest.evidence import TeeKind
-from attest.formats import SnpEvidence, TdxEvidence
 from attest.initdata import register_for_digest
+from attest.tee.result import VerificationResult
+from attest.tee.snp.report import SnpEvidence
+from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import SnpCollateral, TdxCollateral, verify_evidence
-from attest.verify.result import VerificationResult
 from attest.verify.workload import (
     GpuRules,
     PolicyFileError,
@@ -155,7 +156,7 @@ def test_workload_rules(tdx_result: VerificationResult) -> None:
 
 
 def test_devices_need_gpu_rules(tdx_result: VerificationResult) -> None:
-    from attest.verify.claims import SampleClaims
+    from attest.tee.sample.claims import SampleClaims
 
     device = VerificationResult(
         tee=TeeKind.SAMPLE_DEVICE, insecure=True, steps=(), claims=SampleClaims(svn=1, report_data=b"")
@@ -231,7 +232,7 @@ def test_an_empty_partial_or_misspelt_policy_refuses(text: str, message: str) ->
 
 
 def test_the_sample_tee_needs_the_policy_line_and_the_flag() -> None:
-    from attest.verify.claims import SampleClaims
+    from attest.tee.sample.claims import SampleClaims
 
     sample = VerificationResult(
         tee=TeeKind.SAMPLE, insecure=True, steps=(), claims=SampleClaims(svn=1, report_data=b"")

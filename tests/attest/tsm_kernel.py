@@ -1,6 +1,6 @@
 """A test double of the configfs-tsm kernel ABI over a temporary directory.
 
-**This is not the kernel.** It implements :class:`attest.providers.tsm.TsmFilesystem` the way
+**This is not the kernel.** It implements :class:`attest.tee.tsm.TsmFilesystem` the way
 ``drivers/virt/coco/guest/report.c`` behaves, so the provider logic above the file operations
 runs for real: ``make_entry`` creates the directory with its attribute files (``provider``,
 ``generation``, and for SEV ``privlevel_floor``), every write to ``inblob``/``privlevel`` bumps

@@ -105,8 +105,14 @@ class Proc:
             except subprocess.TimeoutExpired:
                 os.killpg(self.popen.pid, signal.SIGKILL)
                 self.popen.wait(timeout=10)
-        # Reap any engine processes left behind.
+        # The rest of the group (multiprocessing's resource tracker, which unlinks the shared
+        # memory and semaphores the engine left in /dev/shm) gets a moment to exit on its own;
+        # then any engine process left behind is killed.
+        deadline = time.monotonic() + 5
         with contextlib.suppress(ProcessLookupError):
+            while time.monotonic() < deadline:
+                os.killpg(self.popen.pid, 0)  # raises once the whole group is gone
+                time.sleep(0.1)
             os.killpg(self.popen.pid, signal.SIGKILL)
 
 

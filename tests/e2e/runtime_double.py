@@ -19,8 +19,8 @@ import os
 import sys
 
 from attest.errors import VerificationError
-from attest.providers.base import DeviceGate
-from attest.providers.sample import UnsafeSampleDeviceAttester
+from attest.tee.attester import DeviceGate
+from attest.tee.sample.attester import UnsafeSampleDeviceAttester
 
 
 class FailingDeviceAttesterDouble(UnsafeSampleDeviceAttester):

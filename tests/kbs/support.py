@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from attest.evidence import SampleEvidence
 from attest.kbs.dev.server import DevKbsConfig, create_app
-from attest.providers.base import Attester
+from attest.tee.attester import Attester
+from attest.tee.sample.evidence import SampleEvidence
 
 ADMIN_TOKEN = b"test-admin-token-0123456789abcdef"
 

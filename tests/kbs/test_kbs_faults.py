@@ -23,8 +23,8 @@ from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.retry import RetryPolicy
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.wire import ErrorType
-from attest.providers.sample import UnsafeSampleAttester
 from attest.secret import SecretBytes
+from attest.tee.sample.attester import UnsafeSampleAttester
 from tests.kbs.conftest import MODEL_KEY
 from tests.kbs.support import (
     ADMIN_TOKEN,

@@ -19,8 +19,8 @@ from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.token import peek_claims
 from attest.kbs.wire import Attestation, CompositeEvidence, RuntimeData
 from attest.keysource import KbsKeySource, ResourceUri
-from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from attest.secret import SecretBytes
+from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from tests.kbs.conftest import DEVICE_KEY, MODEL_KEY, SECOND_KEY
 from tests.kbs.support import ADMIN_TOKEN, ManualClock, TamperingSampleAttester
 

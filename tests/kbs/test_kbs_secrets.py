@@ -13,7 +13,7 @@ from attest.kbs.client import KbsClient
 from attest.kbs.dev.jwe import seal
 from attest.kbs.teekey import TeeKeyPair
 from attest.keysource import KbsKeySource, ResourceUri
-from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from tests.kbs.conftest import MODEL_KEY, SECOND_KEY
 
 

@@ -16,8 +16,8 @@ from attest.kbs.client import KbsClient
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.http import check_base_url, normalize_base_url
 from attest.kbs.retry import Deadline, RetryPolicy, call_with_retries
-from attest.providers.sample import UnsafeSampleAttester
 from attest.secret import SecretBytes
+from attest.tee.sample.attester import UnsafeSampleAttester
 from runtime.settings import resolve
 from tests.kbs.conftest import MODEL_KEY
 from tests.kbs.support import ADMIN_TOKEN, Reply, closed_port_url, make_pki, run_dev_kbs, scripted_server

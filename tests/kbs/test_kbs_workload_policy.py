@@ -12,8 +12,8 @@ from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.kbs.client import KbsClient
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.uri import ResourceUri
-from attest.providers.sample import UnsafeSampleAttester
 from attest.secret import SecretBytes
+from attest.tee.sample.attester import UnsafeSampleAttester
 from attest.verify.workload import WorkloadPolicy
 from tests.attest.support import workload_pins
 from tests.kbs.support import ADMIN_TOKEN, run_dev_kbs

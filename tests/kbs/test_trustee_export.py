@@ -19,12 +19,17 @@ import pytest
 
 from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
-from attest.formats import NvidiaDeviceEvidence, NvidiaEvidence, SnpEvidence, TdxEvidence
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.kbs.dev.appraisal import Appraisal
 from attest.kbs.dev.policy import PolicyDenied
 from attest.kbs.dev.server import DevKbsConfig, _Kbs
 from attest.secret import SecretBytes
+from attest.tee.nvidia.claims import NvidiaClaims
+from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence
+from attest.tee.snp.claims import SnpClaims
+from attest.tee.snp.report import SnpEvidence
+from attest.tee.tdx.claims import TCB_STATUS_UNKNOWN, TdxClaims
+from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import (
     SnpCollateral,
     TdxCollateral,
@@ -32,7 +37,6 @@ from attest.verify import (
     verify_device_evidence,
     verify_evidence,
 )
-from attest.verify.claims import TCB_STATUS_UNKNOWN, NvidiaClaims, SnpClaims, TdxClaims
 from attest.verify.trustee import ExportRefused, check_init_data, export_policy, kbs_client_script
 from attest.verify.workload import (
     SNP_POLICY_DEBUG,

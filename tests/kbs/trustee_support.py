@@ -30,8 +30,10 @@ from typing import Any
 import regorus
 
 from attest.initdata import InitData
+from attest.tee.nvidia.claims import GpuClaims, NvidiaClaims
+from attest.tee.snp.claims import SnpClaims
+from attest.tee.tdx.claims import TCB_STATUS_UNKNOWN, TdxClaims
 from attest.verify import VerificationResult
-from attest.verify.claims import TCB_STATUS_UNKNOWN, GpuClaims, NvidiaClaims, SnpClaims, TdxClaims
 from attest.verify.trustee import TrusteeExport
 from attest.verify.workload import SNP_POLICY_DEBUG, SNP_POLICY_MIGRATE_MA, SNP_POLICY_SMT
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from attest.errors import KeyRetrievalError
-from attest.providers.nvidia import NvidiaAttester
+from attest.tee.nvidia.attester import NvidiaAttester
 from runtime import boot
 from runtime.config import RunConfig
 from tests.attest.fake_nvml import FakeGpu, FakeNvml

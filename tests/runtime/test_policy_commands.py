@@ -14,8 +14,8 @@ import pytest
 from attest.client.record import NoInitData, record_policy
 from attest.client.remote import VerificationBundle
 from attest.evidence import TeeKind
-from attest.formats import TdxEvidence
 from attest.initdata import InitData
+from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import TdxClaims, verify_evidence
 from attest.verify.workload import WorkloadPolicy
 from runtime.cli import main

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry
 
 from attest.errors import AttestationError, VerificationError
 from attest.logs import JsonFormatter, set_stage_provider
-from attest.providers.base import DeviceGate
-from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from attest.tee.attester import DeviceGate
+from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from runtime.watchdog import Watchdog
 from server.metrics import Metrics
 

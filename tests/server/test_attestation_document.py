@@ -10,8 +10,8 @@ import pytest
 from attest.binding import document_device_nonce
 from attest.document import AttestationDocument
 from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
-from attest.providers.sample import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from attest.runconfig import RunConfiguration
+from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from server.attestation import AttestationService
 from tests.attest.support import workload_pins
 

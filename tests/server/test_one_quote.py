@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from attest.document import AttestationDocument
-from attest.providers.sample import UnsafeSampleAttester
+from attest.tee.sample.attester import UnsafeSampleAttester
 from runtime.watchdog import Watchdog
 from server.freshness import DocumentCache, EvidenceScheduler, QueueFull, client_group
 from tests.server.test_attestation_document import SPKI, service

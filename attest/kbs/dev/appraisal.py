@@ -34,10 +34,11 @@ from pydantic import JsonValue
 
 from attest.binding import HashAlgorithm
 from attest.errors import AttestationError, MalformedEvidence
-from attest.evidence import Evidence, TeeKind, evidence_from_json
+from attest.evidence import Evidence, TeeKind
 from attest.initdata import InitData
 from attest.kbs.token import RUNTIME_DATA_CLAIMS, SubmodClaims
 from attest.kbs.wire import Attestation, WireFormatError
+from attest.tee import BACKENDS, evidence_from_json
 from attest.verify import (
     Policy,
     RefuseInsecure,
@@ -173,7 +174,7 @@ class EvidenceAppraiser:
     @staticmethod
     def _policy(evidence: Evidence) -> Policy | None:
         # Never release to a debuggable TD / SNP guest; sample evidence is the resource policy's.
-        return None if evidence.tee.is_insecure else RefuseInsecure()
+        return None if BACKENDS[evidence.tee].insecure else RefuseInsecure()
 
     @staticmethod
     def _parse(tee: str, obj: object, *, device: bool) -> Evidence:
@@ -181,8 +182,8 @@ class EvidenceAppraiser:
             kind = TeeKind(tee)
         except ValueError:
             raise AppraisalFailed(f"kbs-dev has no verifier for TEE {tee!r}") from None
-        if kind.is_device != device:
-            role = "an additional (device)" if kind.is_device else "a primary"
+        if BACKENDS[kind].device != device:
+            role = "an additional (device)" if BACKENDS[kind].device else "a primary"
             raise AppraisalFailed(f"{tee} is {role} TEE and cannot be used here")
         try:
             return evidence_from_json(kind, obj)

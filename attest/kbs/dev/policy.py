@@ -33,11 +33,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from attest.kbs.token import TokenClaims
+from attest.tee import insecure_kinds
 
 __all__ = ["INSECURE_TEES", "PolicyDenied", "PolicyRule", "ResourcePolicy"]
 
-#: TEEs whose evidence proves nothing (``kbs-types`` ``Sample``/``SampleDevice``).
-INSECURE_TEES = frozenset({"sample", "sampledevice"})
+#: TEEs whose evidence proves nothing (``kbs-types`` ``Sample``/``SampleDevice``; the registry's
+#: insecure backends).
+INSECURE_TEES = frozenset(kind.value for kind in insecure_kinds())
 
 
 class PolicyDenied(Exception):

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import secrets
+from datetime import UTC, datetime
 from typing import ClassVar
 
-from attest.evidence import SampleDeviceEvidence, SampleEvidence, TeeKind
-from attest.providers.base import Attester, DeviceAttester
+from attest.errors import AttestationError, VerificationError
+from attest.evidence import TeeKind
+from attest.tee.attester import Attester, DeviceAttester, DeviceGate
+from attest.tee.sample.evidence import SAMPLE_INIT_DATA_SIZE, SampleDeviceEvidence, SampleEvidence
+from attest.tee.sample.verifier import SampleDeviceVerifier
+from attest.tee.verifier import run_verifier
 
-__all__ = ["UnsafeSampleAttester", "UnsafeSampleDeviceAttester"]
+__all__ = ["UnsafeSampleAttester", "UnsafeSampleDeviceAttester", "sample_init_data_register"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,3 +83,40 @@ class UnsafeSampleDeviceAttester(DeviceAttester):
 
     def collect(self, runtime_data: bytes) -> SampleDeviceEvidence:
         return SampleDeviceEvidence(report_data=bytes(runtime_data))
+
+    def gate(self, *, expected_count: int | None = None) -> DeviceGate:
+        """Collect sampledevice evidence over a random nonce and check it (it proves nothing).
+
+        Raises:
+            VerificationError: the evidence does not verify, or ``expected_count`` is not 1.
+        """
+        nonce = secrets.token_bytes(32)
+        result = run_verifier(
+            SampleDeviceVerifier(),
+            self.collect(nonce),
+            nonce,
+            policy=None,
+            now=datetime.now(UTC),
+            collateral=None,
+            allow_insecure=True,
+        )
+        if expected_count is not None and expected_count != 1:
+            raise VerificationError(f"{expected_count} devices were expected; {self.tee.value} attests 1")
+        return DeviceGate(tee=self.tee, devices=1, steps=len(result.steps))
+
+
+def sample_init_data_register(attester: Attester, nonce: bytes) -> bytes:
+    """Return the init-data register the sample TEE was given (development only: it proves nothing).
+
+    A sample TEE launched without one (no ``--sample-init-data``) holds zeros, like a VM launched
+    without init-data.
+
+    Raises:
+        AttestationError: ``attester`` did not return sample evidence.
+    """
+    sample = attester.collect(nonce)
+    if not isinstance(sample, SampleEvidence):
+        raise AttestationError(f"the sample attester returned {type(sample).__name__}")
+    if sample.init_data is None:
+        return bytes(SAMPLE_INIT_DATA_SIZE)
+    return sample.init_data

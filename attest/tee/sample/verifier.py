@@ -17,10 +17,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import ClassVar
 
-from attest.evidence import Evidence, SampleDeviceEvidence, SampleEvidence, TeeKind
-from attest.verify.base import Verifier, register_verifier
-from attest.verify.claims import SampleClaims
-from attest.verify.result import StepLog
+from attest.evidence import Evidence, TeeKind
+from attest.tee.result import StepLog
+from attest.tee.sample.claims import SampleClaims
+from attest.tee.sample.evidence import SampleDeviceEvidence, SampleEvidence
+from attest.tee.verifier import Verifier
 
 __all__ = ["SampleDeviceVerifier", "SampleVerifier"]
 
@@ -88,7 +89,3 @@ class SampleDeviceVerifier(_SampleVerifier):
     tee: ClassVar[TeeKind] = TeeKind.SAMPLE_DEVICE
     evidence_type = SampleDeviceEvidence
     expected_name = "expected_runtime_data"
-
-
-register_verifier(SampleVerifier())
-register_verifier(SampleDeviceVerifier())

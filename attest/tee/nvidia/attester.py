@@ -8,7 +8,7 @@ certificate chain.
 Confidential computing must be on (``ccFeature`` enabled, or multi-GPU protected PCIe mode)
 and developer-tools mode off. Outside CC mode the driver produces no attestation report at all
 (``NV_ERR_OBJECT_NOT_FOUND``), so such GPUs cannot be attested: collection is refused, and
-:func:`attest.providers.detect_devices` reports them "not attested" under the development flag
+:func:`attest.tee.select.detect_devices` reports them "not attested" under the development flag
 ``--allow-insecure-gpu-cc-off``. ``allow_cc_off=True`` here tolerates developer-tools mode only
 (development). NVLink encryption alone (``multiGpuMode`` NVLE) is not confidential computing.
 
@@ -38,11 +38,12 @@ from typing import Any, ClassVar
 
 from attest.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
 from attest.evidence import TeeKind
-from attest.formats.nvidia_report import NvidiaDeviceEvidence, NvidiaEvidence
-from attest.providers.base import DeviceAttester, DeviceGate
-from attest.providers.pci import SYSFS_PCI_DEVICES, PciDevice, nvidia_pci_devices
-from attest.verify.nvidia import expected_gpu_nonce
-from attest.verify.policy import Policy
+from attest.tee.attester import DeviceAttester, DeviceGate
+from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, PciDevice, nvidia_pci_devices
+from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence
+from attest.tee.nvidia.verifier import NvidiaVerifier, expected_gpu_nonce
+from attest.tee.result import result_of
+from attest.tee.verifier import Policy, run_verifier
 
 __all__ = ["CcState", "GpuGateError", "NvidiaAttester"]
 
@@ -125,7 +126,7 @@ def _utcnow() -> datetime:
 
 
 class NvidiaAttester(DeviceAttester):
-    """Collect :class:`~attest.formats.nvidia_report.NvidiaEvidence` for every GPU through NVML.
+    """Collect :class:`~attest.tee.nvidia.report.NvidiaEvidence` for every GPU through NVML.
 
     .. warning::
        ``allow_cc_off=True`` collects from GPUs in CC developer-tools mode, which the host can
@@ -313,11 +314,15 @@ class NvidiaAttester(DeviceAttester):
         names = [f"GPU {i} ({', '.join(filter(None, (d.uuid, buses[i])))})" for i, d in enumerate(devices)]
         self._check_count(devices, buses, names, pci_gpus, expected_count)
         evidence = NvidiaEvidence(devices=devices)
-        from attest.verify import result_of, verify_device_evidence
-
         try:
-            result = verify_device_evidence(
-                evidence, expected_runtime_data=nonce, policy=self._policy, now=self._clock()
+            result = run_verifier(
+                NvidiaVerifier(),
+                evidence,
+                nonce,
+                policy=self._policy,
+                now=self._clock(),
+                collateral=None,
+                allow_insecure=False,
             )
         except VerificationError as exc:
             partial = result_of(exc)

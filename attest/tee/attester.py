@@ -4,12 +4,11 @@ A provider is one TEE's attester: :meth:`Attester.detect` says whether this mach
 :meth:`Attester.collect` produces fresh evidence over caller-chosen report data. CPU TEEs
 (TDX, SNP, sample) are *primary* attesters; GPUs are *device* attesters whose evidence travels
 as Trustee's ``additional_evidence``. Providers do the I/O (configfs, NVML) and call the pure
-parsers in :mod:`attest.formats`; they never decide policy.
+parsers of their own folder under :mod:`attest.tee`; they never decide policy.
 """
 
 from __future__ import annotations
 
-import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -90,24 +89,16 @@ class DeviceAttester(ABC):
     def gate(self, *, expected_count: int | None = None) -> DeviceGate:
         """Collect fresh evidence over a random nonce and verify it locally, before any key release.
 
-        Device kinds add their own checks (NVIDIA: confidential-computing mode, the count on the
-        PCI bus). ``expected_count`` is the number of devices the configuration requires.
+        Each device kind implements it with its own folder's verifier (an attester never imports
+        :mod:`attest.verify`) and adds its own checks (NVIDIA: confidential-computing mode, the
+        count on the PCI bus). ``expected_count`` is the number of devices the configuration
+        requires.
 
         Raises:
             VerificationError: the evidence does not verify (the message names the device).
             EvidenceCollectionError: a device failed to produce evidence.
         """
-        from attest.verify import verify_device_evidence
-
-        nonce = secrets.token_bytes(32)
-        result = verify_device_evidence(
-            self.collect(nonce), expected_runtime_data=nonce, allow_insecure=self.insecure
-        )
-        if expected_count is not None and expected_count != 1:
-            from attest.errors import VerificationError
-
-            raise VerificationError(f"{expected_count} devices were expected; {self.tee.value} attests 1")
-        return DeviceGate(tee=self.tee, devices=1, steps=len(result.steps))
+        raise NotImplementedError(f"{type(self).__name__} has no local gate")
 
     def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
         """The watchdog's round after ready: the devices are still there, in CC mode, and fresh

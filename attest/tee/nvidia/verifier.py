@@ -36,7 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from attest.evidence import Evidence, TeeKind
-from attest.formats.nvidia_report import (
+from attest.tee import _x509
+from attest.tee.nvidia.claims import GpuClaims, NvidiaClaims
+from attest.tee.nvidia.report import (
     FWID_SIZE,
     HOPPER_SIGNATURE_SIZE,
     SPDM_NONCE_SIZE,
@@ -45,10 +47,8 @@ from attest.formats.nvidia_report import (
     NvidiaReport,
     parse_nvidia_report,
 )
-from attest.verify import _x509
-from attest.verify.base import Verifier, parse_logged, register_verifier
-from attest.verify.claims import GpuClaims, NvidiaClaims
-from attest.verify.result import StepLog
+from attest.tee.result import StepLog
+from attest.tee.verifier import Verifier, parse_logged
 
 __all__ = [
     "LOCAL_ARCHES",
@@ -130,7 +130,7 @@ def _leaf_fwid(cert: x509.Certificate) -> bytes | None:
 
 
 class NvidiaVerifier(Verifier):
-    """Verify :class:`~attest.formats.nvidia_report.NvidiaEvidence` (see the module docstring)."""
+    """Verify :class:`~attest.tee.nvidia.report.NvidiaEvidence` (see the module docstring)."""
 
     tee: ClassVar[TeeKind] = TeeKind.NVIDIA
 
@@ -312,6 +312,3 @@ class NvidiaVerifier(Verifier):
         except InvalidSignature:
             return False
         return True
-
-
-register_verifier(NvidiaVerifier())

@@ -38,17 +38,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from attest.errors import VerificationError
 from attest.evidence import Evidence, TeeKind
-from attest.formats.snp_report import (
-    SnpCertType,
-    SnpEvidence,
-    SnpProduct,
-    SnpReport,
-    parse_snp_report,
-)
-from attest.verify import _x509
-from attest.verify.base import Verifier, check_padded_report_data, parse_logged, register_verifier
-from attest.verify.claims import SnpClaims
-from attest.verify.result import StepLog
+from attest.tee import _x509
+from attest.tee.result import StepLog
+from attest.tee.snp.claims import SnpClaims
+from attest.tee.snp.report import SnpCertType, SnpEvidence, SnpProduct, SnpReport, parse_snp_report
+from attest.tee.verifier import Verifier, check_padded_report_data, parse_logged
 
 if TYPE_CHECKING:
     import httpx
@@ -173,7 +167,7 @@ def _issuer_product(vek: x509.Certificate) -> SnpProduct | None:
 
 
 class SnpVerifier(Verifier):
-    """Verify :class:`~attest.formats.snp_report.SnpEvidence` (see the module docstring)."""
+    """Verify :class:`~attest.tee.snp.report.SnpEvidence` (see the module docstring)."""
 
     tee: ClassVar[TeeKind] = TeeKind.SNP
 
@@ -326,7 +320,7 @@ class SnpVerifier(Verifier):
             log.fail(
                 "vek",
                 f"the evidence carries no {kind.value} and none was supplied",
-                hint=f"pass SnpCollateral(vek=<{kind.value} DER>) (attest.verify.snp.fetch_vcek can get a "
+                hint=f"pass SnpCollateral(vek=<{kind.value} DER>) (attest.verify.fetch_vcek can get a "
                 "VCEK from AMD KDS), or collect evidence with the certificate table",
             )
         try:
@@ -428,6 +422,3 @@ def fetch_vcek(
             "with SnpCollateral"
         ) from exc
     return response.content
-
-
-register_verifier(SnpVerifier())

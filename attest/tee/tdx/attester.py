@@ -6,8 +6,9 @@ quoting service); the CCEL ACPI table data, when the firmware exposes it, travel
 ``cc_eventlog``. Nothing is verified here beyond the quote parsing and carrying the report data.
 
 The TDREPORT (:func:`read_tdreport`) comes straight from the TDX module through
-``TDCALL[TDG.MR.REPORT]``; the host is not on that path. :func:`tdx_init_data_register` reads
-MRCONFIGID from it, or, where the device is absent, from a quote that verifies offline.
+``TDCALL[TDG.MR.REPORT]``; the host is not on that path.
+:func:`attest.tee.tdx.register.tdx_init_data_register` reads MRCONFIGID from it, or, where the
+device is absent, from a quote that verifies offline.
 """
 
 from __future__ import annotations
@@ -17,17 +18,16 @@ import fcntl
 import logging
 import os
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import ClassVar
 
 from attest.binding import REPORT_DATA_SIZE, pad_report_data
-from attest.errors import AttestationError, BackendUnavailable, EvidenceCollectionError, MalformedEvidence
+from attest.errors import BackendUnavailable, EvidenceCollectionError, MalformedEvidence
 from attest.evidence import TeeKind
-from attest.formats.tdx_quote import TdxEvidence, parse_tdx_quote
-from attest.formats.tdx_report import TDREPORT_SIZE, TdReport, parse_tdreport
-from attest.providers.base import Attester
-from attest.providers.tsm import DEFAULT_TSM_REPORT_ROOT, ConfigfsTsm, guest_present
+from attest.tee.attester import Attester
+from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
+from attest.tee.tdx.report import TDREPORT_SIZE, TdReport, parse_tdreport
+from attest.tee.tsm import DEFAULT_TSM_REPORT_ROOT, ConfigfsTsm, guest_present
 
 __all__ = [
     "DEFAULT_CCEL_PATH",
@@ -37,7 +37,6 @@ __all__ = [
     "TDX_TSM_PROVIDER",
     "TdxAttester",
     "read_tdreport",
-    "tdx_init_data_register",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ _Ioctl = Callable[[int, int, bytearray], object]
 
 
 class TdxAttester(Attester):
-    """Collect :class:`~attest.formats.tdx_quote.TdxEvidence` through configfs-tsm."""
+    """Collect :class:`~attest.tee.tdx.quote.TdxEvidence` through configfs-tsm."""
 
     tee: ClassVar[TeeKind] = TeeKind.TDX
 
@@ -130,12 +129,12 @@ def read_tdreport(
     2. ``TDX_CMD_GET_REPORT0``: the kernel runs ``TDCALL[TDG.MR.REPORT]`` and copies the
        1024-byte TDREPORT_STRUCT back. The TDX module writes it into the TD's private memory;
        the host (VMM, quoting service) is not on this path and cannot alter it.
-    3. Parse it (:func:`~attest.formats.tdx_report.parse_tdreport`).
+    3. Parse it (:func:`~attest.tee.tdx.report.parse_tdreport`).
     4. Check that REPORTDATA is the padded ``report_data`` we sent.
     5. Check that TEE_TCB_INFO_HASH and TEE_INFO_HASH match the structures they cover.
 
     What is *not* verified: the MAC (only the TDX module can, see
-    :mod:`attest.formats.tdx_report`). The value is trusted because it arrives from the TDX
+    :mod:`attest.tee.tdx.report`). The value is trusted because it arrives from the TDX
     module through this TD's own kernel, which is part of the TD's measured TCB; it is local
     evidence, never something to send to a remote party. ``ioctl`` (default ``fcntl.ioctl``) is
     a test seam.
@@ -190,88 +189,3 @@ def read_tdreport(
             "the TDX guest device returned a TDREPORT whose TEE_TCB_INFO/TDINFO digests do not match"
         )
     return report
-
-
-def tdx_init_data_register(
-    attester: Attester, nonce: bytes, *, device: Path = TDX_GUEST_DEVICE, now: datetime | None = None
-) -> bytes:
-    """Return MRCONFIGID, the TDX init-data register, from a source the host cannot forge.
-
-    Steps:
-
-    1. Read the TDREPORT from ``device`` over ``nonce`` (:func:`read_tdreport`) and return its
-       MRCONFIGID. The TDX module writes it through a TDCALL; the host is not on the path.
-    2. Only if ``device`` is absent (:func:`read_tdreport` raised ``BackendUnavailable``):
-       collect a quote over ``nonce`` through ``attester`` (configfs-tsm). The host's quoting
-       service assembles that quote, so it is trusted only if it verifies offline
-       (:func:`attest.verify.verify_evidence`, no policy, no collateral): the quote signature, the
-       QE report's binding of the attestation key, the PCK chain to the pinned Intel SGX Root CA
-       valid at ``now``, the PCK signature over the QE report, Intel's TD Quoting Enclave
-       identity, and REPORTDATA equal to ``nonce`` (so the quote is fresh). Then return its
-       MRCONFIGID.
-
-    A device that exists but fails is an error, not a reason to fall back.
-
-    What is *not* verified on the fallback path: without collateral, neither revocation (a
-    host holding the keys of a compromised, revoked platform could still sign a quote) nor the
-    TCB level; and nothing ties the quote to *this* TD beyond the fresh nonce, which the host
-    sees: a host that runs a TD of its own could have that TD quote our nonce with the
-    MRCONFIGID it wants. A verifier that checks MRCONFIGID in this TD's own quotes (the KBS,
-    the user's ``verify``) still catches such a substitution; the TDREPORT path has neither gap.
-
-    ``nonce`` is at most 64 bytes (zero-padded). ``now`` (default: the current time, timezone
-    aware) is when the PCK chain must be valid.
-
-    Raises:
-        AttestationError: the device is absent and the quote could not be collected or does not
-            verify (the message says why; the cause is chained), or ``attester`` returned
-            something that is not TDX evidence.
-        EvidenceCollectionError: the device exists but did not give a usable TDREPORT.
-        ValueError: ``nonce`` is longer than 64 bytes, or ``now`` is naive.
-    """
-    # (1) The TDREPORT, straight from the TDX module.
-    try:
-        report = read_tdreport(nonce, device=device)
-    except BackendUnavailable as exc:
-        absent = exc
-    else:
-        logger.info("init-data register: MRCONFIGID read from the TDREPORT (tdx_guest)")
-        return report.mr_config_id
-    # (2) No device: only a quote that verifies offline to Intel's root will do.
-    logger.warning(
-        "no TDX guest device (%s): reading MRCONFIGID from a configfs-tsm quote verified offline "
-        "(no collateral: revocation and TCB level are not checked)",
-        absent.log_detail,
-    )
-    return _register_from_verified_quote(attester, nonce, now)
-
-
-def _register_from_verified_quote(attester: Attester, nonce: bytes, now: datetime | None) -> bytes:
-    from attest.verify import TdxClaims, verify_evidence
-
-    why = (
-        "the TDX init-data register (MRCONFIGID) could not be read from anything the host cannot "
-        "forge: there is no TDX guest device (tdx_guest) to read the TDREPORT from, and the "
-        "configfs-tsm quote, which the host's quoting service assembles"
-    )
-    advice = "Give the runtime /dev/tdx_guest, or check the platform's quoting service"
-    try:
-        evidence = attester.collect(nonce)
-    except AttestationError as exc:
-        raise AttestationError(f"{why}, could not be collected: {exc}. {advice}.") from exc
-    if not isinstance(evidence, TdxEvidence):
-        raise AttestationError(
-            f"{why}, is missing: the {attester.tee.value} attester returned "
-            f"{type(evidence).__name__}, not TDX evidence"
-        )
-    try:
-        result = verify_evidence(evidence, expected_report_data=nonce, now=now)
-    except AttestationError as exc:
-        raise AttestationError(
-            f"{why}, does not verify offline to the pinned Intel root: {exc} {advice}."
-        ) from exc
-    claims = result.claims
-    if not isinstance(claims, TdxClaims):  # the TDX verifier always records TdxClaims
-        raise AttestationError(f"{why}, verified without TDX claims")
-    logger.info("init-data register: MRCONFIGID read from a quote that verified offline")
-    return claims.mr_config_id

@@ -2,7 +2,7 @@
 
 A TDREPORT is what ``TDCALL[TDG.MR.REPORT]`` writes into the TD's private memory; Linux hands it
 to user space through ``/dev/tdx_guest`` (``TDX_CMD_GET_REPORT0``, see
-:mod:`attest.providers.tdx`). The layout is the Intel TDX Module ABI Specification (Intel
+:mod:`attest.tee.tdx.attester`). The layout is the Intel TDX Module ABI Specification (Intel
 document 733579), section 4.7 "Measurement and Attestation Types": 4.7.2 ``TDREPORT_STRUCT``,
 4.7.3 ``REPORTMACSTRUCT``, 4.7.4 ``REPORTTYPE``, with ``TEE_TCB_INFO`` and ``TDINFO_STRUCT`` in
 the same section; the size is ``TDX_REPORT_LEN`` of Linux ``include/uapi/linux/tdx-guest.h``.
@@ -35,7 +35,7 @@ import hashlib
 from dataclasses import dataclass
 
 from attest.errors import MalformedEvidence
-from attest.formats._reader import Reader
+from attest.tee._reader import Reader
 
 __all__ = [
     "REPORTTYPE_SUBTYPE_TDREPORT0",
@@ -64,7 +64,7 @@ _WHAT = "TDX TDREPORT"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TdReport:
-    """A parsed TDREPORT_STRUCT; field names follow :class:`~attest.formats.tdx_quote.TdReportBody`.
+    """A parsed TDREPORT_STRUCT; field names follow :class:`~attest.tee.tdx.quote.TdReportBody`.
 
     ``tee_tcb_svn2`` and ``servtd_hash`` are all zeros on TDX 1.0 modules (REPORTTYPE.VERSION 0).
     """

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from attest.binding import pad_report_data
-from attest.errors import EvidenceCollectionError, MalformedEvidence
+from attest.errors import AttestationError, EvidenceCollectionError, MalformedEvidence
 from attest.evidence import TeeKind
-from attest.formats.snp_report import SnpEvidence, parse_snp_cert_table, parse_snp_report
-from attest.providers.base import Attester
-from attest.providers.tsm import DEFAULT_TSM_REPORT_ROOT, ConfigfsTsm, guest_present
+from attest.tee.attester import Attester
+from attest.tee.snp.report import SnpEvidence, parse_snp_cert_table, parse_snp_report
+from attest.tee.tsm import DEFAULT_TSM_REPORT_ROOT, ConfigfsTsm, guest_present
 
-__all__ = ["SNP_DEVICE_PATHS", "SNP_PRIVLEVEL", "SNP_TSM_PROVIDER", "SnpAttester"]
+__all__ = ["SNP_DEVICE_PATHS", "SNP_PRIVLEVEL", "SNP_TSM_PROVIDER", "SnpAttester", "snp_init_data_register"]
 
 #: configfs-tsm provider name of the SEV guest driver (drivers/virt/coco/sev-guest).
 SNP_TSM_PROVIDER = "sev_guest"
@@ -29,7 +29,7 @@ SNP_DEVICE_PATHS = (Path("/sys/devices/platform/sev-guest"), Path("/dev/sev-gues
 
 
 class SnpAttester(Attester):
-    """Collect :class:`~attest.formats.snp_report.SnpEvidence` through configfs-tsm."""
+    """Collect :class:`~attest.tee.snp.report.SnpEvidence` through configfs-tsm."""
 
     tee: ClassVar[TeeKind] = TeeKind.SNP
 
@@ -73,3 +73,26 @@ class SnpAttester(Attester):
             "tsm_root": str(self._tsm.root),
             "tsm_available": self._tsm.available(),
         }
+
+
+def snp_init_data_register(attester: Attester, nonce: bytes) -> bytes:
+    """Return HOST_DATA, the SEV-SNP init-data register, from a fresh report over ``nonce``.
+
+    The PSP builds the report and returns it in an SNP guest message encrypted and authenticated
+    (AES-GCM) with this guest's VMPCK, a key the PSP placed in the guest's encrypted secrets page
+    at launch and the host cannot read; the sev-guest driver checks the tag and the message
+    sequence number, so the host can withhold the report but neither forge, alter nor replay it.
+    Its signature (VCEK) is therefore not checked here, and the certificates the host supplies in
+    ``auxblob`` are not used.
+
+    Raises:
+        AttestationError: ``attester`` did not return SNP evidence, or the report does not parse.
+        EvidenceCollectionError: no report, or one over other report data (a subclass of the above).
+    """
+    evidence = attester.collect(nonce)
+    if not isinstance(evidence, SnpEvidence):
+        raise AttestationError(f"the snp attester returned {type(evidence).__name__}, not SNP evidence")
+    report = parse_snp_report(evidence.report)
+    if report.report_data != pad_report_data(nonce):
+        raise EvidenceCollectionError("sev_guest returned a report over other report data; retry")
+    return report.host_data

@@ -23,7 +23,7 @@ are not signed: Trustee parses field by field and ignores them (a Hopper report 
 CoCo under driver 580.x ends with one ``00``), so this parser accepts them too and records how
 many there are (:attr:`NvidiaReport.trailing_bytes`, shown by ``inspect``).
 
-This module only parses; see :mod:`attest.verify.nvidia` for the signature, chain and nonce.
+This module only parses; see :mod:`attest.tee.nvidia.verifier` for the signature, chain and nonce.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from attest.errors import MalformedEvidence
-from attest.evidence import TeeKind, b64decode_strict, register_evidence_type
-from attest.formats._reader import Reader
+from attest.evidence import TeeKind, b64decode_strict
+from attest.tee._reader import Reader
 
 __all__ = [
     "HOPPER_SIGNATURE_SIZE",
@@ -560,6 +560,3 @@ class NvidiaEvidence:
         if not isinstance(devices, Sequence) or isinstance(devices, str | bytes):
             raise MalformedEvidence("nvidia evidence: 'device_evidence_list' must be an array")
         return cls(devices=tuple(NvidiaDeviceEvidence.from_json(d) for d in devices))
-
-
-register_evidence_type(TeeKind.NVIDIA, NvidiaEvidence.from_json)

@@ -1,56 +1,70 @@
-"""Evidence providers, one per TEE, and the explicit, ordered selection among them.
+"""Choose this machine's attesters through the registry (:mod:`attest.tee`): I/O, at boot.
 
-Detection order (primary): TDX, then SNP. The sample TEE is never detected: it must be asked
-for by name *and* allowed with an insecure flag. Devices are detected separately (NVIDIA GPUs).
+Detection order (primary) is the registry's: TDX, then SNP. An insecure TEE (sample) is never
+detected: it must be asked for by name *and* allowed with an insecure flag. Devices are detected
+separately (NVIDIA GPUs).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import secrets
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attest.errors import AttestationError, BackendUnavailable, ConfigError, EvidenceCollectionError
+from attest.errors import AttestationError, BackendUnavailable, ConfigError
 from attest.evidence import TeeKind
-from attest.providers.base import Attester, DeviceAttester
-from attest.providers.tdx import TDX_GUEST_DEVICE
+from attest.tee import BACKENDS, TeeBackend
+from attest.tee.attester import Attester, DeviceAttester
 
 if TYPE_CHECKING:
-    from attest.providers.nvidia import NvidiaAttester
+    from attest.tee.nvidia.attester import NvidiaAttester
 
 __all__ = [
-    "PRIMARY_TEES",
     "Attester",
     "DeviceAttester",
     "detect_devices",
     "detected_tees",
+    "device_choices",
     "init_data_register",
     "nvidia_gpus_present",
+    "primary_choices",
     "select_attester",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Primary attesters by name, in detection order (module path, class name).
-PRIMARY_TEES: dict[str, tuple[str, str]] = {
-    "tdx": ("attest.providers.tdx", "TdxAttester"),
-    "snp": ("attest.providers.snp", "SnpAttester"),
-    "sample": ("attest.providers.sample", "UnsafeSampleAttester"),
-}
 
-_DETECTABLE = ("tdx", "snp")
+def primary_choices() -> tuple[str, ...]:
+    """Return ``--tee``'s choices: ``auto`` and every primary backend, in registry order."""
+    return ("auto", *(b.name for b in BACKENDS.values() if not b.device))
 
 
-def _load(name: str) -> type[Attester]:
-    module, cls = PRIMARY_TEES[name]
+def device_choices() -> tuple[str, ...]:
+    """Return ``--gpus``'s choices: ``auto``, ``none`` and every device backend (``sample`` for the
+    insecure sample device), in registry order."""
+    return ("auto", "none", *("sample" if b.insecure else b.name for b in BACKENDS.values() if b.device))
+
+
+def _primary(name: str) -> TeeBackend:
+    for b in BACKENDS.values():
+        if not b.device and b.name == name:
+            return b
+    raise ConfigError(f"unknown TEE {name!r}; choose one of {', '.join(primary_choices())}")
+
+
+def _load(found: TeeBackend) -> type[Attester]:
     try:
-        found: type[Attester] = getattr(importlib.import_module(module), cls)
-    except (ImportError, AttributeError) as exc:
-        raise BackendUnavailable(f"the {name} provider is not available in this build") from exc
-    return found
+        cls = found.attester()
+    except ImportError as exc:
+        raise BackendUnavailable(f"the {found.name} provider is not available in this build") from exc
+    assert issubclass(cls, Attester)
+    return cls
+
+
+def _detectable() -> list[TeeBackend]:
+    return [b for b in BACKENDS.values() if b.detectable and not b.device and not b.insecure]
 
 
 def detected_tees() -> dict[str, bool]:
@@ -59,11 +73,11 @@ def detected_tees() -> dict[str, bool]:
     Cheap and side-effect free; a provider that cannot be loaded counts as not detected.
     """
     found: dict[str, bool] = {}
-    for name in _DETECTABLE:
+    for b in _detectable():
         try:
-            found[name] = bool(_load(name).detect())
+            found[b.name] = bool(_load(b).detect())
         except Exception:  # detection must not fail the caller
-            found[name] = False
+            found[b.name] = False
     return found
 
 
@@ -72,26 +86,25 @@ def select_attester(
 ) -> Attester:
     """Return the primary attester called ``name``, or detect one for ``"auto"``.
 
+    ``sample_init_data`` is the init-data register the sample TEE claims (development only).
+
     Raises:
         ConfigError: unknown name, or ``sample`` without ``allow_insecure``.
-
-    ``sample_init_data`` is the init-data register the sample TEE claims (development only).
         BackendUnavailable: the named TEE is not present, or ``auto`` found none.
     """
     if name == "auto":
-        for candidate in _DETECTABLE:
+        for candidate in _detectable():
             cls = _load(candidate)
             if cls.detect():
-                logger.info("detected TEE: %s", candidate)
+                logger.info("detected TEE: %s", candidate.name)
                 return cls()
         raise BackendUnavailable(
             "no TEE found (no TDX or SEV-SNP configfs-tsm provider). On a development machine "
             "use --tee sample --allow-insecure-sample-tee."
         )
-    if name not in PRIMARY_TEES:
-        raise ConfigError(f"unknown TEE {name!r}; choose one of auto, {', '.join(PRIMARY_TEES)}")
-    cls = _load(name)
-    if cls.insecure:
+    found = _primary(name)
+    cls = _load(found)
+    if found.insecure:
         if not allow_insecure:
             raise ConfigError(
                 f"the {name} TEE is insecure and proves nothing; it needs an explicit "
@@ -106,27 +119,24 @@ def select_attester(
 def init_data_register(
     attester: Attester,
     *,
-    tdx_guest_device: Path = TDX_GUEST_DEVICE,
+    tdx_guest_device: Path | None = None,
     now: datetime | None = None,
     nonce: bytes | None = None,
 ) -> bytes:
     """Return this TEE's init-data register, read from a source the host cannot forge.
 
     The boot compares it with the digest of the init-data file the host handed over; the
-    register is worth nothing if the host can choose it too. Per TEE:
+    register is worth nothing if the host can choose it too. Each backend reads its own
+    (:attr:`attest.tee.base.InitDataRegister.read`):
 
     1. **TDX** (MRCONFIGID): from the TDREPORT of ``tdx_guest_device``, which the TDX module
        writes through a TDCALL without the host on the path; only if that device is absent,
        from a configfs-tsm quote over a fresh ``nonce`` that verifies offline to the pinned
-       Intel root (:func:`attest.providers.tdx.tdx_init_data_register` lists the steps and what
-       that fallback does not verify).
-    2. **SEV-SNP** (HOST_DATA): from a fresh configfs-tsm report over ``nonce``. The PSP builds
-       the report and returns it in an SNP guest message encrypted and authenticated (AES-GCM)
-       with this guest's VMPCK, a key the PSP placed in the guest's encrypted secrets page at
-       launch and the host cannot read; the sev-guest driver checks the tag and the message
-       sequence number, so the host can withhold the report but neither forge, alter nor
-       replay it. Its signature (VCEK) is therefore not checked here, and the certificates the
-       host supplies in ``auxblob`` are not used.
+       Intel root (:func:`attest.tee.tdx.register.tdx_init_data_register` lists the steps and
+       what that fallback does not verify).
+    2. **SEV-SNP** (HOST_DATA): from a fresh configfs-tsm report over ``nonce``, which the PSP
+       returns encrypted and authenticated with this guest's VMPCK
+       (:func:`attest.tee.snp.attester.snp_init_data_register` says why the VCEK is not checked).
     3. **sample**: the value the sample TEE was given (development only: it proves nothing).
 
     ``nonce`` (default: 64 random bytes) is the report data of the report read; it is never
@@ -141,42 +151,21 @@ def init_data_register(
         EvidenceCollectionError: the TEE did not produce a report (a subclass of the above).
         ValueError: ``nonce`` is longer than 64 bytes, or ``now`` is naive.
     """
-    from attest.binding import pad_report_data
-    from attest.evidence import SampleEvidence
-    from attest.formats.snp_report import SnpEvidence, parse_snp_report
-    from attest.providers.tdx import tdx_init_data_register
-
+    register = BACKENDS[attester.tee].init_data
+    if register is None:
+        raise AttestationError(f"the {attester.tee.value} TEE has no init-data register")
     report_data = nonce if nonce is not None else secrets.token_bytes(64)
-    if attester.tee is TeeKind.TDX:
-        return tdx_init_data_register(attester, report_data, device=tdx_guest_device, now=now)
-    if attester.tee is TeeKind.SNP:
-        evidence = attester.collect(report_data)
-        if not isinstance(evidence, SnpEvidence):
-            raise AttestationError(f"the snp attester returned {type(evidence).__name__}, not SNP evidence")
-        report = parse_snp_report(evidence.report)
-        if report.report_data != pad_report_data(report_data):
-            raise EvidenceCollectionError("sev_guest returned a report over other report data; retry")
-        return report.host_data
-    if attester.tee is TeeKind.SAMPLE:
-        sample = attester.collect(report_data)
-        if not isinstance(sample, SampleEvidence):
-            raise AttestationError(f"the sample attester returned {type(sample).__name__}")
-        if sample.init_data is None:  # launched without init-data (no --sample-init-data): zeros
-            from attest.initdata import REGISTER_SIZES
-
-            return bytes(REGISTER_SIZES[TeeKind.SAMPLE])
-        return sample.init_data
-    raise AttestationError(f"the {attester.tee.value} TEE has no init-data register")
+    return register.read(attester, report_data, now=now, guest_device=tdx_guest_device)
 
 
 def nvidia_gpus_present(pci_root: Path | None = None) -> bool:
     """Return whether NVIDIA GPUs are present: on the PCI bus (sysfs) or seen by NVML."""
-    from attest.providers.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
+    from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
 
     if any(d.is_gpu for d in nvidia_pci_devices(pci_root or SYSFS_PCI_DEVICES)):
         return True
     try:
-        from attest.providers.nvidia import NvidiaAttester
+        from attest.tee.nvidia.attester import NvidiaAttester
     except ImportError:
         return False
     return NvidiaAttester.detect()
@@ -216,7 +205,7 @@ def detect_devices(
         BackendUnavailable: ``nvidia`` was required but no GPU is visible, or GPUs are on the
             PCI bus and this build lacks the NVIDIA provider.
     """
-    from attest.providers.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
+    from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
 
     root = pci_root or SYSFS_PCI_DEVICES
     on_bus = any(d.is_gpu for d in nvidia_pci_devices(root))
@@ -230,13 +219,13 @@ def detect_devices(
     if gpus == "sample":
         if not allow_insecure:
             raise ConfigError("the sample device is insecure; it needs --allow-insecure-sample-tee")
-        from attest.providers.sample import UnsafeSampleDeviceAttester
-
-        return [UnsafeSampleDeviceAttester(allow_insecure=True)]
+        sample = BACKENDS[TeeKind.SAMPLE_DEVICE].attester()
+        assert issubclass(sample, DeviceAttester)
+        return [sample(allow_insecure=True)]  # type: ignore[call-arg]
     if gpus not in ("auto", "nvidia"):
         raise ConfigError(f"unknown GPU setting {gpus!r}; choose auto, none, nvidia or sample")
     try:
-        from attest.providers.nvidia import NvidiaAttester
+        from attest.tee.nvidia.attester import NvidiaAttester
     except ImportError as exc:
         if gpus == "nvidia" or on_bus:
             raise BackendUnavailable(

@@ -6,7 +6,7 @@ encoded by the virtee ``sev`` crate (``src/firmware/guest/types/snp.rs``). Trust
 evidence carries the report as that crate's serde JSON; :meth:`SnpReport.from_sev_json`
 rebuilds the exact 1184 bytes the signature covers, :meth:`SnpReport.to_sev_json` goes back.
 
-This module only parses; see :mod:`attest.verify.snp` for signature and chain checks.
+This module only parses; see :mod:`attest.tee.snp.verifier` for signature and chain checks.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from enum import StrEnum
 from typing import Any, ClassVar
 
 from attest.errors import MalformedEvidence
-from attest.evidence import TeeKind, register_evidence_type
-from attest.formats._reader import Reader
+from attest.evidence import TeeKind
+from attest.tee._reader import Reader
 
 __all__ = [
     "CERT_TABLE_GUIDS",
@@ -598,6 +598,3 @@ class SnpEvidence:
                 raise MalformedEvidence("snp evidence: 'cert_chain' must be an array or null")
             chain = tuple(SnpCertificate.from_json(c) for c in raw_chain)
         return cls(report=report.raw, cert_chain=chain)
-
-
-register_evidence_type(TeeKind.SNP, SnpEvidence.from_json)

@@ -40,11 +40,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from attest.errors import MalformedEvidence
 from attest.evidence import Evidence, TeeKind
-from attest.formats.tdx_quote import TdxEvidence, parse_tdx_quote
-from attest.verify import _x509
-from attest.verify.base import Verifier, check_padded_report_data, parse_logged, register_verifier
-from attest.verify.claims import TdxClaims
-from attest.verify.result import StepLog
+from attest.tee import _x509
+from attest.tee.result import StepLog
+from attest.tee.tdx.claims import TdxClaims
+from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
+from attest.tee.verifier import Verifier, check_padded_report_data, parse_logged
 
 __all__ = [
     "INTEL_SGX_ROOT_CA",
@@ -140,7 +140,7 @@ def _verify_p256(key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes) 
 
 
 class TdxVerifier(Verifier):
-    """Verify :class:`~attest.formats.tdx_quote.TdxEvidence` (see the module docstring)."""
+    """Verify :class:`~attest.tee.tdx.quote.TdxEvidence` (see the module docstring)."""
 
     tee: ClassVar[TeeKind] = TeeKind.TDX
 
@@ -335,6 +335,3 @@ class TdxVerifier(Verifier):
             failed="the platform TCB is revoked",
             hint="this platform must not be trusted",
         )
-
-
-register_verifier(TdxVerifier())

@@ -15,7 +15,7 @@ Signature data (attestation key type 2, ECDSA P-256)::
     |   certification data type u16 (= 5, PCK chain) | size u32 | PEM chain
 
 This module only parses: it checks lengths, versions and types, never signatures. See
-:mod:`attest.verify.tdx` for verification.
+:mod:`attest.tee.tdx.verifier` for verification.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from enum import IntEnum
 from typing import Any, ClassVar
 
 from attest.errors import MalformedEvidence
-from attest.evidence import TeeKind, b64decode_strict, register_evidence_type
-from attest.formats._reader import Reader
+from attest.evidence import TeeKind, b64decode_strict
+from attest.tee._reader import Reader
 
 __all__ = [
     "ATTESTATION_KEY_TYPE_ECDSA_P256",
@@ -450,6 +450,3 @@ class TdxEvidence:
             quote=b64decode_strict(obj.get("quote"), "tdx quote"),
             cc_eventlog=None if eventlog is None else b64decode_strict(eventlog, "tdx cc_eventlog"),
         )
-
-
-register_evidence_type(TeeKind.TDX, TdxEvidence.from_json)
