@@ -1,6 +1,6 @@
 # enclave-serve developer entry points. Every target is idempotent.
 #   make demo   set up .venv, build + encrypt the tiny model, start the dev KBS and the enclave
-#   make test   set up .venv and run the whole test suite
+#   make test   set up .venv and run the whole test suite (T=PATHS and K=EXPR narrow it)
 #   make lint   ruff, mypy (strict) and the package layering contract (import-linter)
 #   make bench  decrypt-to-tensor benchmark (bench/load.py)
 #   make bench-serve  serving benchmark, stock vLLM vs enclave-serve (bench/serve.py)
@@ -59,11 +59,13 @@ tools:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry haproxy >/dev/null; } || \
 	  echo "warning: skopeo/docker-registry/haproxy missing; the OCI image and replica tests will be skipped"
 
+# T= narrows to files or test ids, K= to a -k expression: make test T=tests/runtime K=deploy
+PYTEST_ARGS = $(if $(K),-k "$(K)") $(T)
 test: install tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not e2e"
+	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check attest loader server runtime tests bench

@@ -26,23 +26,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import rfc8785
 
 from attest.errors import MalformedEvidence
 
-if TYPE_CHECKING:
-    from attest.initdata import WorkloadPins
-
-__all__ = ["CONFIG_FORMAT", "CONFIG_MEMBERS", "RunConfiguration"]
+__all__ = ["CONFIG_FORMAT", "CONFIG_MEMBERS", "Declaration", "RunConfiguration"]
 
 #: Format identifier of the configuration object (bumped on any incompatible change).
 CONFIG_FORMAT = "enclave-serve/config/v2"
 #: The members of the object, exactly.
 CONFIG_MEMBERS = frozenset({"format", "model", "runtime", "settings", "vllm", "environment"})
 _MAX_CONFIG = 1 << 20
+
+
+class Declaration(Protocol):
+    """What a configuration is made from: :class:`attest.initdata.WorkloadPins` (by its shape,
+    so that this module does not import the init-data's)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def key_resource(self) -> str: ...
+    @property
+    def runtime(self) -> Mapping[str, Any]: ...
+    @property
+    def settings(self) -> Mapping[str, Any]: ...
+    @property
+    def vllm_args(self) -> Sequence[str]: ...
+    @property
+    def environment(self) -> Mapping[str, str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +68,7 @@ class RunConfiguration:
     raw: bytes = field(repr=False)
 
     @classmethod
-    def from_pins(cls, pins: WorkloadPins) -> RunConfiguration:
+    def from_pins(cls, pins: Declaration) -> RunConfiguration:
         """Encode the configuration a declaration makes (the module docstring's canonical form).
 
         Raises:

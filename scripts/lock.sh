@@ -39,4 +39,6 @@ sed -i "s#$tools/image.in#requirements/image.in (scripts/lock.sh)#" requirements
   --python-platform x86_64-manylinux_2_28 --no-header -o requirements/gpu-check.lock requirements/gpu-check.in
 sed -i '1i # Resolved by scripts/lock.sh from requirements/gpu-check.in (uv, --python-version 3.12,\n# --python-platform x86_64-manylinux_2_28). Installed by make gpu-deps into .gpu-deps/.' \
   requirements/gpu-check.lock
-echo "locks written: requirements/cpu.lock requirements/image.lock requirements/gpu-check.lock"
+# The CPU image's lock: the runtime's part of cpu.lock, copied pin for pin.
+python3 scripts/image_cpu_lock.py
+echo "locks written: requirements/cpu.lock requirements/image.lock requirements/gpu-check.lock requirements/image-cpu.lock"

@@ -89,7 +89,7 @@ def record_policy(verdict: Verdict) -> RecordedPolicy:
         if c.tcb_status != "UpToDate":
             notes.append(
                 f"the TCB status seen was {c.tcb_status}; the policy requires UpToDate verified with DCAP "
-                "collateral (give --tdx-collateral when verifying)"
+                "collateral (give --collateral tdx=FILE when verifying)"
             )
     elif isinstance(c, SnpClaims):
         t = c.reported_tcb

@@ -676,7 +676,7 @@ class WorkloadPolicy:
             if r.require_collateral and c.tcb_status == TCB_STATUS_UNKNOWN:
                 raise PolicyViolation(
                     "DCAP collateral is required (revocation and TCB level are unchecked without it); "
-                    "pass --tdx-collateral or set require_collateral = false"
+                    "pass --collateral tdx=FILE or set require_collateral = false"
                 )
             return (
                 "TCB verified with DCAP collateral" if c.tcb_status != TCB_STATUS_UNKNOWN else "not required"

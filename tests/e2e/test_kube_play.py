@@ -3,8 +3,8 @@ user verifies it through its port (INSECURE: the sample TEE, whose evidence prov
 
 Needs podman and the CPU image ``localhost/enclave-serve:cpu``; skipped, saying which is missing,
 without them. podman 4.3 (Debian 12) runs it with ``--runtime runc --cgroup-manager cgroupfs``
-and a containers.conf that sets no default ulimits (as ``images/containers.conf`` does) and a
-1 GiB ``/dev/shm`` (``shm_size``: vLLM's engine needs more than podman's 64 MiB).
+and ``images/containers.conf`` (no default ulimits, and a 1 GiB ``/dev/shm``: vLLM's engine needs
+more than podman's 64 MiB), the file ``make image-cpu`` and ``tests/e2e/test_image.py`` use.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tests.e2e.conftest import ES, VLLM_ARGS, Workspace, child_env, free_port, s
 pytestmark = pytest.mark.e2e
 
 IMAGE = "localhost/enclave-serve:cpu"
+CONTAINERS_CONF = Path(__file__).resolve().parents[2] / "images" / "containers.conf"
 NAME = "kubeplay-e2e"
 BOOT_TIMEOUT_S = 600
 
@@ -35,14 +36,7 @@ def _podman_base(tmp: Path) -> tuple[list[str], dict[str, str]]:
     podman = shutil.which("podman")
     if podman is None:
         pytest.skip("podman is not installed (apt install podman)")
-    # images/containers.conf's settings (when the image build keeps one), plus a /dev/shm that vLLM
-    # fits in: the pod's is podman's tmpfs, 64 MiB by default, and vLLM's engine needs more.
-    conf = tmp / "containers.conf"
-    conf.write_text(
-        '[containers]\ndefault_ulimits = []\nshm_size = "1g"\n\n'
-        '[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
-    )
-    env = {**child_env(), "CONTAINERS_CONF": str(conf)}
+    env = {**child_env(), "CONTAINERS_CONF": str(CONTAINERS_CONF)}
     return [podman, "--runtime", "runc", "--cgroup-manager", "cgroupfs"], env
 
 
