@@ -38,7 +38,7 @@ TDX_QUOTES = ["tdx/tdx_quote_4.dat", "tdx/tdx_quote"]
 SNP_REPORT = vector("snp/test-report.bin")
 #: MRCONFIGID in a v4 quote: header (48) + body offset 184 (PROVENANCE.md).
 QUOTE_MRCONFIGID = slice(232, 280)
-#: Offsets inside TDREPORT_STRUCT (Intel TDX Module ABI spec 4.7; attest/formats/tdx_report.py).
+#: Offsets inside TDREPORT_STRUCT (Intel TDX Module ABI spec 4.7; attest/tee/tdx/report.py).
 REPORTDATA_AT, MRTD_AT, MRCONFIGID_AT, RTMR0_AT, SERVTD_AT = 128, 528, 576, 720, 912
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
