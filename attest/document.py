@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attest.binding import DOCUMENT_PURPOSE, canonical_json, document_report_data
-from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
 from attest.evidence import Evidence, TeeKind
 from attest.tee import BACKENDS, evidence_from_json
+from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
 
 __all__ = [
     "DOCUMENT_FORMAT",

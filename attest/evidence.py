@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from attest.errors import MalformedEvidence
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "Evidence",

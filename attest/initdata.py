@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
 from attest.runconfig import RunConfiguration
 from attest.tee import BACKENDS
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "ENCLAVE_SERVE_ENTRY",

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import rfc8785
 
-from attest.errors import MalformedEvidence
+from foundation.errors import MalformedEvidence
 
 __all__ = ["CONFIG_FORMAT", "CONFIG_MEMBERS", "Declaration", "RunConfiguration"]
 

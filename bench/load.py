@@ -101,7 +101,7 @@ def build(root: Path, size_gib: float, chunk_size: int, threads: int) -> dict[st
     import torch
     from safetensors.torch import save_file
 
-    from attest.secret import SecretBytes
+    from foundation.secret import SecretBytes
     from loader.packer import pack_model
 
     meta_path = root / "meta.json"
@@ -260,7 +260,7 @@ def _staging(args: argparse.Namespace, mode: str) -> Any:
 
 
 def _lazy(root: Path, args: argparse.Namespace, params: dict[str, Any] | None, mode: str) -> int:
-    from attest.secret import SecretBytes
+    from foundation.secret import SecretBytes
     from loader.lazy import LazyCheckpoint
     from loader.manifest import Manifest
 
@@ -325,7 +325,7 @@ def case_h2d_pageable(root: Path, args: argparse.Namespace, params: dict[str, An
 
 
 def case_enclave(root: Path, args: argparse.Namespace, params: dict[str, Any] | None) -> int:
-    from attest.secret import SecretBytes
+    from foundation.secret import SecretBytes
     from loader.manifest import Manifest
     from loader.pipeline import decrypted_tensors
 

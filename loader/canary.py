@@ -44,7 +44,7 @@ from typing import Any
 
 import rfc8785
 
-from attest.errors import ModelFormatError
+from foundation.errors import ModelFormatError
 
 __all__ = [
     "CANARY_DEVICES",

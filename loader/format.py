@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from attest.errors import ModelFormatError
+from foundation.errors import ModelFormatError
 
 __all__ = [
     "CHUNK_AAD_LABEL",

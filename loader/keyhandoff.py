@@ -49,8 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest.errors import KeyRetrievalError
-from attest.secret import SecretBytes
+from foundation.errors import KeyRetrievalError
+from foundation.secret import SecretBytes
 
 __all__ = [
     "CAPABILITY_BYTES",

@@ -22,7 +22,7 @@ fresh tensors. Hence:
   only not zero-copy (:attr:`LazyCheckpoint.materialized` counts them).
 
 A failed chunk zeroes what was written to the destination and raises the one opaque
-:class:`attest.errors.ModelDecryptionError` naming the file.
+:class:`foundation.errors.ModelDecryptionError` naming the file.
 
 The engine reads any :class:`loader.source.TensorSource`: :meth:`LazyCheckpoint.open` feeds it
 the encrypted shards of a model directory; other sources (a decrypted OCI layer) are passed to
@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-from attest.errors import ModelFormatError
-from attest.secret import SecretBytes
+from foundation.errors import ModelFormatError
+from foundation.secret import SecretBytes
 from loader.format import TensorEntry
 from loader.manifest import Manifest, ShardEntry
 from loader.shard import EncryptedShard, Piece, ReadMode, shard_failure

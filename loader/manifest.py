@@ -28,9 +28,9 @@ import rfc8785
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from attest.errors import ConfigError, ModelDecryptionError, ModelFormatError
-from attest.kbs.uri import ResourceUri
-from attest.secret import SecretBytes
+from foundation.errors import ConfigError, ModelDecryptionError, ModelFormatError
+from foundation.resource import ResourceUri
+from foundation.secret import SecretBytes
 from loader.canary import CanaryReference
 from loader.format import DTYPE_SIZES, FORMAT_VERSION, MODEL_KEY_SIZE, SALT_SIZE, TensorEntry
 

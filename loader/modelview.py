@@ -31,7 +31,7 @@ import os
 import stat
 from pathlib import Path
 
-from attest.errors import ModelFormatError
+from foundation.errors import ModelFormatError
 from loader.manifest import MANIFEST_NAME, Manifest
 
 __all__ = ["stage_model_view", "write_view_file"]

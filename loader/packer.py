@@ -26,8 +26,8 @@ from typing import TextIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from attest.errors import ConfigError, ModelFormatError
-from attest.secret import SecretBytes
+from foundation.errors import ConfigError, ModelFormatError
+from foundation.secret import SecretBytes
 from loader.canary import CanaryReference
 from loader.format import (
     DEFAULT_CHUNK_SIZE,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from attest.secret import SecretBytes
+from foundation.secret import SecretBytes
 from loader.format import TensorEntry
 from loader.lazy import EncryptedTensor, LazyCheckpoint
 from loader.manifest import Manifest, ShardEntry

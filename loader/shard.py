@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from attest.errors import ModelDecryptionError
+from foundation.errors import ModelDecryptionError
 from loader.format import (
     Chunk,
     SafetensorsIndex,

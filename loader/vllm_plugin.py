@@ -37,7 +37,7 @@ from vllm.config.load import LoadConfig
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-from attest.errors import ConfigError, Error, ModelFormatError
+from foundation.errors import ConfigError, Error, ModelFormatError
 from loader import LOAD_FORMAT
 from loader.keyhandoff import request_key
 from loader.lazy import LazyCheckpoint
@@ -323,8 +323,8 @@ def register() -> None:
     """Register the loader with vLLM (entry point; idempotent, as vLLM requires)."""
     from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
 
-    from attest.logs import configure_logging
-    from attest.secret import protect_process_memory
+    from foundation.logs import configure_logging
+    from foundation.secret import protect_process_memory
 
     # In vLLM's engine and worker processes our loggers have no handler yet.
     configure_logging(only_if_unconfigured=True)

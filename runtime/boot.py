@@ -15,11 +15,11 @@
       serve   fill the attestation cache; vLLM's OpenAI API + the probes and /.well-known routes
               on the same port; then, while serving, the watchdog re-attests on an interval
 
-Any :class:`attest.errors.Error` stops the boot: the stage and the reason go to one log line,
+Any :class:`foundation.errors.Error` stops the boot: the stage and the reason go to one log line,
 to ``/readyz`` (503 with a JSON reason) and to ``/.well-known/enclave-serve/boot``, and nothing
 else is served. The model key lives in this process only between the ``key`` and the end of
 ``load``; it is then wiped. A request for the key by anything but vLLM's workers fails the boot
-(:class:`attest.errors.KeyHandoffCompromised`).
+(:class:`foundation.errors.KeyHandoffCompromised`).
 
 After ready, a failed watchdog round (:mod:`runtime.watchdog`) or the engine's death flips
 readiness to 503 with the reason, refuses every other request, and exits non-zero
@@ -50,7 +50,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from attest.errors import (
+from attest.evidence import TeeKind
+from attest.initdata import InitData, WorkloadPins
+from attest.keysource.base import KeyRelease, KeySource
+from attest.runconfig import RunConfiguration
+from attest.tee.attester import Attester, DeviceAttester, DeviceGate
+from attest.tee.select import detect_devices, init_data_register, nvidia_gpus_present, select_attester
+from attest.verify import collateral_from_json
+from foundation.errors import (
     AttestationError,
     ConfigError,
     Error,
@@ -58,15 +65,8 @@ from attest.errors import (
     MalformedEvidence,
     ModelError,
 )
-from attest.evidence import TeeKind
-from attest.initdata import InitData, WorkloadPins
-from attest.keysource.base import KeyRelease, KeySource
-from attest.logs import set_stage_provider
-from attest.runconfig import RunConfiguration
-from attest.secret import SecretBytes
-from attest.tee.attester import Attester, DeviceAttester, DeviceGate
-from attest.tee.select import detect_devices, init_data_register, nvidia_gpus_present, select_attester
-from attest.verify import collateral_from_json
+from foundation.logs import set_stage_provider
+from foundation.secret import SecretBytes
 from loader.keyhandoff import KeyHandoffServer, LoadReport
 from runtime.collateral import collateral_json
 from runtime.config import RunConfig
@@ -857,7 +857,7 @@ class Runtime:
 
     def _fail(self, stage: Stage, exc: Exception) -> None:
         if isinstance(exc, Error):
-            reason = str(exc)  # public: names no host path (attest/errors.py)
+            reason = str(exc)  # public: names no host path (foundation/errors.py)
             detail = f" ({exc.log_detail})" if exc.log_detail else ""
             logger.error("boot failed at stage %s: %s%s", stage.value, reason, detail)
         else:  # a bug, not a verdict: keep the traceback in the log, only the type in the reason
@@ -1031,7 +1031,7 @@ def run_blocking(request: RunRequest) -> int:
     A configuration refused while resolving (a setting other than the init-data's, an
     inconsistent combination) fails the boot at stage ``config``, reported like any other stage.
     """
-    from attest.secret import protect_process_memory
+    from foundation.secret import protect_process_memory
 
     protect_process_memory()  # before the process holds anything worth reading
     # After a stop kills vLLM's processes, multiprocessing's resource tracker (spared: it ends

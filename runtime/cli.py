@@ -1,4 +1,4 @@
-"""The ``enclave-serve`` command line: thin, it turns an :class:`attest.errors.Error` into its
+"""The ``enclave-serve`` command line: thin, it turns an :class:`foundation.errors.Error` into its
 message and an exit code. Each subcommand lives in ``runtime/commands/<name>.py`` and exposes
 ``add_parser(subparsers)`` and ``run(args) -> int``.
 """
@@ -14,9 +14,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from attest.errors import Error
-from attest.logs import configure_logging
-from attest.secret import protect_process_memory
+from foundation.errors import Error
+from foundation.logs import configure_logging
+from foundation.secret import protect_process_memory
 
 __all__ = ["build_parser", "main", "version"]
 

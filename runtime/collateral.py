@@ -13,9 +13,9 @@ import argparse
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from attest.errors import ConfigError, MalformedEvidence
 from attest.evidence import TeeKind
 from attest.tee import BACKENDS, kinds
+from foundation.errors import ConfigError, MalformedEvidence
 
 __all__ = [
     "COLLATERAL_HELP",

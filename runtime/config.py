@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError
 from attest.evidence import TeeKind
 from attest.tee.select import device_choices, primary_choices
+from foundation.errors import ConfigError
 
 __all__ = ["DEFAULT_PRIVATE_DIR", "KEY_SOURCES", "SETTING", "RunConfig", "Setting", "setting"]
 

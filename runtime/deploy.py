@@ -42,11 +42,11 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from urllib.parse import urlsplit
 
-from attest.errors import ConfigError
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, INITDATA_ANNOTATION, InitData
 from attest.verify.trustee import ExportRefused, export_policy, kbs_client_script
 from attest.verify.workload import WorkloadPolicy
+from foundation.errors import ConfigError
 from runtime.config import RunConfig
 from runtime.environment import REDACTED, SECRET_VALUES
 from runtime.settings import resolve

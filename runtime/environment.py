@@ -38,7 +38,7 @@ import sys
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 
 __all__ = [
     "ALLOWED",

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attest.errors import ConfigError
 from attest.initdata import RUNTIME_FACTS
+from foundation.errors import ConfigError
 
 __all__ = ["ImageFacts", "image_environment", "load_image_facts", "runtime_versions"]
 

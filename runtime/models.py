@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from attest.errors import ConfigError, ModelFormatError
-from attest.secret import SecretBytes
+from foundation.errors import ConfigError, ModelFormatError
+from foundation.secret import SecretBytes
 from loader.canary import CanaryReference
 from loader.manifest import Manifest
 from loader.modelview import stage_model_view, write_view_file

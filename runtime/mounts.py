@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 
 __all__ = [
     "CONVENTIONAL_PATHS",

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from attest.errors import ConfigError
 from attest.initdata import InitData, WorkloadPins
-from attest.kbs.uri import ResourceUri
 from attest.runconfig import RunConfiguration
+from foundation.errors import ConfigError
+from foundation.resource import ResourceUri
 from loader.manifest import parse_key_resource
 from runtime.config import RunConfig
 from runtime.facts import runtime_versions

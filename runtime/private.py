@@ -39,7 +39,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from runtime.mounts import MEMORY_FILESYSTEMS, filesystem_of, parse_mountinfo, read_mountinfo
 
 __all__ = ["MEMORY_FILESYSTEMS", "SHARED_MEMORY", "PrivateDirectory", "filesystem_type"]

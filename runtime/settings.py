@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, SettingValue, WorkloadPins
+from foundation.errors import ConfigError
 from runtime.config import SETTING, RunConfig, Setting
 
 __all__ = [

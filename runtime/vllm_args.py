@@ -50,7 +50,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from loader import LOAD_FORMAT
 
 __all__ = [

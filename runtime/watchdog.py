@@ -35,9 +35,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from attest.document import AttestationDocument
-from attest.errors import AttestationError, Error, VerificationUnavailable
 from attest.evidence import Evidence
 from attest.tee.attester import Attester, DeviceAttester, DeviceGate
+from foundation.errors import AttestationError, Error, VerificationUnavailable
 from server.metrics import Metrics
 
 __all__ = ["Watchdog"]
@@ -84,7 +84,7 @@ class Watchdog:
     def check(self) -> None:
         """Run one round collecting its own evidence (blocking).
 
-        Raises :class:`attest.errors.Error` naming what changed.
+        Raises :class:`foundation.errors.Error` naming what changed.
         """
         with self._lock:
             self._check_devices()
@@ -94,7 +94,7 @@ class Watchdog:
 
     async def round(self) -> None:
         """Run one round from the event loop: checks in a worker thread, the TEE's evidence through
-        ``documents`` when given. Raises :class:`attest.errors.Error` naming what changed."""
+        ``documents`` when given. Raises :class:`foundation.errors.Error` naming what changed."""
         if self._documents is None:
             await asyncio.to_thread(self.check)
             return

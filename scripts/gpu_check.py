@@ -474,7 +474,7 @@ print(json.dumps(out, default=str))
 
 GATE_PROBE = r"""
 import json
-from attest.errors import Error
+from foundation.errors import Error
 from attest.tee.select import detect_devices, nvidia_gpus_present
 from attest.tee.nvidia.attester import NvidiaAttester
 out = {"gpus_present": nvidia_gpus_present()}

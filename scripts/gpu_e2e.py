@@ -113,7 +113,7 @@ def run(device: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    from attest.secret import SecretBytes
+    from foundation.secret import SecretBytes
     from loader.canary import compute_reference
     from loader.packer import pack_model
     from runtime.demo_model import build_demo_model

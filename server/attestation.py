@@ -29,7 +29,7 @@ __all__ = ["AttestationService"]
 class AttestationService:
     """Build attestation documents bound to a client nonce.
 
-    Raises (from :meth:`document`): :class:`attest.errors.EvidenceCollectionError` when the
+    Raises (from :meth:`document`): :class:`foundation.errors.EvidenceCollectionError` when the
     hardware fails to produce evidence.
     """
 

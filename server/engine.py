@@ -26,7 +26,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from starlette.types import ASGIApp
 
-from attest.errors import Error
+from foundation.errors import Error
 from server.http import HttpServer
 
 __all__ = [

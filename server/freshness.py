@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attest.document import MAX_NONCES, AttestationDocument
-from attest.errors import Error, EvidenceCollectionError
+from foundation.errors import Error, EvidenceCollectionError
 from server.attestation import AttestationService
 from server.metrics import Metrics
 

@@ -37,8 +37,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from attest.document import NONCE_SIZE
-from attest.errors import Error
 from attest.runconfig import RunConfiguration
+from foundation.errors import Error
 from server.aci import ACI_VERSION
 from server.freshness import AttestationFrontend, QueueFull, client_group
 from server.metrics import Metrics

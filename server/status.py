@@ -2,7 +2,7 @@
 
 The runtime boots as explicit stages. :class:`BootStatus` records when each started and ended
 and, on failure, the stage and the reason; the readiness probe and the boot-stage endpoint
-render it as JSON. Reasons are operator-facing messages from :class:`attest.errors.Error`,
+render it as JSON. Reasons are operator-facing messages from :class:`foundation.errors.Error`,
 which never contain secrets.
 """
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES = ("attest", "loader", "server", "runtime")
+PACKAGES = ("foundation", "attest", "loader", "server", "runtime")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,7 +71,7 @@ CONTROL_FLOW = {
 
 
 def test_every_public_exception_is_in_the_error_tree() -> None:
-    from attest.errors import Error
+    from foundation.errors import Error
 
     outside = []
     for name in _modules():
@@ -83,7 +83,7 @@ def test_every_public_exception_is_in_the_error_tree() -> None:
             )
             if exception and not issubclass(value, Error) and f"{name}.{public}" not in CONTROL_FLOW:
                 outside.append(f"{name}.{public}")
-    assert not outside, f"public exceptions outside attest.errors.Error: {outside}"
+    assert not outside, f"public exceptions outside foundation.errors.Error: {outside}"
     for qualified in CONTROL_FLOW:  # the exemptions name classes that exist and are still outside
         where, _, public = qualified.rpartition(".")
         assert not issubclass(getattr(importlib.import_module(where), public), Error), qualified

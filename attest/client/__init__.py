@@ -64,7 +64,7 @@ from attest.client.transport import (
 )
 from attest.client.verdict import ServerRefused, Verdict, verify_document
 from attest.client.verifier import NoVerifiedReplica, Replica, Verifier
-from attest.errors import (
+from foundation.errors import (
     AttestationError,
     ConfigError,
     Error,

@@ -36,13 +36,13 @@ from attest.aci import AciReport, aci_device_nonce
 from attest.binding import pad_report_data
 from attest.client.verdict import StepFailed, StepsVerdict, policy_steps, verify_hardware
 from attest.document import DocumentCheck
-from attest.errors import AttestationError
 from attest.evidence import TeeKind
 from attest.tee import BACKENDS
 from attest.verify import (
     collateral_from_json,
 )
 from attest.verify.workload import WorkloadFacts, WorkloadPolicy
+from foundation.errors import AttestationError
 
 __all__ = ["AciVerdict", "verify_aci_report"]
 

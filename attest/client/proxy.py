@@ -37,7 +37,7 @@ from starlette.routing import Route
 from attest.client.transport import replica_of, verified_async_client
 from attest.client.verdict import ServerRefused
 from attest.client.verifier import Verifier
-from attest.errors import AttestationError
+from foundation.errors import AttestationError
 
 __all__ = ["REPLICA_HEADER", "VERIFIED_PATH", "proxy_app"]
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attest.client.verdict import Verdict
-from attest.errors import ConfigError
 from attest.evidence import TeeKind
 from attest.tee import NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
 from attest.verify.workload import (
@@ -29,6 +28,7 @@ from attest.verify.workload import (
     WorkloadRules,
     init_data_register_of,
 )
+from foundation.errors import ConfigError
 
 __all__ = ["NoInitData", "RecordedPolicy", "record_policy"]
 

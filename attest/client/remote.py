@@ -33,10 +33,10 @@ from cryptography.hazmat.primitives import serialization
 
 from attest.client.verdict import ServerRefused, Verdict, verify_document
 from attest.document import NONCE_SIZE, AttestationDocument, DocumentCheck
-from attest.errors import MalformedEvidence, VerificationUnavailable, connection_failure
 from attest.evidence import TeeKind
 from attest.runconfig import RunConfiguration
 from attest.verify.workload import WorkloadPolicy
+from foundation.errors import MalformedEvidence, VerificationUnavailable, connection_failure
 
 __all__ = [
     "ATTESTATION_PATH",

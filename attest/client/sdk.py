@@ -15,7 +15,7 @@ named ``allow_unpinned_software=True`` is given.
 Errors at request time: the OpenAI SDK wraps a transport's exceptions in
 ``openai.APIConnectionError`` (after its own retries); ``exc.__cause__`` is the
 :class:`~attest.client.verifier.NoVerifiedReplica` or
-:class:`~attest.errors.VerificationUnavailable` that stopped the request.
+:class:`~foundation.errors.VerificationUnavailable` that stopped the request.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import openai
 from attest.client.remote import VerifiedServer
 from attest.client.transport import verified_async_client, verified_client, verify_first
 from attest.client.verifier import Verifier
-from attest.errors import PolicyViolation
 from attest.evidence import TeeKind
 from attest.verify.workload import WorkloadPolicy
+from foundation.errors import PolicyViolation
 
 __all__ = [
     "AttestedAsyncOpenAI",

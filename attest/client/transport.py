@@ -16,7 +16,7 @@ transports over a pool whose backend wraps the system one; in ``start_tls`` each
 5. a connection that did not verify is closed and a new one opened to the same address (a load
    balancer may send it to another replica), ``verifier.max_attempts`` connections in all; then
    :class:`~attest.client.verifier.NoVerifiedReplica` (a replica was refused) or
-   :class:`~attest.errors.VerificationUnavailable` (none could be asked) is raised, and the
+   :class:`~foundation.errors.VerificationUnavailable` (none could be asked) is raised, and the
    request is never sent.
 
 Why there: the pool only ever holds connections that came out of step 2 or 4, so no request,
@@ -59,7 +59,7 @@ from attest.client.remote import (
 )
 from attest.client.verdict import ServerRefused
 from attest.client.verifier import NoVerifiedReplica, Replica, Verifier
-from attest.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationUnavailable
+from foundation.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationUnavailable
 
 __all__ = [
     "DEFAULT_LIMITS",

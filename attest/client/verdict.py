@@ -43,7 +43,6 @@ from typing import Any
 from attest.binding import document_device_nonce
 from attest.client.wording import for_python
 from attest.document import CLOCK_SKEW_S, DOCUMENT_FORMAT, AttestationDocument, DocumentCheck
-from attest.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationError
 from attest.evidence import Evidence, TeeKind
 from attest.initdata import register_for_digest
 from attest.runconfig import RunConfiguration
@@ -57,6 +56,7 @@ from attest.verify import (
     verify_evidence,
 )
 from attest.verify.workload import WorkloadFacts, WorkloadPolicy, init_data_register_of
+from foundation.errors import AttestationError, MalformedEvidence, PolicyViolation, VerificationError
 
 __all__ = [
     "Hardware",

@@ -37,9 +37,9 @@ from attest.client.remote import VerificationBundle, VerifiedServer, verify_bund
 from attest.client.verdict import ServerRefused, Verdict
 from attest.client.wording import for_python
 from attest.document import NONCE_SIZE
-from attest.errors import AttestationError, ConfigError, PolicyViolation
 from attest.evidence import TeeKind
 from attest.verify.workload import WorkloadPolicy
+from foundation.errors import AttestationError, ConfigError, PolicyViolation
 
 __all__ = ["DEFAULT_MAX_ATTEMPTS", "NoVerifiedReplica", "Replica", "Verifier"]
 

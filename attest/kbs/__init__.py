@@ -3,7 +3,7 @@
 Modules, each owning one thing:
 
 * :mod:`attest.kbs.wire`: the messages, field for field as ``kbs-types`` (shared by both sides).
-* :mod:`attest.kbs.uri`: ``kbs:///repo/type/tag`` resource URIs.
+* :mod:`foundation.resource`: ``kbs:///repo/type/tag`` resource URIs.
 * :mod:`attest.kbs.teekey`: the ephemeral TEE key and JWE decryption (jwcrypto).
 * :mod:`attest.kbs.dev.jwe`: JWE responses built exactly as Trustee builds them (server side).
 * :mod:`attest.kbs.client`: :class:`KbsClient`, the handshake and resource fetches.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from attest.kbs.uri import ResourceUri
+from foundation.resource import ResourceUri
 
 if TYPE_CHECKING:
     from attest.kbs.admin import KbsAdminClient

@@ -18,12 +18,12 @@ from types import TracebackType
 
 import httpx
 
-from attest.errors import KeyAccessDenied, KeyBrokerProtocolError
 from attest.kbs.http import error_information, make_http_client, normalize_base_url
 from attest.kbs.retry import Deadline, RetryPolicy, TransientFault, call_with_retries
-from attest.kbs.uri import validate_resource_path
 from attest.kbs.wire import KBS_PREFIX, RESOURCE_POLICY_PATH, ResourcePolicyUpload
-from attest.secret import SecretBytes
+from foundation.errors import KeyAccessDenied, KeyBrokerProtocolError
+from foundation.resource import validate_resource_path
+from foundation.secret import SecretBytes
 
 __all__ = ["KbsAdminClient"]
 

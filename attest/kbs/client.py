@@ -33,17 +33,11 @@ from typing import Literal, TypeVar
 import httpx
 
 from attest.binding import HashAlgorithm
-from attest.errors import (
-    KeyAccessDenied,
-    KeyBrokerProtocolError,
-    ResourceNotFound,
-)
 from attest.evidence import Evidence, additional_evidence_string
 from attest.kbs.http import error_information, make_http_client, normalize_base_url
 from attest.kbs.retry import Deadline, RetryPolicy, TransientFault, call_with_retries
 from attest.kbs.teekey import TeeKeyKind, TeeKeyPair
 from attest.kbs.token import TokenClaims, peek_claims
-from attest.kbs.uri import ResourceUri
 from attest.kbs.wire import (
     ATTEST_PATH,
     AUTH_PATH,
@@ -62,8 +56,14 @@ from attest.kbs.wire import (
     WireFormatError,
     WireModel,
 )
-from attest.secret import SecretBytes
 from attest.tee.attester import Attester, DeviceAttester
+from foundation.errors import (
+    KeyAccessDenied,
+    KeyBrokerProtocolError,
+    ResourceNotFound,
+)
+from foundation.resource import ResourceUri
+from foundation.secret import SecretBytes
 
 __all__ = ["KbsAttestation", "KbsClient", "TokenTransport"]
 
@@ -197,7 +197,7 @@ class KbsClient:
             KeyBrokerUnreachable: no successful handshake within the deadline.
             KeyBrokerProtocolError: version mismatch, or an answer outside the protocol.
             KeyAccessDenied: the KBS refused the evidence.
-            attest.errors.AttestationError: the local TEE failed to produce evidence.
+            foundation.errors.AttestationError: the local TEE failed to produce evidence.
         """
         deadline = deadline or self.deadline()
         return call_with_retries(

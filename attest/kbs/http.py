@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from attest.errors import ConfigError, connection_failure
 from attest.kbs.wire import ErrorInformation, WireFormatError
+from foundation.errors import ConfigError, connection_failure
 
 __all__ = [
     "PlainHttpAnswer",
@@ -101,7 +101,7 @@ class PlainHttpAnswer(Exception):
 def describe_transport_error(exc: httpx.TransportError) -> str:
     """Return one line naming the address (scheme, host, port) and what happened there.
 
-    See :func:`attest.errors.connection_failure` for what is recognised.
+    See :func:`foundation.errors.connection_failure` for what is recognised.
 
     Raises:
         PlainHttpAnswer: the request was ``https://`` and the server answered plain HTTP: a

@@ -21,8 +21,8 @@ from typing import TypeVar
 
 import httpx
 
-from attest.errors import KeyBrokerUnreachable
 from attest.kbs.http import PlainHttpAnswer, describe_transport_error
+from foundation.errors import KeyBrokerUnreachable
 
 __all__ = ["Deadline", "RetryPolicy", "TransientFault", "call_with_retries", "is_tls_verification_failure"]
 

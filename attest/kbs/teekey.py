@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
-from attest.errors import KeyUnwrapError
 from attest.kbs.wire import (
     A256GCM,
     ECDH_ES_A256KW,
@@ -27,7 +26,8 @@ from attest.kbs.wire import (
     RsaTeePubKey,
     b64url_encode,
 )
-from attest.secret import SecretBytes
+from foundation.errors import KeyUnwrapError
+from foundation.secret import SecretBytes
 
 __all__ = ["RSA_KEY_BITS", "TeeKeyKind", "TeeKeyPair"]
 

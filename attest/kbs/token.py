@@ -27,8 +27,8 @@ from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from attest.errors import KeyAccessDenied
 from attest.kbs.wire import EcTeePubKey, RsaTeePubKey, WireFormatError, b64url_decode, parse_tee_pubkey
+from foundation.errors import KeyAccessDenied
 
 __all__ = [
     "ANNOTATED_EVIDENCE",

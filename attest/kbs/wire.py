@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, TypeAdapter, ValidationError, field_validator
 
 from attest.binding import HashAlgorithm, kbs_device_runtime_data, kbs_primary_runtime_data
-from attest.errors import KeyBrokerProtocolError
+from foundation.errors import KeyBrokerProtocolError
 
 __all__ = [
     "A256GCM",
@@ -104,7 +104,7 @@ class WireFormatError(KeyBrokerProtocolError, ValueError):
     """A message does not have the shape the KBS protocol defines.
 
     Callers translate it at their boundary: the client into
-    :class:`attest.errors.KeyBrokerProtocolError`, the server into a 401 with an RFC 7807 body.
+    :class:`foundation.errors.KeyBrokerProtocolError`, the server into a 401 with an RFC 7807 body.
     """
 
 

@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-from attest.kbs.uri import ResourceUri
 from attest.keysource.base import KeyRelease, KeyReleaseReceipt, KeySource, KeySourceName
 from attest.keysource.cdh import CdhKeySource
 from attest.keysource.file import UnsafeFileKeySource
 from attest.keysource.kbs import KbsKeySource
+from foundation.resource import ResourceUri
 
 __all__ = [
     "CdhKeySource",

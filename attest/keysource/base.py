@@ -1,7 +1,7 @@
 """The key-source interface and what a key release hands back.
 
 A key source has one method, :meth:`KeySource.fetch`, which turns a resource URI into the key
-bytes (in :class:`attest.secret.SecretBytes`) plus, where there is one, a receipt: what the
+bytes (in :class:`foundation.secret.SecretBytes`) plus, where there is one, a receipt: what the
 user-facing attestation document commits to about *how* the key was released. A receipt never
 contains the token, the session or the key; it contains digests and the claims that matter.
 """
@@ -12,9 +12,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from attest.kbs.uri import ResourceUri
-from attest.secret import SecretBytes
 from attest.tee import insecure_kinds
+from foundation.resource import ResourceUri
+from foundation.secret import SecretBytes
 
 __all__ = ["KeyRelease", "KeyReleaseReceipt", "KeySource", "KeySourceName"]
 
@@ -106,8 +106,8 @@ class KeySource(ABC):
         """Return the key stored at ``resource``.
 
         Raises:
-            attest.errors.KeyRetrievalError: any failure, with a message saying what to do.
-            attest.errors.AttestationError: the local TEE failed to produce evidence.
+            foundation.errors.KeyRetrievalError: any failure, with a message saying what to do.
+            foundation.errors.AttestationError: the local TEE failed to produce evidence.
         """
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to release by default

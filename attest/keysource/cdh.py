@@ -20,18 +20,18 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from attest.errors import (
+from attest.kbs.http import normalize_base_url
+from attest.kbs.retry import Deadline, RetryPolicy, TransientFault, call_with_retries
+from attest.keysource.base import KeyRelease, KeySource, KeySourceName
+from foundation.errors import (
     ConfigError,
     KeyAccessDenied,
     KeyBrokerProtocolError,
     KeyRetrievalError,
     ResourceNotFound,
 )
-from attest.kbs.http import normalize_base_url
-from attest.kbs.retry import Deadline, RetryPolicy, TransientFault, call_with_retries
-from attest.kbs.uri import RESOURCE_PLUGIN, ResourceUri
-from attest.keysource.base import KeyRelease, KeySource, KeySourceName
-from attest.secret import SecretBytes
+from foundation.resource import RESOURCE_PLUGIN, ResourceUri
+from foundation.secret import SecretBytes
 
 __all__ = ["DEFAULT_CDH_URL", "CdhKeySource"]
 

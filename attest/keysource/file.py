@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 from typing import ClassVar
 
-from attest.errors import ConfigError, ResourceNotFound
-from attest.kbs.uri import ResourceUri
 from attest.keysource.base import KeyRelease, KeySource, KeySourceName
-from attest.secret import SecretBytes
+from foundation.errors import ConfigError, ResourceNotFound
+from foundation.resource import ResourceUri
+from foundation.secret import SecretBytes
 
 __all__ = ["UnsafeFileKeySource"]
 

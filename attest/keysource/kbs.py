@@ -12,10 +12,10 @@ import httpx
 from attest.kbs.client import KbsClient, TokenTransport
 from attest.kbs.retry import RetryPolicy
 from attest.kbs.teekey import TeeKeyKind
-from attest.kbs.uri import ResourceUri
 from attest.kbs.wire import PROTOCOL_VERSION
 from attest.keysource.base import KeyRelease, KeyReleaseReceipt, KeySource, KeySourceName
 from attest.tee.attester import Attester, DeviceAttester
+from foundation.resource import ResourceUri
 
 __all__ = ["KbsKeySource"]
 
@@ -70,8 +70,8 @@ class KbsKeySource(KeySource):
         """Attest if needed, then fetch and decrypt ``resource``.
 
         Raises:
-            attest.errors.KeyRetrievalError: see :meth:`attest.kbs.KbsClient.get_resource`.
-            attest.errors.AttestationError: the local TEE failed to produce evidence.
+            foundation.errors.KeyRetrievalError: see :meth:`attest.kbs.KbsClient.get_resource`.
+            foundation.errors.AttestationError: the local TEE failed to produce evidence.
         """
         secret = self._client.get_resource(resource, deadline=self._client.deadline())
         attestation = self._client.attestation

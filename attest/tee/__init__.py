@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from attest.errors import MalformedEvidence
 from attest.evidence import Evidence, TeeKind
 from attest.tee import nvidia, sample, snp, tdx
 from attest.tee.base import Collateral, InitDataRegister, TeeBackend
@@ -31,6 +30,7 @@ from attest.tee.snp.measure import snp_launch_measurement
 from attest.tee.snp.verifier import SnpCollateral, fetch_vcek
 from attest.tee.tdx.claims import TCB_STATUS_UNKNOWN, TdxClaims
 from attest.tee.tdx.verifier import TdxCollateral
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "BACKENDS",

@@ -1,13 +1,13 @@
 """A bounds-checked little-endian cursor over bytes, shared by the pure parsers.
 
 Every read either returns exactly the bytes asked for or raises
-:class:`~attest.errors.MalformedEvidence` naming the format, the field and the offset, so a
+:class:`~foundation.errors.MalformedEvidence` naming the format, the field and the offset, so a
 parser built on it cannot fail with ``IndexError``/``struct.error`` on truncated input.
 """
 
 from __future__ import annotations
 
-from attest.errors import MalformedEvidence
+from foundation.errors import MalformedEvidence
 
 __all__ = ["Reader"]
 

@@ -126,7 +126,7 @@ class TeeBackend:
         Raises:
             MalformedEvidence: this TEE takes no collateral, or the bytes are not its collateral.
         """
-        from attest.errors import MalformedEvidence
+        from foundation.errors import MalformedEvidence
 
         if self.collateral is None:
             raise MalformedEvidence(f"{source}: the {self.name} verifier takes no collateral")

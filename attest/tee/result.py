@@ -1,8 +1,8 @@
 """The one result type of every verifier: which steps ran, how each ended, and the claims.
 
 A :class:`VerificationResult` is returned only when every step passed or was explicitly
-skipped. When a step fails, the verifier raises :class:`~attest.errors.VerificationError` (or
-:class:`~attest.errors.PolicyViolation`) whose message names the step, and attaches the partial
+skipped. When a step fails, the verifier raises :class:`~foundation.errors.VerificationError` (or
+:class:`~foundation.errors.PolicyViolation`) whose message names the step, and attaches the partial
 result as ``exc.result`` (read it with :func:`result_of`) so a caller can print what was
 checked before the failure.
 """
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
-from attest.errors import AttestationError, VerificationError
 from attest.evidence import TeeKind
+from foundation.errors import AttestationError, VerificationError
 
 __all__ = [
     "Claims",

@@ -13,10 +13,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attest.errors import AttestationError, BackendUnavailable, ConfigError
 from attest.evidence import TeeKind
 from attest.tee import BACKENDS, TeeBackend
 from attest.tee.attester import Attester, DeviceAttester
+from foundation.errors import AttestationError, BackendUnavailable, ConfigError
 
 if TYPE_CHECKING:
     from attest.tee.nvidia.attester import NvidiaAttester
@@ -173,7 +173,7 @@ def nvidia_gpus_present(pci_root: Path | None = None) -> bool:
 
 def _cc_off(attester: NvidiaAttester) -> bool:
     """Whether NVML reports CC off (False when NVML cannot tell: the gate then decides)."""
-    from attest.errors import Error
+    from foundation.errors import Error
 
     try:
         return not attester.cc_state().enabled

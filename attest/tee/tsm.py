@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from attest.errors import BackendUnavailable, EvidenceCollectionError
+from foundation.errors import BackendUnavailable, EvidenceCollectionError
 
 __all__ = [
     "DEFAULT_TSM_REPORT_ROOT",

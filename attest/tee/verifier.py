@@ -16,9 +16,9 @@ from datetime import datetime
 from typing import ClassVar, Protocol, TypeVar, runtime_checkable
 
 from attest.binding import REPORT_DATA_SIZE
-from attest.errors import MalformedEvidence, PolicyViolation
 from attest.evidence import Evidence, TeeKind
 from attest.tee.result import StepLog, VerificationResult, attach_result
+from foundation.errors import MalformedEvidence, PolicyViolation
 
 __all__ = ["Policy", "Verifier", "check_padded_report_data", "parse_logged", "run_verifier"]
 

@@ -3,7 +3,7 @@
 Entry points: :func:`verify_evidence` (TDX, SNP, sample) and :func:`verify_device_evidence`
 (NVIDIA, sampledevice); the verifier of each kind is its backend's (:mod:`attest.tee`). Both return
 a :class:`VerificationResult` listing every step and the typed claims, or raise
-:class:`~attest.errors.VerificationError` / :class:`~attest.errors.PolicyViolation` naming the
+:class:`~foundation.errors.VerificationError` / :class:`~foundation.errors.PolicyViolation` naming the
 failed step, with the partial result as ``exc.result`` (see :func:`result_of`). Nothing here
 touches the network. What the verified evidence must measure is the workload policy's to say
 (:mod:`attest.verify.workload`).

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from attest.errors import MalformedEvidence, VerificationError
 from attest.evidence import Evidence
 from attest.tee import backend, collateral_from_json
 from attest.tee.result import VerificationResult
 from attest.tee.verifier import Policy, run_verifier
+from foundation.errors import MalformedEvidence, VerificationError
 
 __all__ = ["collateral_from_json", "verify_device_evidence", "verify_evidence"]
 

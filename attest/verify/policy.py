@@ -4,17 +4,17 @@ Measurements, TCB floors, attributes, GPUs and the software are pinned by one vo
 workload policy (:mod:`attest.verify.workload`, ``docs/policy.md``), applied after verification.
 What remains here is the sigstore-style hook the verifiers run as their last step: a
 :class:`Policy` is a tiny object with one method, ``verify(result)``, that returns None or raises
-:class:`~attest.errors.PolicyViolation`; and :class:`RefuseInsecure`, which refuses evidence
+:class:`~foundation.errors.PolicyViolation`; and :class:`RefuseInsecure`, which refuses evidence
 that proves nothing or comes from a debuggable TEE before any workload rule is read (the
 user's pipeline and kbs-dev's appraisal use it).
 """
 
 from __future__ import annotations
 
-from attest.errors import PolicyViolation
 from attest.tee import backend
 from attest.tee.result import VerificationResult
 from attest.tee.verifier import Policy
+from foundation.errors import PolicyViolation
 
 __all__ = ["Policy", "RefuseInsecure"]
 

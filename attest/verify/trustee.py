@@ -42,7 +42,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from attest.errors import ConfigError, MalformedEvidence
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, register_for_digest
 from attest.verify.workload import (
@@ -52,6 +51,7 @@ from attest.verify.workload import (
     TdxRules,
     WorkloadPolicy,
 )
+from foundation.errors import ConfigError, MalformedEvidence
 
 __all__ = [
     "ATTESTATION_POLICY_IDS",

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError, PolicyViolation
 from attest.evidence import TeeKind
 from attest.initdata import register_for_digest
 from attest.tee import BACKENDS, TCB_STATUS_UNKNOWN, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
 from attest.tee.result import VerificationResult
+from foundation.errors import ConfigError, PolicyViolation
 
 __all__ = [
     "POLICY_VERSION",

@@ -36,7 +36,7 @@ from typing import Any, NoReturn, Protocol
 import httpcore
 import httpx
 
-from attest.errors import ConfigError, ModelFormatError
+from foundation.errors import ConfigError, ModelFormatError
 from loader.oci.reference import ImageReference
 
 __all__ = [

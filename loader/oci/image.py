@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from attest.errors import ModelFormatError
+from foundation.errors import ModelFormatError
 from loader.canary import CanaryReference
 from loader.oci.blobs import BlobStore
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from attest.errors import ModelDecryptionError, ModelError, ModelFormatError
+from foundation.errors import ModelDecryptionError, ModelError, ModelFormatError
 from loader.format import MAX_SAFETENSORS_HEADER, parse_safetensors_header
 from loader.oci.blobs import BlobStore
 from loader.oci.image import OciImage, OciLayer

@@ -28,7 +28,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from attest.errors import ModelDecryptionError, ModelFormatError
+from foundation.errors import ModelDecryptionError, ModelFormatError
 from loader.oci.image import ENC_KEYS_JWE, ENC_PUBOPTS, OciLayer, json_object
 
 __all__ = ["CIPHER", "DecryptingReader", "LayerKey", "private_key_from_pem", "unwrap_layer_key"]

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from loader.canary import CanaryReference
 from loader.oci.image import LABEL_CANARY, LABEL_LAYERS, OCI_CONFIG, OCI_MANIFEST
 from loader.packer import scan_model_dir

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 
 __all__ = ["ImageReference", "is_image_reference"]
 

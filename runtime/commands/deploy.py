@@ -109,10 +109,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
-    from attest.errors import ConfigError, MalformedEvidence
     from attest.evidence import TeeKind
     from attest.initdata import InitData
     from attest.verify.workload import PolicyFileError, WorkloadPolicy
+    from foundation.errors import ConfigError, MalformedEvidence
     from runtime.deploy import DeploySpec, render
 
     tee = TeeKind(args.tee)

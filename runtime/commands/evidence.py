@@ -11,9 +11,9 @@ import argparse
 import json
 from typing import Any
 
-from attest.errors import ConfigError
 from attest.tee import BACKENDS
 from attest.tee.select import detect_devices, detected_tees, select_attester
+from foundation.errors import ConfigError
 
 __all__ = ["add_parser", "run"]
 

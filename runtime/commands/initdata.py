@@ -108,7 +108,7 @@ def _cdh_toml(url: str, cert: str | None) -> str:
 
 def _model_identity(expect: str | None, model: str) -> tuple[str, str | None]:
     """The model digest, and the key resource its manifest names (if read from a directory)."""
-    from attest.errors import ConfigError
+    from foundation.errors import ConfigError
 
     if expect is not None and expect.startswith("sha256:"):
         if len(expect) != 71 or expect[7:].strip("0123456789abcdef"):
@@ -132,7 +132,7 @@ def _model_identity(expect: str | None, model: str) -> tuple[str, str | None]:
 
 def _parse_env(image: dict[str, str], items: list[str]) -> dict[str, str]:
     """The declared environment: the image's own attested variables, then ``--env`` (the pod's)."""
-    from attest.errors import ConfigError
+    from foundation.errors import ConfigError
     from runtime.environment import check_declared_environment
 
     env: dict[str, str] = dict(image)
@@ -146,9 +146,9 @@ def _parse_env(image: dict[str, str], items: list[str]) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from attest.errors import ConfigError, MalformedEvidence
     from attest.evidence import TeeKind
     from attest.initdata import ENCLAVE_SERVE_ENTRY, INITDATA_ANNOTATION, InitData, WorkloadPins
+    from foundation.errors import ConfigError, MalformedEvidence
     from runtime.config import RunConfig
     from runtime.facts import load_image_facts, runtime_versions
     from runtime.settings import declared_settings, given_settings, read_ca_bundle

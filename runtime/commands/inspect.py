@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from attest.errors import ConfigError, MalformedEvidence, VerificationError
 from attest.evidence import Evidence, TeeKind
 from attest.tee import BACKENDS, TCB_STATUS_UNKNOWN, evidence_from_json
 from attest.verify import VerificationResult, result_of, verify_device_evidence, verify_evidence
+from foundation.errors import ConfigError, MalformedEvidence, VerificationError
 
 __all__ = ["add_parser", "run"]
 

@@ -14,9 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from attest.errors import ConfigError
-from attest.secret import SecretBytes
 from attest.tee.select import device_choices, primary_choices
+from foundation.errors import ConfigError
+from foundation.secret import SecretBytes
 
 __all__ = ["add_parser", "run"]
 
@@ -130,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from attest.kbs.uri import ResourceUri
     from attest.keysource import KbsKeySource
     from attest.tee.select import detect_devices, select_attester
+    from foundation.resource import ResourceUri
 
     try:
         resource = ResourceUri.parse(args.resource)

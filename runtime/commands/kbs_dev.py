@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attest.binding import HashAlgorithm
-from attest.errors import ConfigError
-from attest.secret import SecretBytes
+from foundation.errors import ConfigError
+from foundation.secret import SecretBytes
 
 if TYPE_CHECKING:
     from attest.verify.workload import WorkloadPolicy
@@ -86,7 +86,7 @@ def _read_admin_token(path: Path) -> SecretBytes:
 
 
 def _read_resources(specs: list[str]) -> dict[str, bytes]:
-    from attest.kbs.uri import validate_resource_path
+    from foundation.resource import validate_resource_path
 
     resources: dict[str, bytes] = {}
     for spec in specs:
@@ -104,8 +104,8 @@ def _read_resources(specs: list[str]) -> dict[str, bytes]:
 
 
 def _read_workload_policies(specs: list[str]) -> dict[str, WorkloadPolicy]:
-    from attest.kbs.uri import validate_resource_path
     from attest.verify.workload import PolicyFileError, WorkloadPolicy
+    from foundation.resource import validate_resource_path
 
     policies: dict[str, WorkloadPolicy] = {}
     for spec in specs:

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from attest.errors import ConfigError
-from attest.secret import SecretBytes
+from foundation.errors import ConfigError
+from foundation.secret import SecretBytes
 from loader.canary import CANARY_DEVICES, CANARY_DTYPES, CANARY_ENGINES, CanaryReference
 from loader.format import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, MODEL_KEY_SIZE
 from loader.manifest import parse_key_resource

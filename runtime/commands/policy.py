@@ -63,8 +63,8 @@ def _record(args: argparse.Namespace) -> int:
     from attest.client.record import record_policy
     from attest.client.remote import fetch_bundle
     from attest.client.verdict import verify_document
-    from attest.errors import ConfigError, VerificationUnavailable
     from attest.evidence import TeeKind
+    from foundation.errors import ConfigError, VerificationUnavailable
     from runtime.collateral import collateral_files, typed_collateral
     from runtime.commands.verify import EXIT_UNAVAILABLE, print_verdict
 
@@ -119,10 +119,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _trustee(args: argparse.Namespace) -> int:
-    from attest.errors import ConfigError, MalformedEvidence
     from attest.initdata import InitData
     from attest.verify.trustee import ExportRefused, export_policy, kbs_client_script
     from attest.verify.workload import PolicyFileError, WorkloadPolicy
+    from foundation.errors import ConfigError, MalformedEvidence
 
     try:
         policy = WorkloadPolicy.load(args.file)

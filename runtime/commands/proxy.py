@@ -62,7 +62,7 @@ def parse_listen(value: str, *, allow_non_loopback: bool) -> tuple[str, int]:
     Raises:
         ConfigError: malformed, or not loopback without ``allow_non_loopback``.
     """
-    from attest.errors import ConfigError
+    from foundation.errors import ConfigError
 
     host, sep, port_text = value.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from attest.client.proxy import VERIFIED_PATH, proxy_app
     from attest.client.transport import verify_first
     from attest.client.verdict import ServerRefused
-    from attest.errors import ConfigError, Error
+    from foundation.errors import ConfigError, Error
 
     host, port = parse_listen(args.listen, allow_non_loopback=args.allow_non_loopback_listen)
     if args.allow_non_loopback_listen:

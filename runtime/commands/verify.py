@@ -119,9 +119,9 @@ def _verification_options(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         ConfigError: the policy or collateral file cannot be used, or a digest is malformed.
     """
-    from attest.errors import ConfigError
     from attest.evidence import TeeKind
     from attest.verify.workload import PolicyFileError, WorkloadPolicy
+    from foundation.errors import ConfigError
     from runtime.collateral import collateral_files, typed_collateral
 
     try:
@@ -192,7 +192,7 @@ def parse_duration(value: str, flag: str) -> int:
     Raises:
         ConfigError: anything else, or zero.
     """
-    from attest.errors import ConfigError
+    from foundation.errors import ConfigError
 
     match = _DURATION.fullmatch(value.strip())
     seconds = 0 if match is None else int(match[1]) * _UNITS[match[2]]
@@ -202,7 +202,7 @@ def parse_duration(value: str, flag: str) -> int:
 
 
 def _digest(value: str | None, flag: str) -> str | None:
-    from attest.errors import ConfigError
+    from foundation.errors import ConfigError
 
     if value is None:
         return None
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
     from attest.client.remote import VerificationBundle, fetch_bundle, server_base_url, verify_bundle
     from attest.client.verdict import ServerRefused, Verdict
-    from attest.errors import ConfigError, Error, MalformedEvidence, VerificationUnavailable
+    from foundation.errors import ConfigError, Error, MalformedEvidence, VerificationUnavailable
 
     def unavailable(message: str) -> int:
         if args.json:
@@ -329,7 +329,7 @@ def _run_replicas(args: argparse.Namespace) -> int:
 
     from attest.client.transport import probe
     from attest.client.verdict import ServerRefused
-    from attest.errors import ConfigError, Error
+    from foundation.errors import ConfigError, Error
 
     if args.url is None or args.replicas < 1:
         raise ConfigError("--replicas N needs a server URL and N of at least 1")

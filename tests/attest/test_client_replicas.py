@@ -20,7 +20,7 @@ from attest.client import (
     replica_of,
     verified_client,
 )
-from attest.errors import PolicyViolation
+from foundation.errors import PolicyViolation
 from tests.attest.replicas import OTHER_CONFIG, POLICY, ReplicaServer, RoundRobin
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]

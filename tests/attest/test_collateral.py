@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from attest.errors import MalformedEvidence, VerificationError
 from attest.evidence import TeeKind
 from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import SnpCollateral, TdxCollateral, collateral_from_json, verify_evidence
+from foundation.errors import MalformedEvidence, VerificationError
 from tests.attest.support import NOW, vector
 
 

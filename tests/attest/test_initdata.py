@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, WorkloadPins, register_for_digest
+from foundation.errors import MalformedEvidence
 from tests.attest.support import workload_pins
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "initdata"

@@ -20,7 +20,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attest.errors import AttestationError, BackendUnavailable, EvidenceCollectionError, MalformedEvidence
 from attest.evidence import Evidence, TeeKind
 from attest.tee.sample.attester import UnsafeSampleAttester
 from attest.tee.sample.evidence import SampleEvidence
@@ -31,6 +30,7 @@ from attest.tee.tdx.attester import TDX_CMD_GET_REPORT0, TDX_GUEST_DEVICE, TdxAt
 from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.tdx.report import TDREPORT_SIZE, parse_tdreport
 from attest.tee.tsm import ConfigfsTsm
+from foundation.errors import AttestationError, BackendUnavailable, EvidenceCollectionError, MalformedEvidence
 from tests.attest.support import NOW, at, vector
 from tests.attest.tsm_kernel import KernelLikeTsm
 

@@ -8,7 +8,6 @@ from importlib import resources
 
 import pytest
 
-from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
 from attest.evidence import TeeKind
 from attest.tee import _x509, evidence_from_json
 from attest.tee.nvidia.report import (
@@ -21,6 +20,7 @@ from attest.tee.nvidia.report import (
 from attest.tee.nvidia.verifier import NvidiaVerifier
 from attest.tee.result import StepLog, VerificationResult
 from attest.verify import NvidiaClaims, Outcome, result_of, verify_device_evidence, verify_evidence
+from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
 from tests.attest.pki import NvidiaPki, sign_nvidia_report
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 

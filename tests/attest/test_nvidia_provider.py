@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
 from attest.tee.nvidia.attester import GpuGateError, NvidiaAttester
 from attest.tee.nvidia.pci import nvidia_pci_devices
 from attest.tee.select import detect_devices, nvidia_gpus_present
 from attest.verify import NvidiaClaims, VerificationResult, verify_device_evidence
+from foundation.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
 from tests.attest.fake_nvml import FakeGpu, FakeNvml
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from attest.errors import MalformedEvidence, VerificationError
 from attest.evidence import TeeKind
 from attest.tee.nvidia.report import (
     HOPPER_SIGNATURE_SIZE,
@@ -27,6 +26,7 @@ from attest.tee.nvidia.report import (
 from attest.tee.nvidia.verifier import NvidiaVerifier
 from attest.tee.result import StepLog
 from attest.verify import NvidiaClaims, verify_device_evidence
+from foundation.errors import MalformedEvidence, VerificationError
 from tests.attest.pki import NvidiaPki, sign_nvidia_report
 from tests.attest.support import NOW, vector
 

@@ -11,12 +11,12 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attest.errors import MalformedEvidence, VerificationError
 from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence, parse_nvidia_report
 from attest.tee.snp.report import SnpEvidence, SnpReport, parse_snp_cert_table, parse_snp_report
 from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.tdx.report import parse_tdreport
 from attest.verify import SnpCollateral, verify_device_evidence, verify_evidence
+from foundation.errors import MalformedEvidence, VerificationError
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 
 TDX_QUOTE = vector("tdx/tdx_quote_4.dat")

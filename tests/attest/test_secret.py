@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.secret import SecretBytes, process_is_protected, protect_process_memory
+from foundation.secret import SecretBytes, process_is_protected, protect_process_memory
 
 REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
@@ -94,7 +94,7 @@ def test_a_protected_process_refuses_its_own_uid(protect: bool, expected: bytes)
 def test_protecting_this_process_is_reported() -> None:
     out = subprocess.run(
         [sys.executable, "-c",
-         "from attest.secret import *; protect_process_memory(); print(process_is_protected())"],
+         "from foundation.secret import *; protect_process_memory(); print(process_is_protected())"],
         capture_output=True, text=True, timeout=30, cwd=REPO,
     )  # fmt: skip
     assert out.stdout.strip() == "True", out.stderr

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
 from attest.evidence import TeeKind
 from attest.tee import _x509, evidence_from_json
 from attest.tee.result import StepLog
@@ -29,6 +28,7 @@ from attest.tee.snp.report import (
 )
 from attest.tee.snp.verifier import SnpVerifier, pinned_amd_chain
 from attest.verify import Outcome, RefuseInsecure, SnpCollateral, result_of, verify_evidence
+from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
 from tests.attest.pki import AmdPki, sign_snp_report, turin_report_json
 from tests.attest.support import NOW, vector
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from attest.errors import MalformedEvidence, VerificationError
 from attest.tee import evidence_from_json
 from attest.tee.tdx.claims import TdxClaims
 from attest.tee.tdx.quote import TdxBodyType, TdxEvidence, parse_tdx_quote
@@ -18,6 +17,7 @@ from attest.verify import (
     result_of,
     verify_evidence,
 )
+from foundation.errors import MalformedEvidence, VerificationError
 from tests.attest.support import DCAP_EXAMPLE_TIME, NOW, WINDOW_END, WINDOW_MID, WINDOW_START, at
 
 QUOTE4_FACTS: dict[str, Any] = {

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ConfigError, MalformedEvidence
 from attest.evidence import TeeKind
 from attest.tee import BACKENDS, SnpCollateral, backend, collateral_from_json, insecure_kinds, kinds
 from attest.tee.select import device_choices, primary_choices
+from foundation.errors import ConfigError, MalformedEvidence
 from runtime.collateral import add_collateral_arguments, collateral_files, parse_collateral, typed_collateral
 
 

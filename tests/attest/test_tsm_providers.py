@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import BackendUnavailable, EvidenceCollectionError
 from attest.tee.snp.attester import SnpAttester
 from attest.tee.snp.report import CERT_TABLE_GUIDS, SnpCertType, parse_snp_report
 from attest.tee.tdx.attester import TdxAttester
 from attest.tee.tdx.quote import parse_tdx_quote
 from attest.tee.tsm import ConfigfsTsm, OsFilesystem
+from foundation.errors import BackendUnavailable, EvidenceCollectionError
 from tests.attest.support import vector
 from tests.attest.tsm_kernel import KernelLikeTsm
 

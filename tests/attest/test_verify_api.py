@@ -7,7 +7,6 @@ from datetime import datetime
 
 import pytest
 
-from attest.errors import PolicyViolation, VerificationError
 from attest.evidence import TeeKind
 from attest.tee.sample.evidence import SampleDeviceEvidence, SampleEvidence
 from attest.tee.tdx.quote import TdxEvidence
@@ -22,6 +21,7 @@ from attest.verify import (
     verify_device_evidence,
     verify_evidence,
 )
+from foundation.errors import PolicyViolation, VerificationError
 from tests.attest.support import NOW
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import sys
 
-from attest.errors import VerificationError
 from attest.tee.attester import DeviceGate
 from attest.tee.sample.attester import UnsafeSampleDeviceAttester
+from foundation.errors import VerificationError
 
 
 class FailingDeviceAttesterDouble(UnsafeSampleDeviceAttester):

@@ -10,8 +10,8 @@ import pytest
 from attest.kbs.dev.policy import PolicyRule, ResourcePolicy
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.teekey import TeeKeyPair
-from attest.secret import SecretBytes
 from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from foundation.secret import SecretBytes
 from tests.kbs.support import ADMIN_TOKEN, ManualClock, run_dev_kbs
 
 #: Resources of the session KBS.

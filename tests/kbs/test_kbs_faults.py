@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import (
-    KeyAccessDenied,
-    KeyBrokerProtocolError,
-    KeyBrokerUnreachable,
-    KeyUnwrapError,
-    ResourceNotFound,
-)
 from attest.kbs.client import KbsClient
 from attest.kbs.dev.jwe import seal
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.retry import RetryPolicy
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.wire import ErrorType
-from attest.secret import SecretBytes
 from attest.tee.sample.attester import UnsafeSampleAttester
+from foundation.errors import (
+    KeyAccessDenied,
+    KeyBrokerProtocolError,
+    KeyBrokerUnreachable,
+    KeyUnwrapError,
+    ResourceNotFound,
+)
+from foundation.secret import SecretBytes
 from tests.kbs.conftest import MODEL_KEY
 from tests.kbs.support import (
     ADMIN_TOKEN,

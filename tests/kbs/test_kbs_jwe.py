@@ -8,10 +8,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from jwcrypto import jwe, jwk
 
-from attest.errors import KeyUnwrapError
 from attest.kbs.dev.jwe import concat_kdf, protected_header_json, seal
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.wire import EcTeePubKey, JweResponse, RsaTeePubKey, b64url_decode, b64url_encode
+from foundation.errors import KeyUnwrapError
 
 PAYLOAD = b"\x00model-key\xff" * 3
 

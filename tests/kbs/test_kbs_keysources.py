@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import (
+from attest.kbs.retry import RetryPolicy
+from attest.keysource import CdhKeySource, KeySource, ResourceUri, UnsafeFileKeySource
+from foundation.errors import (
     ConfigError,
     KeyAccessDenied,
     KeyBrokerUnreachable,
     KeyRetrievalError,
     ResourceNotFound,
 )
-from attest.kbs.retry import RetryPolicy
-from attest.keysource import CdhKeySource, KeySource, ResourceUri, UnsafeFileKeySource
 from tests.kbs.support import Reply, closed_port_url, scripted_server
 
 KEY = ResourceUri.parse("kbs:///default/llama/key")

@@ -11,7 +11,6 @@ import httpx
 import pytest
 
 from attest.binding import HashAlgorithm
-from attest.errors import KeyAccessDenied, KeyBrokerProtocolError, ResourceNotFound
 from attest.kbs.admin import KbsAdminClient
 from attest.kbs.client import KbsClient
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
@@ -19,8 +18,9 @@ from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.token import peek_claims
 from attest.kbs.wire import Attestation, CompositeEvidence, RuntimeData
 from attest.keysource import KbsKeySource, ResourceUri
-from attest.secret import SecretBytes
 from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from foundation.errors import KeyAccessDenied, KeyBrokerProtocolError, ResourceNotFound
+from foundation.secret import SecretBytes
 from tests.kbs.conftest import DEVICE_KEY, MODEL_KEY, SECOND_KEY
 from tests.kbs.support import ADMIN_TOKEN, ManualClock, TamperingSampleAttester
 

@@ -8,12 +8,12 @@ import traceback
 
 import pytest
 
-from attest.errors import Error, KeyAccessDenied, KeyUnwrapError, ResourceNotFound
 from attest.kbs.client import KbsClient
 from attest.kbs.dev.jwe import seal
 from attest.kbs.teekey import TeeKeyPair
 from attest.keysource import KbsKeySource, ResourceUri
 from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from foundation.errors import Error, KeyAccessDenied, KeyUnwrapError, ResourceNotFound
 from tests.kbs.conftest import MODEL_KEY, SECOND_KEY
 
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from attest.errors import ConfigError, KeyBrokerUnreachable
 from attest.kbs.client import KbsClient
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
 from attest.kbs.http import check_base_url, normalize_base_url
 from attest.kbs.retry import Deadline, RetryPolicy, call_with_retries
-from attest.secret import SecretBytes
 from attest.tee.sample.attester import UnsafeSampleAttester
+from foundation.errors import ConfigError, KeyBrokerUnreachable
+from foundation.secret import SecretBytes
 from runtime.settings import resolve
 from tests.kbs.conftest import MODEL_KEY
 from tests.kbs.support import ADMIN_TOKEN, Reply, closed_port_url, make_pki, run_dev_kbs, scripted_server

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 from attest.binding import HashAlgorithm, canonical_json
 from attest.kbs.teekey import TeeKeyPair
-from attest.kbs.uri import ResourceUri
 from attest.kbs.wire import (
     Attestation,
     Challenge,
@@ -30,6 +29,7 @@ from attest.kbs.wire import (
     WireFormatError,
     parse_tee_pubkey,
 )
+from foundation.resource import ResourceUri
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "kbs"
 

@@ -6,15 +6,15 @@ from typing import Any
 
 import pytest
 
-from attest.errors import KeyAccessDenied, KeyRetrievalError
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.kbs.client import KbsClient
 from attest.kbs.dev.server import DevKbsConfig, ResourceStore
-from attest.kbs.uri import ResourceUri
-from attest.secret import SecretBytes
 from attest.tee.sample.attester import UnsafeSampleAttester
 from attest.verify.workload import WorkloadPolicy
+from foundation.errors import KeyAccessDenied, KeyRetrievalError
+from foundation.resource import ResourceUri
+from foundation.secret import SecretBytes
 from tests.attest.support import workload_pins
 from tests.kbs.support import ADMIN_TOKEN, run_dev_kbs
 

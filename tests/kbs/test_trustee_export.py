@@ -17,13 +17,11 @@ from typing import Any
 
 import pytest
 
-from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.kbs.dev.appraisal import Appraisal
 from attest.kbs.dev.policy import PolicyDenied
 from attest.kbs.dev.server import DevKbsConfig, _Kbs
-from attest.secret import SecretBytes
 from attest.tee.nvidia.claims import NvidiaClaims
 from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence
 from attest.tee.snp.claims import SnpClaims
@@ -50,6 +48,8 @@ from attest.verify.workload import (
     WorkloadPolicy,
     WorkloadRules,
 )
+from foundation.errors import MalformedEvidence
+from foundation.secret import SecretBytes
 from tests.attest.support import HOPPER_NONCE, NOW, vector, workload_pins
 from tests.kbs.support import ADMIN_TOKEN
 from tests.kbs.trustee_support import allows, token, trustee_releases

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attest.secret import SecretBytes
+from foundation.secret import SecretBytes
 from loader.format import MIN_CHUNK_SIZE
 from loader.manifest import Manifest
 from loader.packer import pack_model

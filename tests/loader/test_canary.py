@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import rfc8785
 
-from attest.errors import ModelDecryptionError, ModelFormatError
-from attest.secret import SecretBytes
+from foundation.errors import ModelDecryptionError, ModelFormatError
+from foundation.secret import SecretBytes
 from loader.canary import CANARY_SAMPLING, CanaryReference, compute_reference
 from loader.manifest import MANIFEST_NAME, Manifest
 from loader.packer import pack_model

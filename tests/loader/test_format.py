@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attest.errors import ModelFormatError
+from foundation.errors import ModelFormatError
 from loader.format import (
     SafetensorsIndex,
     ShardHeader,

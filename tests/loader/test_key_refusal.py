@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ModelDecryptionError
+from foundation.errors import ModelDecryptionError
 from loader.manifest import Manifest
 from tests.loader.conftest import KEY, KEY_ID, OTHER_KEY
 

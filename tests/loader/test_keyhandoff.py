@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import KeyRetrievalError
-from attest.secret import SecretBytes
+from foundation.errors import KeyRetrievalError
+from foundation.secret import SecretBytes
 from loader.keyhandoff import CAPABILITY_BYTES, KeyHandoffServer, request_key
 
 DIGEST = "sha256:" + "ab" * 32

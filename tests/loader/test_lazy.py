@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attest.errors import ModelDecryptionError
+from foundation.errors import ModelDecryptionError
 from loader.lazy import EncryptedTensor, LazyCheckpoint
 from loader.manifest import Manifest
 from tests.loader.conftest import KEY, MARKER, OTHER_KEY, as_bytes, path_options
@@ -163,7 +163,7 @@ def test_aliasing_and_full_indexing_stay_lazy(packed: Path, reference: dict[str,
 
 
 def test_staged_copies_use_the_ring_and_a_piece_larger_than_a_slot_is_refused(packed: Path) -> None:
-    from attest.errors import ModelFormatError
+    from foundation.errors import ModelFormatError
     from loader.lazy import LazyCheckpoint
     from loader.shard import EncryptedShard
     from loader.staging import StagingOptions

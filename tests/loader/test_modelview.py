@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attest.errors import ModelFormatError
+from foundation.errors import ModelFormatError
 from loader.lazy import LazyCheckpoint
 from loader.manifest import MANIFEST_NAME, Manifest
 from loader.modelview import stage_model_view

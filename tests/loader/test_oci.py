@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attest.errors import ConfigError, ModelDecryptionError, ModelFormatError
+from foundation.errors import ConfigError, ModelDecryptionError, ModelFormatError
 from loader.oci.blobs import LayoutStore, RegistryStore, open_store
 from loader.oci.image import LABEL_LAYERS, OciImage, load_image
 from loader.oci.layers import LayerKeys, image_tensors, read_side_files

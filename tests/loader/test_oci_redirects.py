@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from attest.errors import ModelFormatError
+from foundation.errors import ModelFormatError
 from loader.oci.blobs import MAX_REDIRECTS, RegistryStore, is_public_address
 from loader.oci.image import load_image
 from loader.oci.packer import pack_oci_layout

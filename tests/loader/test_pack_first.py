@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import loader.canary
-from attest.errors import ConfigError, Error, ModelFormatError
+from foundation.errors import ConfigError, Error, ModelFormatError
 from loader.canary import CANARY_SAMPLING, CanaryReference, canary_dtype
 from loader.manifest import Manifest, parse_key_resource
 from loader.packer import check_destination, check_source

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 
 import loader.packer
-from attest.errors import ConfigError, ModelFormatError
-from attest.secret import SecretBytes
+from foundation.errors import ConfigError, ModelFormatError
+from foundation.secret import SecretBytes
 from loader.manifest import Manifest
 from loader.modelview import stage_model_view
 from loader.packer import generate_model_key, pack_model

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attest.errors import ModelDecryptionError
+from foundation.errors import ModelDecryptionError
 from loader.lazy import LazyCheckpoint
 from loader.manifest import Manifest
 from loader.staging import CopyLane, StagingOptions, StagingRing

@@ -19,7 +19,7 @@ import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from attest.errors import ModelDecryptionError, ModelFormatError
+from foundation.errors import ModelDecryptionError, ModelFormatError
 from loader.format import GCM_TAG_SIZE, ShardHeader, chunk_aad, chunk_nonce, derive_shard_keys
 from loader.manifest import MANIFEST_NAME, Manifest
 from loader.modelview import stage_model_view
@@ -354,7 +354,7 @@ def test_unknown_or_ill_typed_manifest_members_are_refused(packed: Path, mutate)
 
     import rfc8785
 
-    from attest.errors import ModelFormatError
+    from foundation.errors import ModelFormatError
     from loader.manifest import Manifest
 
     obj = json.loads((packed / "manifest.json").read_bytes())

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from safetensors.torch import load_file
 
-from attest.secret import SecretBytes
+from foundation.secret import SecretBytes
 from loader.manifest import Manifest
 from loader.modelview import stage_model_view
 from loader.packer import pack_model

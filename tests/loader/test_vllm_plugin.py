@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from loader.vllm_plugin import EncryptedLoaderConfig
 
 DIGEST = "sha256:" + "ab" * 32

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.secret import SecretBytes
+from foundation.secret import SecretBytes
 from loader.packer import pack_model
 from runtime.demo_model import build_demo_model
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from runtime.config import RunConfig
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from runtime.environment import (
     ALLOWED,
     FORCED,

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from attest.errors import KeyRetrievalError
 from attest.tee.nvidia.attester import NvidiaAttester
+from foundation.errors import KeyRetrievalError
 from runtime import boot
 from runtime.config import RunConfig
 from tests.attest.fake_nvml import FakeGpu, FakeNvml

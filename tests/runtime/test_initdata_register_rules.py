@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from attest.errors import AttestationError
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
+from foundation.errors import AttestationError
 from runtime import boot
 from runtime.config import RunConfig
 from tests.attest.support import workload_pins

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from runtime.mounts import (
     SYSTEM_CODE_PATHS,
     Mount,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ConfigError, ModelFormatError
 from attest.runconfig import RunConfiguration
+from foundation.errors import ConfigError, ModelFormatError
 from loader.manifest import Manifest
 from runtime.config import RunConfig
 from runtime.environment import decide_environment

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from runtime.config import DEFAULT_PRIVATE_DIR, RunConfig
 from runtime.private import SHARED_MEMORY, PrivateDirectory, filesystem_type
 

@@ -14,7 +14,7 @@ import uvicorn
 
 from attest.client import Verifier, proxy_app
 from attest.client.proxy import REPLICA_HEADER, VERIFIED_PATH
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from runtime.cli import main
 from runtime.commands.proxy import parse_listen
 from tests.attest.replicas import MODEL, OTHER_CONFIG, POLICY, POLICY_TOML, ReplicaServer, RoundRobin

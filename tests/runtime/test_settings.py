@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from attest.errors import ConfigError
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
+from foundation.errors import ConfigError
 from runtime.config import RunConfig
 from runtime.settings import declared_settings, given_settings, resolve
 from tests.attest.support import workload_pins

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ConfigError, ModelFormatError
+from foundation.errors import ConfigError, ModelFormatError
 from loader.manifest import Manifest
 from runtime.config import RunConfig
 from runtime.environment import decide_environment

@@ -22,7 +22,7 @@ import multiprocessing as mp
 
 
 def _protected_now():
-    from attest.secret import process_is_protected
+    from foundation.secret import process_is_protected
 
     return process_is_protected()
 

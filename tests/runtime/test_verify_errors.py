@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import attest.errors
+import foundation.errors
 from attest.client import (
     AttestationError,
     ConfigError,
@@ -153,13 +153,13 @@ def test_the_two_renderings_are_inverse_on_every_option() -> None:
 
 def test_the_client_exports_its_exception_types() -> None:
     for exported, original in (
-        (Error, attest.errors.Error),
-        (ConfigError, attest.errors.ConfigError),
-        (AttestationError, attest.errors.AttestationError),
-        (MalformedEvidence, attest.errors.MalformedEvidence),
-        (VerificationError, attest.errors.VerificationError),
-        (PolicyViolation, attest.errors.PolicyViolation),
-        (VerificationUnavailable, attest.errors.VerificationUnavailable),
+        (Error, foundation.errors.Error),
+        (ConfigError, foundation.errors.ConfigError),
+        (AttestationError, foundation.errors.AttestationError),
+        (MalformedEvidence, foundation.errors.MalformedEvidence),
+        (VerificationError, foundation.errors.VerificationError),
+        (PolicyViolation, foundation.errors.PolicyViolation),
+        (VerificationUnavailable, foundation.errors.VerificationUnavailable),
     ):
         assert exported is original
     assert issubclass(NotAnEnclave, ServerRefused) and issubclass(ServerRefused, PolicyViolation)

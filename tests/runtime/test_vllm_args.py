@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from attest.errors import ConfigError
+from foundation.errors import ConfigError
 from runtime.vllm_args import (
     ALLOWED_OPTIONS,
     REFUSED_OPTIONS,

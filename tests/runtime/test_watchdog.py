@@ -9,10 +9,10 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
-from attest.errors import AttestationError, VerificationError
-from attest.logs import JsonFormatter, set_stage_provider
 from attest.tee.attester import DeviceGate
 from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from foundation.errors import AttestationError, VerificationError
+from foundation.logs import JsonFormatter, set_stage_provider
 from runtime.watchdog import Watchdog
 from server.metrics import Metrics
 

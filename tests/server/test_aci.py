@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 
 from attest.aci import AciReport, aci_device_nonce, aci_report_data, keyset_digest
 from attest.client.aci import verify_aci_report
-from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
 from attest.tee.attester import DeviceAttester
 from attest.tee.sample.evidence import SampleDeviceEvidence
 from attest.verify.workload import GpuRules, WorkloadPolicy, WorkloadRules
+from foundation.errors import MalformedEvidence
 from tests.server.test_attestation_document import CONFIG, DIGEST, SPKI, service
 from tests.server.test_attestation_routes import aci_report_data as independent_report_data
 

@@ -9,9 +9,9 @@ import pytest
 
 from attest.binding import document_device_nonce
 from attest.document import AttestationDocument
-from attest.errors import MalformedEvidence, PolicyViolation, VerificationError
 from attest.runconfig import RunConfiguration
 from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
 from server.attestation import AttestationService
 from tests.attest.support import workload_pins
 

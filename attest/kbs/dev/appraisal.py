@@ -33,7 +33,6 @@ from typing import Any
 from pydantic import JsonValue
 
 from attest.binding import HashAlgorithm
-from attest.errors import AttestationError, MalformedEvidence
 from attest.evidence import Evidence, TeeKind
 from attest.initdata import InitData
 from attest.kbs.token import RUNTIME_DATA_CLAIMS, SubmodClaims
@@ -47,6 +46,7 @@ from attest.verify import (
     verify_evidence,
 )
 from attest.verify.workload import init_data_register_of
+from foundation.errors import AttestationError, MalformedEvidence
 
 __all__ = ["EAR_STATUS", "Appraisal", "AppraisalFailed", "EvidenceAppraiser"]
 

@@ -45,12 +45,10 @@ from pydantic import JsonValue
 from starlette.concurrency import run_in_threadpool
 
 from attest.binding import HashAlgorithm
-from attest.errors import MalformedEvidence
 from attest.kbs.dev.appraisal import Appraisal, AppraisalFailed, EvidenceAppraiser
 from attest.kbs.dev.jwe import seal
 from attest.kbs.dev.policy import PolicyDenied, ResourcePolicy
 from attest.kbs.token import TokenIssuer, TokenRejected
-from attest.kbs.uri import validate_resource_path
 from attest.kbs.wire import (
     DEFAULT_HASH_ALGORITHM,
     PROTOCOL_VERSION,
@@ -65,8 +63,10 @@ from attest.kbs.wire import (
     ResourcePolicyUpload,
     WireFormatError,
 )
-from attest.secret import SecretBytes
 from attest.verify.workload import WorkloadFacts, WorkloadPolicy
+from foundation.errors import MalformedEvidence
+from foundation.resource import validate_resource_path
+from foundation.secret import SecretBytes
 
 __all__ = ["DevKbsConfig", "ResourceStore", "create_app", "serve"]
 

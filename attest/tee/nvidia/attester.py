@@ -36,7 +36,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from attest.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
 from attest.evidence import TeeKind
 from attest.tee.attester import DeviceAttester, DeviceGate
 from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, PciDevice, nvidia_pci_devices
@@ -44,6 +43,7 @@ from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence
 from attest.tee.nvidia.verifier import NvidiaVerifier, expected_gpu_nonce
 from attest.tee.result import result_of
 from attest.tee.verifier import Policy, run_verifier
+from foundation.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
 
 __all__ = ["CcState", "GpuGateError", "NvidiaAttester"]
 

@@ -7,12 +7,12 @@ import secrets
 from datetime import UTC, datetime
 from typing import ClassVar
 
-from attest.errors import AttestationError, VerificationError
 from attest.evidence import TeeKind
 from attest.tee.attester import Attester, DeviceAttester, DeviceGate
 from attest.tee.sample.evidence import SAMPLE_INIT_DATA_SIZE, SampleDeviceEvidence, SampleEvidence
 from attest.tee.sample.verifier import SampleDeviceVerifier
 from attest.tee.verifier import run_verifier
+from foundation.errors import AttestationError, VerificationError
 
 __all__ = ["UnsafeSampleAttester", "UnsafeSampleDeviceAttester", "sample_init_data_register"]
 

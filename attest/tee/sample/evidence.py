@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind, b64decode_strict
+from foundation.errors import MalformedEvidence
 
 __all__ = ["SAMPLE_INIT_DATA_SIZE", "SampleDeviceEvidence", "SampleEvidence"]
 

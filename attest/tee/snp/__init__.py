@@ -13,13 +13,13 @@ import base64
 from collections.abc import Mapping
 from typing import Any
 
-from attest.errors import MalformedEvidence
 from attest.evidence import Evidence, TeeKind, b64decode_strict
 from attest.tee.attester import Attester
 from attest.tee.base import Collateral, InitDataRegister, TeeBackend
 from attest.tee.snp.claims import SnpClaims
 from attest.tee.snp.report import REPORT_SIZE, SnpEvidence, parse_snp_report
 from attest.tee.snp.verifier import SnpCollateral, SnpVerifier
+from foundation.errors import MalformedEvidence
 
 __all__ = ["BACKEND"]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import ClassVar
 
 from attest.binding import pad_report_data
-from attest.errors import AttestationError, EvidenceCollectionError, MalformedEvidence
 from attest.evidence import TeeKind
 from attest.tee.attester import Attester
 from attest.tee.snp.report import SnpEvidence, parse_snp_cert_table, parse_snp_report
 from attest.tee.tsm import DEFAULT_TSM_REPORT_ROOT, ConfigfsTsm, guest_present
+from foundation.errors import AttestationError, EvidenceCollectionError, MalformedEvidence
 
 __all__ = ["SNP_DEVICE_PATHS", "SNP_PRIVLEVEL", "SNP_TSM_PROVIDER", "SnpAttester", "snp_init_data_register"]
 

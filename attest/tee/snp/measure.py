@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from attest.errors import BackendUnavailable, ConfigError
+from foundation.errors import BackendUnavailable, ConfigError
 
 __all__ = ["snp_launch_measurement"]
 

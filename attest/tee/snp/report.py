@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind
 from attest.tee._reader import Reader
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "CERT_TABLE_GUIDS",

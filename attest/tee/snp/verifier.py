@@ -36,13 +36,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from attest.errors import VerificationError
 from attest.evidence import Evidence, TeeKind
 from attest.tee import _x509
 from attest.tee.result import StepLog
 from attest.tee.snp.claims import SnpClaims
 from attest.tee.snp.report import SnpCertType, SnpEvidence, SnpProduct, SnpReport, parse_snp_report
 from attest.tee.verifier import Verifier, check_padded_report_data, parse_logged
+from foundation.errors import VerificationError
 
 if TYPE_CHECKING:
     import httpx

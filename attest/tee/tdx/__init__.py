@@ -14,13 +14,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from attest.errors import MalformedEvidence
 from attest.evidence import Evidence, TeeKind
 from attest.tee.attester import Attester
 from attest.tee.base import Collateral, InitDataRegister, TeeBackend
 from attest.tee.tdx.claims import TdxClaims
 from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.tdx.verifier import TdxCollateral, TdxVerifier
+from foundation.errors import MalformedEvidence
 
 __all__ = ["BACKEND"]
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import ClassVar
 
 from attest.binding import REPORT_DATA_SIZE, pad_report_data
-from attest.errors import BackendUnavailable, EvidenceCollectionError, MalformedEvidence
 from attest.evidence import TeeKind
 from attest.tee.attester import Attester
 from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.tdx.report import TDREPORT_SIZE, TdReport, parse_tdreport
 from attest.tee.tsm import DEFAULT_TSM_REPORT_ROOT, ConfigfsTsm, guest_present
+from foundation.errors import BackendUnavailable, EvidenceCollectionError, MalformedEvidence
 
 __all__ = [
     "DEFAULT_CCEL_PATH",

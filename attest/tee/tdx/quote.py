@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, ClassVar
 
-from attest.errors import MalformedEvidence
 from attest.evidence import TeeKind, b64decode_strict
 from attest.tee._reader import Reader
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "ATTESTATION_KEY_TYPE_ECDSA_P256",

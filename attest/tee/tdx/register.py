@@ -11,13 +11,13 @@ import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
-from attest.errors import AttestationError, BackendUnavailable
 from attest.tee.attester import Attester
 from attest.tee.tdx.attester import TDX_GUEST_DEVICE, read_tdreport
 from attest.tee.tdx.claims import TdxClaims
 from attest.tee.tdx.quote import TdxEvidence
 from attest.tee.tdx.verifier import TdxVerifier
 from attest.tee.verifier import run_verifier
+from foundation.errors import AttestationError, BackendUnavailable
 
 __all__ = ["tdx_init_data_register"]
 

@@ -34,8 +34,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from attest.errors import MalformedEvidence
 from attest.tee._reader import Reader
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "REPORTTYPE_SUBTYPE_TDREPORT0",

@@ -38,13 +38,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from attest.errors import MalformedEvidence
 from attest.evidence import Evidence, TeeKind
 from attest.tee import _x509
 from attest.tee.result import StepLog
 from attest.tee.tdx.claims import TdxClaims
 from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.verifier import Verifier, check_padded_report_data, parse_logged
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "INTEL_SGX_ROOT_CA",

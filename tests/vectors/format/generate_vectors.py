@@ -19,7 +19,7 @@ sys.path.insert(0, str(HERE.parents[2]))
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from attest.secret import SecretBytes  # noqa: E402
+from foundation.secret import SecretBytes  # noqa: E402
 from loader.packer import pack_model  # noqa: E402
 
 KEY = bytes(range(32))  # 000102…1f
