@@ -11,9 +11,13 @@ staging, and plaintext ``fastsafetensors`` (through vLLM's iterator) where it is
 loader can reach on this machine (on CPU, the AES-GCM bound alone).
 
 Where skopeo is installed the model is also packed as an OCI image (``pack --oci``, uncompressed
-layers) and encrypted for an EC recipient: ``oci-image`` streams it into the parameters (layers in
-parallel), beside ``ocicrypt-bound``, the per-byte work it cannot avoid (AES-256-CTR, its
-HMAC-SHA256 and the blob's SHA-256, memory to memory, on the same threads).
+layers) and encrypted for an EC recipient, beside ``ocicrypt-bound``, the per-byte work it cannot
+avoid (AES-256-CTR, its HMAC-SHA256 and the blob's SHA-256, memory to memory, on the same threads):
+``oci-image`` is one rank's load as it ships (each layer streamed once through the engine),
+``oci-image-indexed`` the tensor-parallel path with one rank (the runtime's authenticating pass,
+then every unit re-read, checked and decrypted), ``oci-image-stream`` the path compressed images
+take. The ``-tp2`` cases load two tensor-parallel ranks' windows one after the other (as vLLM's
+column- and row-parallel layers narrow them) and report the ciphertext each rank read.
 
 A benchmark, not a test. The synthetic model (Llama-like bf16 shapes, 3 shards) and its two
 encrypted forms (enclave-serve, tensorizer) are built once under ``--dir`` and reused. Every case
@@ -49,6 +53,8 @@ if str(REPO) not in sys.path:
 MIB = 1 << 20
 #: A case may restart its clock after fixed set-up (``TIMED_FROM["t"] = time.perf_counter()``).
 TIMED_FROM: dict[str, float] = {}
+#: What a case adds to its result row (the TP=2 cases: the bytes each rank read).
+EXTRA: dict[str, Any] = {}
 KEY = bytes(range(32))  # a benchmark key, not a secret
 KEY_ID = "kbs:///enclave-serve/model-key/bench"
 HIDDEN, INTER, VOCAB = 2048, 5632, 32000
@@ -61,6 +67,10 @@ CASES = (
     "tensorizer-encrypted",
     "ocicrypt-bound",
     "oci-image",
+    "oci-image-indexed",
+    "oci-image-stream",
+    "enclave-serve-tp2",
+    "oci-image-tp2",
 )
 #: Cases that only make sense with a GPU (added on ``--device cuda``).
 GPU_CASES = (
@@ -392,8 +402,150 @@ def case_bound(root: Path, args: argparse.Namespace, params: dict[str, Any] | No
     return n * chunk
 
 
+def _oci_indexed(root: Path, args: argparse.Namespace) -> tuple[Any, Any, list[Any]]:
+    """The runtime's authenticating pass over the image, then one source per indexed member."""
+    from loader.oci.blobs import LayoutStore
+    from loader.oci.image import load_image
+    from loader.oci.index import index_image, new_index_key
+    from loader.oci.layers import LayerKeys
+    from loader.oci.ocicrypt import private_key_from_pem
+    from loader.oci.windows import image_sources
+
+    digest = json.loads((root / "meta.json").read_text())["oci_digest"]
+    store = LayoutStore(root / "oci")
+    image = load_image(store, digest)  # fixed cost per model, like the native manifest
+    TIMED_FROM["t"] = time.perf_counter()
+    keys = LayerKeys(image, private_key_from_pem((root / "oci.key.pem").read_bytes()))
+    index_key = new_index_key()
+    index = index_image(store, image, keys.get, root="", index_key=index_key, threads=args.threads)
+    layer_keys = {li.layer: keys.get(image.layers[li.layer]) for li in index.layers}
+    return store, index, list(image_sources(store, image, index, layer_keys, index_key))  # type: ignore[arg-type]
+
+
 def case_oci(root: Path, args: argparse.Namespace, params: dict[str, Any] | None) -> int:
-    """The OCI image path: layers decrypted, untarred and copied into the parameters, in parallel."""
+    """The OCI image path as it ships for one rank: each weight layer streamed once into private
+    memory (SHA-256 and HMAC on their own threads), the engine CTR-decrypting into the parameters."""
+    from loader.lazy import LazyCheckpoint
+    from loader.oci.blobs import LayoutStore
+    from loader.oci.image import load_image
+    from loader.oci.layers import LayerKeys
+    from loader.oci.ocicrypt import private_key_from_pem
+    from loader.oci.stream import STREAM_PIECE_BYTES, StreamedLayer
+
+    digest = json.loads((root / "meta.json").read_text())["oci_digest"]
+    store = LayoutStore(root / "oci")
+    image = load_image(store, digest)  # fixed cost per model, like the native manifest
+    TIMED_FROM["t"] = time.perf_counter()
+    keys = LayerKeys(image, private_key_from_pem((root / "oci.key.pem").read_bytes()))
+    sources = [
+        StreamedLayer(store, layer, keys.get(layer), root="")  # type: ignore[arg-type]
+        for layer in image.layers
+        if layer.role != "files"
+    ]
+    with LazyCheckpoint(
+        sources, threads=args.threads, min_slot_bytes=STREAM_PIECE_BYTES, overlap_host_copies=True
+    ) as checkpoint:
+        n = _consume(checkpoint.tensors(), params)
+        checkpoint.synchronize()
+    EXTRA["read_fraction"] = [round(sum(x.bytes_read for x in sources) / n, 3)]
+    return n
+
+
+def case_oci_indexed(root: Path, args: argparse.Namespace, params: dict[str, Any] | None) -> int:
+    """The tensor-parallel OCI path with one rank: the runtime's authenticating pass (SHA-256, HMAC,
+    a GMAC per unit), then the engine reads, checks and decrypts every unit into the parameters."""
+    from loader.lazy import LazyCheckpoint
+
+    _, index, sources = _oci_indexed(root, args)
+    with LazyCheckpoint(
+        sources, threads=args.threads, min_slot_bytes=index.unit_bytes, overlap_host_copies=True
+    ) as checkpoint:
+        n = _consume(checkpoint.tensors(), params)
+        checkpoint.synchronize()
+    EXTRA["read_fraction"] = [round(sum(x.bytes_read for x in sources) / index.weight_bytes, 3)]
+    return n
+
+
+#: Row-parallel weights (vLLM's RowParallelLinear: split along dim 1); other matrices split along dim 0.
+_ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def _rank_window(name: str, tensor: Any, rank: int, ranks: int) -> Any:
+    """The part of ``tensor`` rank ``rank`` of ``ranks`` loads under tensor parallelism (as vLLM)."""
+    if tensor.dim() < 2:
+        return tensor  # norms: replicated
+    dim = 1 if any(p in name for p in _ROW_PARALLEL) else 0
+    size = tensor.shape[dim] // ranks
+    return tensor.narrow(dim, rank * size, size)
+
+
+def _tp2(
+    tensors_for_rank: Callable[[int], tuple[Iterator[tuple[str, Any]], Callable[[], int]]], total: int
+) -> int:
+    import torch
+
+    n = 0
+    fractions = []
+    for rank in range(2):
+        tensors, read = tensors_for_rank(rank)
+        for name, t in tensors:
+            window = _rank_window(name, t, rank, 2)
+            out = torch.empty(window.shape, dtype=window.dtype)
+            out.copy_(window)
+            n += out.numel() * out.element_size()
+        fractions.append(round(read() / total, 3))
+    EXTRA["read_fraction"] = fractions
+    return n
+
+
+def case_enclave_tp2(root: Path, args: argparse.Namespace, params: dict[str, Any] | None) -> int:
+    """Two tensor-parallel ranks one after the other, each copying only its window (as vLLM's
+    column- and row-parallel layers narrow them); reports the ciphertext each rank read."""
+    from foundation.secret import SecretBytes
+    from loader.lazy import LazyCheckpoint
+    from loader.manifest import Manifest
+
+    model = root / "enclave"
+    manifest = Manifest.load(model)
+    total = manifest.plaintext_bytes
+    TIMED_FROM["t"] = time.perf_counter()
+    opened: list[Any] = []
+
+    def rank(_: int) -> tuple[Iterator[tuple[str, Any]], Callable[[], int]]:
+        checkpoint = LazyCheckpoint.open(model, manifest, SecretBytes(KEY), threads=args.threads)
+        opened.append(checkpoint)
+        return checkpoint.tensors(), lambda: int(checkpoint.stats.snapshot().ciphertext_bytes)
+
+    try:
+        return _tp2(rank, total)
+    finally:
+        for c in opened:
+            c.close()
+
+
+def case_oci_tp2(root: Path, args: argparse.Namespace, params: dict[str, Any] | None) -> int:
+    """The same for the OCI image: one authenticating pass, then each rank reads only its units."""
+    from loader.lazy import LazyCheckpoint
+
+    _, index, indexed = _oci_indexed(root, args)
+    opened: list[Any] = []
+
+    def rank(_: int) -> tuple[Iterator[tuple[str, Any]], Callable[[], int]]:
+        sources = [source.fresh() for source in indexed]
+        checkpoint = LazyCheckpoint(sources, threads=args.threads, min_slot_bytes=index.unit_bytes)
+        opened.append(checkpoint)
+        return checkpoint.tensors(), lambda: sum(x.bytes_read for x in sources)
+
+    try:
+        return _tp2(rank, index.weight_bytes)
+    finally:
+        for c in opened:
+            c.close()
+
+
+def case_oci_stream(root: Path, args: argparse.Namespace, params: dict[str, Any] | None) -> int:
+    """The path compressed images take: layers decrypted, decompressed, untarred and copied into the
+    parameters, in parallel, written then wiped on failure (here on the same uncompressed image)."""
     from loader.oci.blobs import LayoutStore
     from loader.oci.image import load_image
     from loader.oci.layers import LayerKeys, image_tensors
@@ -446,6 +598,10 @@ RUNNERS: dict[str, tuple[Callable[[Path, argparse.Namespace, dict[str, Any] | No
     "fastsafetensors-plain": (case_fastsafetensors, True),
     "ocicrypt-bound": (case_ocicrypt_bound, False),
     "oci-image": (case_oci, True),
+    "oci-image-indexed": (case_oci_indexed, True),
+    "oci-image-stream": (case_oci_stream, True),
+    "enclave-serve-tp2": (case_enclave_tp2, False),
+    "oci-image-tp2": (case_oci_tp2, False),
 }
 
 
@@ -481,6 +637,7 @@ def run_case(name: str, root: Path, args: argparse.Namespace) -> dict[str, Any]:
         "consumer": "copy" if copy else "none",
         "threads": args.threads,
         "device": args.device,
+        **EXTRA,
     }
 
 
@@ -525,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
         if (n != "tensorizer-encrypted" or (args.dir / "tensorizer.key").exists())
         and (n != "fastsafetensors-plain" or _importable("fastsafetensors"))
         and (n not in ("vllm-safetensors-plain", "fastsafetensors-plain") or _importable("vllm"))
-        and (n not in ("oci-image", "ocicrypt-bound") or "oci_digest" in meta)
+        and (not n.startswith("oci") or "oci_digest" in meta)
         and (gpu or n not in GPU_CASES)
     ]  # fmt: skip
     best: dict[str, dict[str, Any]] = {}
@@ -591,6 +748,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['name']:<26}{r['consumer']:>9}{r['gbps']:>8.2f}{r['median_gbps']:>8.2f}{r['seconds']:>9.3f}"
             f"{r['peak_rss_mib']:>14.0f}{r['peak_rss_beyond_model_mib']:>14.0f}{vb:>8}{vp:>8}{vt:>8}{vo:>10}"
         )
+    for r in results:
+        if "read_fraction" in r:
+            per = ", ".join(f"rank {i}: {f:.3f}" for i, f in enumerate(r["read_fraction"]))
+            print(f"{r['name']}: ciphertext read per rank / the model's weight bytes: {per}")
     return 0
 
 

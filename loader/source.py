@@ -8,7 +8,7 @@ encrypted safetensors shard) is one; a decrypted OCI layer stream can be another
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -49,8 +49,9 @@ class TensorSource(Protocol):
 
     label: str
 
-    def tensors(self) -> Sequence[TensorEntry]:
-        """Return the tensors, in the order the engine should offer them."""
+    def tensors(self) -> Iterable[TensorEntry]:
+        """Return the tensors, in the order the engine should offer them (a stream may yield them
+        as they arrive, and raise at its end when a check failed)."""
         ...
 
     def pieces(self, tensor: TensorEntry, start: int = 0, stop: int | None = None) -> list[Piece]:

@@ -15,15 +15,17 @@ weights are loaded. Each worker:
 4. checks every parameter was loaded, and reports success or the (secret-free) error back to
    the runtime on the handoff connection. On failure every parameter is zeroed.
 
-For an encrypted OCI image the view holds a marker (:data:`loader.oci.image.VIEW_MARKER`)
-instead of a manifest: the worker fetches the pinned image again (checking the manifest digest
-against the attested one), unwraps the layers' keys with the recipient key from the handoff,
-and streams the weight layers in parallel into ``load_weights`` (:mod:`loader.oci.layers`).
+For an encrypted OCI image (``image`` in the loader configuration) the handoff gives the
+recipient key, a per-boot index key and the runtime's index of the authenticated weight layers
+(:mod:`loader.oci.index`): the worker fetches the pinned manifest again (checking it against the
+attested digest), unwraps the keys of the layers it reads, and hands the layers' tensors to
+``load_weights`` through the same engine as native shards (:mod:`loader.oci.windows`), so each
+rank reads and decrypts only its rows. Images with compressed weight layers cannot be indexed and
+are streamed whole by each rank (:func:`loader.oci.layers.image_tensors`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +44,6 @@ from loader import LOAD_FORMAT
 from loader.keyhandoff import request_key
 from loader.lazy import LazyCheckpoint
 from loader.manifest import Manifest
-from loader.oci.image import VIEW_MARKER
 from loader.source import default_threads
 from loader.staging import STAGING_MODES, StagingOptions
 
@@ -64,6 +65,11 @@ class EncryptedLoaderConfig:
     capabilities: tuple[str, ...] = field(repr=False)
     threads: int | None = None
     staging: StagingOptions = field(default_factory=StagingOptions)
+    #: The pinned image reference (``oci:…@sha256:…``/``docker://…@sha256:…``) for an OCI model;
+    #: None for a native model directory.
+    image: str | None = None
+    #: Plain HTTP to a loopback registry (the runtime's ``--allow-insecure-http-registry``).
+    allow_http: bool = False
     #: Test hook (set only by the test suite's runtime double): after every weight loaded and
     #: authenticated, negate this parameter, so the canary must catch it.
     test_corrupt_weight: str | None = None
@@ -74,7 +80,7 @@ class EncryptedLoaderConfig:
         extra = dict(extra or {})
         unknown = set(extra) - {
             "key_socket", "manifest_digest", "capabilities", "threads", "staging", "staging_slots",
-            "test_corrupt_weight",
+            "test_corrupt_weight", "image", "allow_http",
         }  # fmt: skip
         if unknown:
             raise ConfigError(f"unknown {LOAD_FORMAT} loader options: {', '.join(sorted(unknown))}")
@@ -101,7 +107,14 @@ class EncryptedLoaderConfig:
         corrupt = extra.get("test_corrupt_weight")
         if corrupt is not None and not isinstance(corrupt, str):
             raise ConfigError("'test_corrupt_weight' must be a parameter name")
+        image, allow_http = extra.get("image"), extra.get("allow_http", False)
+        if image is not None and (not isinstance(image, str) or "@sha256:" not in image):
+            raise ConfigError("'image' must be an image reference pinned by digest")
+        if not isinstance(allow_http, bool):
+            raise ConfigError("'allow_http' must be a boolean")
         return cls(
+            image=image,
+            allow_http=allow_http,
             key_socket=socket_path,
             manifest_digest=digest,
             capabilities=tuple(capabilities),
@@ -109,6 +122,25 @@ class EncryptedLoaderConfig:
             staging=StagingOptions(mode=mode, slots=slots),
             test_corrupt_weight=corrupt,
         )
+
+    def to_extra(self) -> dict[str, Any]:
+        """The JSON-able form vLLM carries (``--model-loader-extra-config``); :meth:`from_extra` reads it."""
+        extra: dict[str, Any] = {
+            "key_socket": self.key_socket,
+            "manifest_digest": self.manifest_digest,
+            "capabilities": list(self.capabilities),
+            "staging": self.staging.mode,
+        }
+        if self.staging.slots is not None:
+            extra["staging_slots"] = self.staging.slots
+        if self.threads is not None:
+            extra["threads"] = self.threads
+        if self.image is not None:
+            extra["image"] = self.image
+            extra["allow_http"] = self.allow_http
+        if self.test_corrupt_weight is not None:
+            extra["test_corrupt_weight"] = self.test_corrupt_weight
+        return extra
 
     def engine_options(self, ranks: int = 1) -> dict[str, Any]:
         """The decrypt engine's options for one of ``ranks`` workers loading at the same time.
@@ -171,14 +203,13 @@ class EncryptedModelLoader(BaseModelLoader):
         self.options = EncryptedLoaderConfig.from_extra(load_config.model_loader_extra_config)
 
     def download_model(self, model_config: ModelConfig) -> None:
-        model_dir = Path(model_config.model)
-        if not (model_dir / VIEW_MARKER).exists():
-            Manifest.load(model_dir)  # nothing to download; check the directory
+        if self.options.image is None:
+            Manifest.load(Path(model_config.model))  # nothing to download; check the directory
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         model_dir = Path(model_config.model)
         rank, world = _tp_rank_and_size()
-        image = _ImageLoad.open(model_dir, self.options.manifest_digest)
+        image = None if self.options.image is None else _ImageLoad(self.options)
         if image is None:
             manifest = Manifest.load(model_dir)
             if manifest.digest != self.options.manifest_digest:
@@ -196,9 +227,7 @@ class EncryptedModelLoader(BaseModelLoader):
         try:
             if image is not None:
                 checkpoint: LazyCheckpoint | _ImageLoad = image
-                loaded = image.load(
-                    model, key, threads=self.options.engine_options(_engine_ranks())["threads"]
-                )
+                loaded = image.load(model, key, self.options.engine_options(_engine_ranks()))
             else:
                 # Each parameter's weight_loader copies an EncryptedTensor into its slice: the
                 # chunks holding exactly those rows are decrypted straight into the parameter.
@@ -251,46 +280,64 @@ class EncryptedModelLoader(BaseModelLoader):
 class _ImageLoad:
     """One worker's load of an encrypted OCI image (see the module docstring)."""
 
-    def __init__(self, marker: dict[str, Any]) -> None:
+    def __init__(self, options: EncryptedLoaderConfig) -> None:
         from loader.stats import StatsRecorder
 
-        self.marker = marker
+        self.options = options
         self.stats = StatsRecorder()
         self.materialized_by: dict[str, int] = {}
         self.materialized = 0
+        #: Ciphertext bytes this rank read (indexed images; streamed images read every layer).
+        self.bytes_read = 0
 
-    @classmethod
-    def open(cls, view: Path, digest: str) -> _ImageLoad | None:
-        """The image load the view's marker names (None: a native model directory)."""
-        path = view / VIEW_MARKER
-        if not path.exists():
-            return None
-        try:
-            marker = json.loads(path.read_bytes())
-        except ValueError:
-            raise ModelFormatError("the model view's image marker is not JSON") from None
-        if marker.get("digest") != digest:
-            raise ModelFormatError(f"the model view names {marker.get('digest')}, not the attested {digest}")
-        return cls(marker)
-
-    def load(self, model: nn.Module, key: Any, *, threads: int) -> Any:
+    def load(self, model: nn.Module, bundle: Any, engine_options: dict[str, Any]) -> Any:
         from loader.oci.blobs import open_store
         from loader.oci.image import load_image
+        from loader.oci.index import indexable, open_bundle
         from loader.oci.layers import LayerKeys, image_tensors
-        from loader.oci.ocicrypt import private_key_from_pem
+        from loader.oci.ocicrypt import private_key_from_pem, unwrap_layer_key
         from loader.oci.reference import ImageReference
+        from loader.oci.stream import STREAM_PIECE_BYTES, StreamedLayer
+        from loader.oci.windows import OciTensorSource, image_sources
 
-        reference = ImageReference.parse(str(self.marker["image"]))
-        store = open_store(reference, allow_http=bool(self.marker.get("allow_http")))
+        assert self.options.image is not None
+        pem, index_key, index = open_bundle(bundle)
+        reference = ImageReference.parse(self.options.image)
+        store = open_store(reference, allow_http=self.options.allow_http)
         try:
-            image = load_image(store, str(self.marker["digest"]))
-            keys = LayerKeys(image, private_key_from_pem(key.reveal()))
-            tensors = image_tensors(
-                store, image, keys, root=str(self.marker.get("root", "")),
-                threads=threads, stats=self.stats,
-            )  # fmt: skip
-            return model.load_weights(tensors)  # type: ignore[operator]
+            image = load_image(store, self.options.manifest_digest)  # the attested pin, fetched again
+            recipient = private_key_from_pem(pem.reveal())
+            sources: list[OciTensorSource] | list[StreamedLayer]
+            if index.streamed and not indexable(image):  # compressed layers: streamed whole
+                keys = LayerKeys(image, recipient)
+                tensors = image_tensors(
+                    store, image, keys, root=index.root, threads=engine_options["threads"], stats=self.stats
+                )
+                return model.load_weights(tensors)  # type: ignore[operator]
+            if index.streamed:  # one rank: every weight layer read once, decrypted by the engine
+                sources = [
+                    StreamedLayer(store, layer, unwrap_layer_key(layer, recipient), root=index.root)
+                    for layer in image.layers
+                    if layer.role != "files"
+                ]
+                slot = STREAM_PIECE_BYTES
+            else:  # tensor parallel: this rank's units of the runtime's index
+                # Only the layers this worker reads are unwrapped.
+                by_index = {layer.index: layer for layer in image.layers}
+                layer_keys = {li.layer: unwrap_layer_key(by_index[li.layer], recipient) for li in index.layers
+                              if li.layer in by_index}  # fmt: skip
+                sources = list(image_sources(store, image, index, layer_keys, index_key))
+                slot = index.unit_bytes
+            with LazyCheckpoint(sources, min_slot_bytes=slot, stats=self.stats, **engine_options) as lazy:
+                loaded = model.load_weights(lazy.tensors())  # type: ignore[operator]
+                lazy.synchronize()
+                self.materialized_by = dict(lazy.materialized_by)
+                self.materialized = lazy.materialized
+            self.bytes_read = sum(source.bytes_read for source in sources)
+            return loaded
         finally:
+            pem.wipe()
+            index_key.wipe()
             store.close()
 
 

@@ -15,6 +15,11 @@
       serve   fill the attestation cache; vLLM's OpenAI API + the probes and /.well-known routes
               on the same port; then, while serving, the watchdog re-attests on an interval
 
+Each stage returns a typed, frozen result (:mod:`runtime.record`); later stages read the results
+they depend on, and ``serve`` gathers them into one :class:`runtime.record.BootRecord` that the
+attestation documents and the watchdog are made from. The attesters and the key source come from
+injected factories (:class:`runtime.seams.BootSeams`, production by default).
+
 Any :class:`foundation.errors.Error` stops the boot: the stage and the reason go to one log line,
 to ``/readyz`` (503 with a JSON reason) and to ``/.well-known/enclave-serve/boot``, and nothing
 else is served. The model key lives in this process only between the ``key`` and the end of
@@ -52,10 +57,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from attest.evidence import TeeKind
 from attest.initdata import InitData, WorkloadPins
-from attest.keysource.base import KeyRelease, KeySource
+from attest.keysource.registry import KeySourceSpec
 from attest.runconfig import RunConfiguration
-from attest.tee.attester import Attester, DeviceAttester, DeviceGate
-from attest.tee.select import detect_devices, init_data_register, nvidia_gpus_present, select_attester
+from attest.tee.attester import Attester
+from attest.tee.select import init_data_register
 from attest.verify import collateral_from_json
 from foundation.errors import (
     AttestationError,
@@ -75,9 +80,19 @@ from runtime.kv_cache import cpu_kv_cache_default
 from runtime.mounts import parse_mountinfo, read_mountinfo
 from runtime.prepare import Prepared, prepare, runtime_versions
 from runtime.private import PrivateDirectory
+from runtime.record import (
+    BootRecord,
+    CanaryResult,
+    CollateralResult,
+    ConfigResult,
+    EvidenceResult,
+    KeyResult,
+    LoadResult,
+)
+from runtime.seams import BootSeams
 from runtime.settings import read_bounded, resolve
 from runtime.watchdog import Watchdog
-from server.attestation import AttestationService
+from server.attestation import AttestationService, CanaryClaim
 from server.boot_server import BootServer
 from server.engine import EngineStartFailed, VllmEngine
 from server.freshness import AttestationFrontend
@@ -99,6 +114,7 @@ __all__ = [
     "RunRequest",
     "Runtime",
     "SignalWatcher",
+    "key_source_spec",
     "load_request",
     "print_configuration",
     "run_blocking",
@@ -341,7 +357,11 @@ def _flush_output() -> None:
 
 
 class Runtime:
-    """Boot the enclave and serve until told to stop."""
+    """Boot the enclave and serve until told to stop.
+
+    ``seams`` are the factories of the attesters and the key source (production by default; a
+    test passes doubles).
+    """
 
     #: Loader options the test suite's runtime double adds (``test_corrupt_weight``); always
     #: empty in production: nothing on the command line or in the environment sets it.
@@ -355,8 +375,10 @@ class Runtime:
         failure: Error | None = None,
         status: BootStatus | None = None,
         metrics: Metrics | None = None,
+        seams: BootSeams | None = None,
     ) -> None:
         self.config = config
+        self.seams = seams if seams is not None else BootSeams()
         self.loaded = loaded if loaded is not None else Loaded(config=config)
         #: A configuration refused before the boot could start: reported at stage ``config``.
         self._config_failure = failure
@@ -379,7 +401,8 @@ class Runtime:
         #: Held while the private directory is created, and by a stop that removes it.
         self._private_lock = threading.Lock()
         self._stopping = False
-        self._gates: list[DeviceGate] = []
+        #: Every stage's result, once the boot reached ``serve`` (None before).
+        self.record: BootRecord | None = None
         #: The port actually bound (``--port 0`` picks one).
         self.port = config.port
 
@@ -399,7 +422,7 @@ class Runtime:
 
     # -- stages ----------------------------------------------------------------------------
 
-    def _config_stage(self) -> Prepared:
+    def _config_stage(self) -> ConfigResult:
         mountinfo = read_mountinfo()  # read once: the private directory's and the mount checks
         with self._private_lock:  # a stop either sees the directory or keeps it from being made
             if self._stopping:
@@ -428,30 +451,32 @@ class Runtime:
             mode = "init-data agent policy pins nothing about the container (--allow-insecure-agent-policy)"
             logger.warning("INSECURE MODE: %s", mode)
             self.status.insecure_modes.append(mode)
-        return prepared
+        return ConfigResult(
+            prepared=prepared, tls_spki_sha256=None if self._tls is None else self._tls.spki_sha256
+        )
 
-    def _attest_stage(self, prepared: Prepared) -> tuple[Attester, list[DeviceAttester]]:
+    def _attest_stage(self, configured: ConfigResult) -> EvidenceResult:
         sample = self.loaded.sample_init_data
-        attester = select_attester(
+        attester = self.seams.attesters(
             self.config.tee,
             allow_insecure=self.config.allow_insecure_sample_tee,
             sample_init_data=None if sample is None else sample.register(TeeKind.SAMPLE),
         )
-        self._check_init_data_register(attester, prepared.init_data)
-        devices = detect_devices(
+        self._check_init_data_register(attester, configured.prepared.init_data)
+        devices = self.seams.devices(
             gpus=self.config.gpus,
             allow_insecure=self.config.allow_insecure_sample_tee,
             allow_gpu_cc_off=self.config.allow_insecure_gpu_cc_off,
         )
-        if self.config.gpus == "none" and nvidia_gpus_present():
+        if self.config.gpus == "none" and self.seams.gpus_present():
             self.status.insecure_modes.append("NVIDIA GPUs present but not attested (--gpus none)")
-        elif self.config.allow_insecure_gpu_cc_off and not devices and nvidia_gpus_present():
+        elif self.config.allow_insecure_gpu_cc_off and not devices and self.seams.gpus_present():
             self.status.insecure_modes.append(
                 "NVIDIA GPUs not attested: confidential computing is off (--allow-insecure-gpu-cc-off)"
             )
         # Before any key is requested: every GPU genuine, in CC mode, counted, verified locally.
-        self._gates = [device.gate(expected_count=self.config.expected_gpus) for device in devices]
-        return attester, devices
+        gates = tuple(device.gate(expected_count=self.config.expected_gpus) for device in devices)
+        return EvidenceResult(attester=attester, devices=tuple(devices), gates=gates)
 
     def _check_init_data_register(self, attester: Attester, init: InitData | None) -> None:
         """Fail closed on the init-data register (read from what the host cannot forge).
@@ -488,28 +513,15 @@ class Runtime:
                 "(development only)"
             )
 
-    def _key_source(self, prepared: Prepared, attester: Attester, devices: list[DeviceAttester]) -> KeySource:
-        from attest.keysource import CdhKeySource, KbsKeySource, UnsafeFileKeySource
-
-        cfg = self.config
-        if cfg.key_source == "kbs":
-            assert cfg.kbs_url is not None
-            return KbsKeySource(
-                url=cfg.kbs_url,
-                attester=attester,
-                devices=devices,
-                cacert=prepared.kbs_cacert,
-                init_data=None if prepared.init_data is None else prepared.init_data.raw,
-                tee_key="rsa" if cfg.tee_key == "rsa" else "ec",
-                deadline_s=cfg.kbs_deadline_s,
-            )
-        if cfg.key_source == "cdh":
-            return CdhKeySource(url=cfg.cdh_url)
-        assert cfg.key_file is not None
-        return UnsafeFileKeySource(path=cfg.key_file, allow_insecure=cfg.allow_insecure_key_file)
-
-    def _key_stage(self, prepared: Prepared, attester: Attester, devices: list[DeviceAttester]) -> KeyRelease:
-        source = self._key_source(prepared, attester, devices)
+    def _key_stage(self, configured: ConfigResult, evidence: EvidenceResult) -> KeyResult:
+        """Fetch the model key, authenticate the manifest with it, and hold it until ``load``."""
+        prepared = configured.prepared
+        spec = key_source_spec(
+            self.config,
+            cacert=prepared.kbs_cacert,
+            init_data=None if prepared.init_data is None else prepared.init_data.raw,
+        )
+        source = self.seams.key_sources(spec, attester=evidence.attester, devices=evidence.devices)
         try:
             release = source.fetch(prepared.resource)
         finally:
@@ -519,7 +531,8 @@ class Runtime:
         except BaseException:
             release.secret.wipe()
             raise
-        return release
+        self._key = release.secret
+        return KeyResult.from_release(release)
 
     async def _load_stage(self, prepared: Prepared) -> tuple[VllmEngine, list[LoadReport]]:
         """Start vLLM with the key handoff open; return the running engine and the load reports.
@@ -541,32 +554,50 @@ class Runtime:
         engine = VllmEngine(args)
         engine.log_arguments()  # before the capabilities go in
         await asyncio.to_thread(engine.warm_model_info_cache)
+        from loader.source import default_threads
+        from loader.staging import StagingOptions
+        from loader.vllm_plugin import EncryptedLoaderConfig
+
+        # An image's weight layers are authenticated and indexed here, once, for every rank.
+        handoff_secret = await asyncio.to_thread(
+            prepared.model.handoff_secret, self._key, threads=default_threads(), ranks=ranks
+        )
+        image, allow_http = prepared.model.loader_source()
         closed = threading.Event()
-        with KeyHandoffServer(
-            self._key,
-            manifest_digest=digest,
-            ranks=ranks,
-            socket_dir=self._private.key_dir,
-            on_compromise=lambda _reason: _keep_killing_engine_processes(closed),
-        ) as handoff:
-            args.model_loader_extra_config = {
-                "key_socket": str(handoff.path),
-                "manifest_digest": digest,
-                "capabilities": list(handoff.capabilities),
-                "staging": self.config.staging,
-                **({"staging_slots": self.config.staging_slots} if self.config.staging_slots else {}),
-                **self.loader_test_hooks,
-            }
-            try:
-                reports = await self._start_engine(engine, handoff, ranks)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    await engine.stop()
-                _kill_engine_processes()
-                raise
-            finally:
-                closed.set()
-                args.model_loader_extra_config = {"key_socket": "", "manifest_digest": digest}
+        try:
+            with KeyHandoffServer(
+                handoff_secret,
+                manifest_digest=digest,
+                ranks=ranks,
+                socket_dir=self._private.key_dir,
+                on_compromise=lambda _reason: _keep_killing_engine_processes(closed),
+            ) as handoff:
+                loader_config = EncryptedLoaderConfig(
+                    key_socket=str(handoff.path),
+                    manifest_digest=digest,
+                    capabilities=handoff.capabilities,
+                    staging=StagingOptions(
+                        mode=self.config.staging,  # type: ignore[arg-type]  # checked by StagingOptions
+                        slots=self.config.staging_slots or None,
+                    ),
+                    image=image,
+                    allow_http=allow_http,
+                    test_corrupt_weight=self.loader_test_hooks.get("test_corrupt_weight"),
+                )
+                args.model_loader_extra_config = loader_config.to_extra()
+                try:
+                    reports = await self._start_engine(engine, handoff, ranks)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await engine.stop()
+                    _kill_engine_processes()
+                    raise
+                finally:
+                    closed.set()
+                    args.model_loader_extra_config = {"key_socket": "", "manifest_digest": digest}
+        finally:
+            if handoff_secret is not self._key:
+                handoff_secret.wipe()
         return engine, reports
 
     async def _start_engine(
@@ -741,44 +772,42 @@ class Runtime:
             if self._config_failure is not None:
                 self.status.begin(stage)
                 raise self._config_failure
-            prepared = await self._stage(
-                stage,
-                self._config_stage,
-                lambda p: f"model {p.model.digest}, config sha256:{p.configuration.sha256}",
-            )
+            configured = await self._stage(stage, self._config_stage, ConfigResult.detail)
+            prepared = configured.prepared
             stage = Stage.ATTEST
-            attester, devices = await self._stage(
-                stage,
-                lambda: self._attest_stage(prepared),
-                lambda r: "; ".join([f"tee {r[0].tee.value}", *(g.summary() for g in self._gates)]),
-            )
+            evidence = await self._stage(stage, lambda: self._attest_stage(configured), EvidenceResult.detail)
             stage = Stage.KEY
-            release = await self._stage(
-                stage,
-                lambda: self._key_stage(prepared, attester, devices),
-                lambda r: f"key released by {r.source} for {r.resource}",
-            )
-            self._key = release.secret
+            key = await self._stage(stage, lambda: self._key_stage(configured, evidence), KeyResult.detail)
 
             stage = Stage.LOAD
             self.status.begin(stage)
             engine, reports = await self._load_stage(prepared)
             # The workers hold the weights; this process no longer needs the key.
             self._wipe_key()
-            self.status.end(stage, _load_detail(reports, prepared))
-            self._record_load(reports)
+            load = LoadResult.from_reports(reports)
+            self.status.end(stage, load.detail(prepared.model.describe_size()))
+            self._record_load(load)
 
             stage = Stage.CANARY
             self.status.begin(stage)
-            canary, detail = await self._canary_stage(engine, prepared)
-            self.status.end(stage, detail)
+            canary = await self._canary_stage(engine, prepared)
+            self.status.end(stage, canary.detail)
         except Exception as exc:
             self._fail(stage, exc)
             if engine is not None:
                 await engine.stop()
             return EXIT_BOOT_FAILED
         try:
-            return await self._serve(sock, boot_server, engine, prepared, attester, devices, release, canary)
+            self.status.begin(Stage.SERVE)
+            self.record = BootRecord(
+                config=configured,
+                evidence=evidence,
+                key=key,
+                load=load,
+                canary=canary,
+                collateral=self._collateral(),  # refused here, before ready
+            )
+            return await self._serve(sock, boot_server, engine, self.record)
         except Exception as exc:
             self._fail(Stage.SERVE, exc)
             return EXIT_BOOT_FAILED
@@ -787,16 +816,11 @@ class Runtime:
                 await self._frontend.stop()
             await engine.stop()
 
-    def _record_load(self, reports: list[LoadReport]) -> None:
-        if reports:
-            self.metrics.loaded(
-                {
-                    "ciphertext_bytes": float(sum(int(r.stats.get("ciphertext_bytes", 0)) for r in reports)),
-                    "gbps": min(float(r.stats.get("gbps", 0.0)) for r in reports),
-                }
-            )
+    def _record_load(self, load: LoadResult) -> None:
+        if load.ranks:
+            self.metrics.loaded({"ciphertext_bytes": float(load.ciphertext_bytes), "gbps": load.gbps})
 
-    async def _canary_stage(self, engine: VllmEngine, prepared: Prepared) -> tuple[dict[str, Any], str]:
+    async def _canary_stage(self, engine: VllmEngine, prepared: Prepared) -> CanaryResult:
         """Run the packer's canary generation; return the claim and the stage detail.
 
         Raises:
@@ -813,7 +837,10 @@ class Runtime:
                 "serving it unchecked, and the attestation claims canary not-recorded"
             )
             self.metrics.canary_outcome("not-recorded")
-            return {"status": "not-recorded"}, "not run: the model records no canary reference"
+            return CanaryResult(
+                claim=CanaryClaim(status="not-recorded"),
+                detail="not run: the model records no canary reference",
+            )
         started = time.monotonic()
         try:
             if reference.render == "chat":  # the way requests go: the app's chat route and template
@@ -845,15 +872,15 @@ class Runtime:
             f"{len(token_ids)} tokens equal to the reference ({reference.reference}) on {served_on} "
             f"in {seconds:.2f} s"
         )
-        claim = {
-            "status": "passed",
-            "tokens": len(token_ids),
-            "reference_sha256": reference.sha256,
-            "render": reference.render or "prompt",
-            "reference_computed_on": reference.computed_in,
-            "served_on": served_on,
-        }
-        return claim, detail
+        claim = CanaryClaim(
+            status="passed",
+            tokens=len(token_ids),
+            reference_sha256=reference.sha256,
+            render=reference.render or "prompt",
+            reference_computed_on=reference.computed_in,
+            served_on=served_on,
+        )
+        return CanaryResult(claim=claim, detail=detail)
 
     def _fail(self, stage: Stage, exc: Exception) -> None:
         if isinstance(exc, Error):
@@ -881,40 +908,27 @@ class Runtime:
             await asyncio.sleep(ENGINE_POLL_S)
         self._fail_serving(Stage.SERVE, "the inference engine died", EXIT_ENGINE_DIED)
 
-    def _collateral(self) -> dict[str, Any]:
-        """The collateral files given, read once (authenticated later by their own signatures)."""
-        return collateral_json(self.config.collateral_files())
+    def _collateral(self) -> CollateralResult:
+        """The collateral files given, read once (authenticated later by their own signatures).
+
+        Raises:
+            Error: a file is unreadable or not its TEE's collateral.
+        """
+        documents = collateral_json(self.config.collateral_files())
+        return CollateralResult(documents=documents, typed=collateral_from_json(documents))
 
     async def _serve(
-        self,
-        sock: socket.socket,
-        boot_server: BootServer,
-        engine: VllmEngine,
-        prepared: Prepared,
-        attester: Attester,
-        devices: list[DeviceAttester],
-        release: KeyRelease,
-        canary: dict[str, Any],
+        self, sock: socket.socket, boot_server: BootServer, engine: VllmEngine, record: BootRecord
     ) -> int:
         cfg = self.config
-        self.status.begin(Stage.SERVE)
-        collateral = self._collateral()
-        typed_collateral = collateral_from_json(collateral).get(attester.tee)  # refused here, before ready
+        evidence = record.evidence
         not_after = int(time.time() + KEYSET_LIFETIME_S)
-        service = AttestationService(
-            attester=attester,
-            devices=devices,
-            model_digest=prepared.model.digest,
-            config=prepared.configuration,
-            init_data=None if prepared.init_data is None else prepared.init_data.digest_text,
-            tls_spki_sha256=self._tls.spki_sha256 if self._tls else None,
-            key_release=release.receipt.to_json() if release.receipt is not None else None,
-            runtime={"name": "enclave-serve", "version": str(runtime_versions()["version"])},
+        workload = record.workload(
+            runtime_version=str(runtime_versions()["version"]),
             insecure_modes=self.status.insecure_modes,
-            canary=canary,
-            collateral=collateral,
             keyset_not_after=not_after,
         )
+        service = AttestationService(workload, attester=evidence.attester, devices=evidence.devices)
         self._frontend = AttestationFrontend.create(
             service,
             max_age_s=cfg.attestation_max_age_s,
@@ -953,13 +967,13 @@ class Runtime:
         monitors = [asyncio.create_task(self._watch_engine(engine), name="engine-monitor")]
         if cfg.watchdog_interval_s > 0:
             watchdog = Watchdog(
-                attester=attester,
-                devices=devices,
+                attester=evidence.attester,
+                devices=evidence.devices,
                 expected_gpus=cfg.expected_gpus,
                 interval_s=cfg.watchdog_interval_s,
-                collateral=typed_collateral,
+                collateral=record.collateral.for_tee(evidence.attester.tee),
                 expires_at=not_after,
-                baseline=self._gates,
+                baseline=evidence.gates,
                 lock=service.lock,
                 metrics=self.metrics,
                 documents=self._frontend.scheduler.watchdog_document,
@@ -983,13 +997,28 @@ class Runtime:
         return self._exit_code
 
 
-def _load_detail(reports: list[LoadReport], prepared: Prepared) -> str:
-    per_rank = ", ".join(
-        f"rank {r.rank}: {int(r.stats.get('ciphertext_bytes', 0)) / 1e6:.3f} MB "
-        f"at {float(r.stats.get('gbps', 0.0)):.2f} GB/s"
-        for r in sorted(reports, key=lambda r: r.rank)
-    )
-    return f"{len(reports)} rank(s) decrypted parts of {prepared.model.describe_size()}: {per_rank}"
+def key_source_spec(config: RunConfig, *, cacert: Path | None, init_data: bytes | None) -> KeySourceSpec:
+    """The key source ``config`` names, as :func:`attest.keysource.key_source_for` builds it.
+
+    ``cacert`` is the KBS CA bundle to use (the boot passes its private copy), ``init_data`` the
+    raw init-data the KBS receives with the evidence. ``enclave-serve kbs fetch`` builds its spec
+    from its flags the same way, so the same settings give the same source.
+    """
+    if config.key_source == "kbs":
+        assert config.kbs_url is not None  # RunConfig.validate
+        return KeySourceSpec.kbs(
+            config.kbs_url,
+            cacert=cacert,
+            init_data=init_data,
+            tee_key="rsa" if config.tee_key == "rsa" else "ec",
+            deadline_s=config.kbs_deadline_s,
+        )
+    if config.key_source == "cdh":
+        return KeySourceSpec.cdh(config.cdh_url)
+    if config.key_source == "file":
+        assert config.key_file is not None  # RunConfig.validate
+        return KeySourceSpec.file(config.key_file, allow_insecure=config.allow_insecure_key_file)
+    return KeySourceSpec(uri=f"{config.key_source}://")  # refused by key_source_for, by name
 
 
 def print_configuration(request: RunRequest) -> RunConfiguration:
@@ -1025,11 +1054,12 @@ def print_configuration(request: RunRequest) -> RunConfiguration:
         private.remove()
 
 
-def run_blocking(request: RunRequest) -> int:
+def run_blocking(request: RunRequest, *, seams: BootSeams | None = None) -> int:
     """Resolve ``request`` and run the runtime on uvloop until it stops.
 
     A configuration refused while resolving (a setting other than the init-data's, an
     inconsistent combination) fails the boot at stage ``config``, reported like any other stage.
+    ``seams``: the attester and key-source factories (None: production's).
     """
     from foundation.secret import protect_process_memory
 
@@ -1042,8 +1072,8 @@ def run_blocking(request: RunRequest) -> int:
 
     try:
         loaded = load_request(request)
-        runtime = Runtime(loaded.config, loaded=loaded)
+        runtime = Runtime(loaded.config, loaded=loaded, seams=seams)
     except Error as exc:
         # Serve the reason: the listen address, TLS and exit behaviour as the command line gave them.
-        runtime = Runtime(RunConfig(**request.given), failure=exc)
+        runtime = Runtime(RunConfig(**request.given), failure=exc, seams=seams)
     return uvloop.run(runtime.run())

@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, INITDATA_ANNOTATION, InitData
+from attest.tee import BACKENDS
 from attest.verify.trustee import ExportRefused, export_policy, kbs_client_script
 from attest.verify.workload import WorkloadPolicy
 from foundation.errors import ConfigError
@@ -63,11 +64,19 @@ __all__ = [
 ]
 
 #: Kata runtime classes of NVIDIA's reference architecture, made by the kata-deploy chart
-#: (NVIDIA/cloud-native-docs confidential-containers/configure-workloads.rst).
+#: (NVIDIA/cloud-native-docs confidential-containers/configure-workloads.rst), by TEE: each
+#: backend's ``kata_runtime_class`` (:class:`attest.tee.base.TeeBackend`).
 RUNTIME_CLASSES: Mapping[TeeKind, str] = {
-    TeeKind.TDX: "kata-qemu-nvidia-gpu-tdx",
-    TeeKind.SNP: "kata-qemu-nvidia-gpu-snp",
+    kind: b.kata_runtime_class for kind, b in BACKENDS.items() if b.kata_runtime_class is not None
 }
+
+
+def _dev_tee(tee: TeeKind) -> bool:
+    # The insecure development variant: a primary TEE whose evidence proves nothing (sample).
+    found = BACKENDS.get(tee)
+    return found is not None and found.insecure and not found.device
+
+
 #: Node labels of the GPU Operator's CC manager (configure-cc-mode.rst): the desired mode (set
 #: per node, ``ppcie`` is node-level and Hopper multi-GPU only) and the readiness it reports.
 CC_LABELS = ("nvidia.com/cc.mode", "nvidia.com/cc.ready.state")
@@ -163,7 +172,7 @@ class DeploySpec:
             )
         if self.replicas < 1:
             raise ConfigError(f"--replicas must be at least 1, not {self.replicas}")
-        if self.tee is TeeKind.SAMPLE:
+        if _dev_tee(self.tee):
             if self.gpus != 0 or self.ppcie:
                 raise ConfigError("--tee sample takes no --gpus or --ppcie (a CPU-only development pod)")
         elif self.tee in RUNTIME_CLASSES:
@@ -177,7 +186,10 @@ class DeploySpec:
                     f"only, all {PPCIE_GPUS} GPUs and {PPCIE_NVSWITCHES} NVSwitches in one VM"
                 )
         else:
-            raise ConfigError(f"cannot deploy --tee {self.tee.value}: tdx, snp or sample")
+            deployable = [k.value for k in RUNTIME_CLASSES] + [k.value for k in BACKENDS if _dev_tee(k)]
+            raise ConfigError(
+                f"cannot deploy --tee {self.tee.value}: {', '.join(deployable[:-1])} or {deployable[-1]}"
+            )
         for flag, value in (("--name", self.name), ("--namespace", self.namespace),
                             ("--model-claim", self.model_claim)):  # fmt: skip
             if value is not None and not _DNS_LABEL.match(value):
@@ -194,7 +206,7 @@ class DeploySpec:
     @property
     def dev(self) -> bool:
         """Whether this is the insecure development variant (the sample TEE under podman)."""
-        return self.tee is TeeKind.SAMPLE
+        return _dev_tee(self.tee)
 
     @property
     def claim(self) -> str:

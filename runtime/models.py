@@ -8,17 +8,19 @@ opens this model and completes the guest-private model view vLLM reads:
   authenticates the manifest's MAC.
 * :class:`ImageModel` — the manifest and config were fetched and checked against the pinned
   digest at the config stage; the key is the image's recipient private key, which must unwrap
-  every layer's key, and the side files are read from their (verified) layers into the view,
-  with a marker (:data:`loader.oci.image.VIEW_MARKER`) telling the loader where the weight
-  layers are.
+  every layer's key, and the side files are read from their (verified) layers into the view.
+  At the load stage, :meth:`ImageModel.handoff_secret` authenticates and indexes the weight
+  layers in one pass (:mod:`loader.oci.index`) and bundles the index with the key for the
+  workers.
+
+Both say what the loader needs through :meth:`loader_source` (typed fields of
+:class:`loader.vllm_plugin.EncryptedLoaderConfig`, no file in the view).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from foundation.errors import ConfigError, ModelFormatError
 from foundation.secret import SecretBytes
@@ -26,55 +28,11 @@ from loader.canary import CanaryReference
 from loader.manifest import Manifest
 from loader.modelview import stage_model_view, write_view_file
 from loader.oci.blobs import BlobStore, open_store
-from loader.oci.image import VIEW_MARKER, OciImage, load_image
+from loader.oci.image import OciImage, load_image
+from loader.oci.layers import LayerKeys
 from loader.oci.reference import ImageReference
 
-__all__ = ["ImageModel", "NativeModel", "PreparedModel", "prepare_model"]
-
-
-class PreparedModel(Protocol):
-    """What the stages after ``config`` need of the model."""
-
-    @property
-    def digest(self) -> str:
-        """The model identity (``sha256:…``), claimed in every attestation document."""
-        ...
-
-    @property
-    def source(self) -> str:
-        """Where it came from, for logs and the attested settings."""
-        ...
-
-    @property
-    def side_files(self) -> tuple[str, ...]:
-        """The side files (config, tokenizer, templates) the view will hold."""
-        ...
-
-    @property
-    def default_key_id(self) -> str | None:
-        """The key resource the model names (None: ``--key-id`` is required)."""
-        ...
-
-    @property
-    def canary(self) -> CanaryReference | None:
-        """The packer's canary reference; for the native format trustworthy only after
-        :meth:`unlock` (the manifest MAC covers it), for images from the pinned digest on."""
-        ...
-
-    def describe_size(self) -> str:
-        """Its size, for the load stage's detail."""
-        ...
-
-    def unlock(self, secret: SecretBytes, *, resource: str | None = None) -> None:
-        """Check that ``secret`` opens the model and complete the view.
-
-        ``resource`` is the KBS resource the key was released for (named in the refusal).
-
-        Raises:
-            ModelDecryptionError: the key does not open it.
-            ModelFormatError: a side file or layer fails a check.
-        """
-        ...
+__all__ = ["ImageModel", "NativeModel", "prepare_model"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +68,14 @@ class NativeModel:
     def unlock(self, secret: SecretBytes, *, resource: str | None = None) -> None:
         self.manifest.authenticate(secret, resource=resource)
 
+    def loader_source(self) -> tuple[str | None, bool]:
+        """The loader configuration's image reference and HTTP allowance (a directory: none)."""
+        return None, False
+
+    def handoff_secret(self, secret: SecretBytes, *, threads: int, ranks: int) -> SecretBytes:
+        """What the key handoff gives the workers: the model key itself."""
+        return secret
+
 
 @dataclass(slots=True)
 class ImageModel:
@@ -121,6 +87,7 @@ class ImageModel:
     view: Path
     allow_http: bool = False
     root: str | None = field(default=None, init=False)
+    _keys: LayerKeys | None = field(default=None, init=False, repr=False)
 
     @property
     def digest(self) -> str:
@@ -159,14 +126,42 @@ class ImageModel:
             raise ModelFormatError(f"{self.reference} has no config.json in its model directory")
         for name, data in sorted(files.items()):
             write_view_file(self.view, name, data)
-        marker = {
-            "image": str(self.reference),
-            "digest": self.digest,
-            "root": root,
-            "allow_http": self.allow_http,
-        }
-        write_view_file(self.view, VIEW_MARKER, json.dumps(marker, sort_keys=True).encode())
         self.root = root
+        self._keys = keys
+
+    def loader_source(self) -> tuple[str | None, bool]:
+        """The loader configuration's image reference (pinned) and HTTP allowance."""
+        return str(self.reference), self.allow_http
+
+    def handoff_secret(self, secret: SecretBytes, *, threads: int, ranks: int) -> SecretBytes:
+        """Bundle the key with what the workers need to load the weight layers.
+
+        With tensor parallelism (``ranks`` > 1) and uncompressed layers, the weight layers are
+        authenticated and indexed here, in one pass, so that each rank reads only its units; a
+        single rank streams each layer once itself (no pass here).
+
+        Raises:
+            ModelFormatError / ModelDecryptionError: a weight layer fails its digest or HMAC.
+        """
+        from loader.oci.index import ImageIndex, handoff_bundle, index_image, indexable, new_index_key
+
+        assert self.root is not None and self._keys is not None, "unlock() first"
+        index_key = new_index_key()
+        try:
+            if ranks > 1 and indexable(self.image):
+                index = index_image(
+                    self.store,
+                    self.image,
+                    self._keys.get,
+                    root=self.root,
+                    index_key=index_key,
+                    threads=threads,
+                )
+            else:
+                index = ImageIndex(digest=self.digest, unit_bytes=0, layers=(), root=self.root, streamed=True)
+            return handoff_bundle(secret, index_key, index)
+        finally:
+            index_key.wipe()
 
 
 def prepare_model(

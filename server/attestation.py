@@ -1,7 +1,8 @@
 """Produce attestation documents: ours (``docs/attestation.md``) and the ACI report.
 
-:class:`AttestationService` holds what the claims are about (model identity, TLS key,
-key-release receipt, canary outcome, collateral) and the evidence providers.
+:class:`AttestationService` holds what the claims are about (:class:`AttestedWorkload`: model
+identity, TLS key, key-release receipt, canary outcome, collateral, fixed at boot; the runtime
+builds it from its boot record) and the evidence providers.
 :meth:`AttestationService.document` collects one evidence set answering a batch of client nonces
 (or none: the cached, unchallenged document); :meth:`AttestationService.aci` one ACI report.
 Collection is blocking I/O (configfs-tsm, NVML): :mod:`server.freshness` runs it in a worker
@@ -14,16 +15,76 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from attest.binding import document_device_nonce, pad_report_data
 from attest.document import AttestationClaims, AttestationDocument, DeviceClaim, device_evidence_digest
 from attest.evidence import Evidence
+from attest.keysource.base import KeyReleaseReceipt
 from attest.runconfig import RunConfiguration
 from attest.tee.attester import Attester, DeviceAttester
 from server.aci import aci_device_nonce, aci_report, aci_report_data, keyset_digest, workload_keyset
 
-__all__ = ["AttestationService"]
+__all__ = ["AttestationService", "AttestedWorkload", "CanaryClaim"]
+
+#: The runtime's name in the ``runtime`` claim.
+RUNTIME_NAME = "enclave-serve"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CanaryClaim:
+    """The canary generation's outcome before ready, as the documents claim it.
+
+    ``passed``: the engine generated the packer's reference tokens (the other fields say which
+    reference, rendered how, computed and served on what). ``not-recorded``: the model records no
+    reference; nothing was checked. A failed canary never yields a document.
+    """
+
+    status: Literal["passed", "not-recorded"]
+    tokens: int = 0
+    reference_sha256: str = ""
+    render: str = "prompt"
+    reference_computed_on: str = ""
+    served_on: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the ``canary`` claim (``{"status": "not-recorded"}`` alone when not run)."""
+        if self.status != "passed":
+            return {"status": self.status}
+        return {
+            "status": self.status,
+            "tokens": self.tokens,
+            "reference_sha256": self.reference_sha256,
+            "render": self.render,
+            "reference_computed_on": self.reference_computed_on,
+            "served_on": self.served_on,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AttestedWorkload:
+    """What every document claims about this enclave, fixed once the boot is done.
+
+    The attestation service's typed view of the runtime's boot record (:mod:`runtime.record`).
+    """
+
+    model_digest: str
+    config: RunConfiguration
+    tls_spki_sha256: str | None
+    #: ``"<algorithm>:<hex>"`` of the CoCo init-data the runtime was launched with, or None.
+    init_data: str | None = None
+    #: The KBS's key-release receipt (None: the CDH or the file source, which give none).
+    key_release: KeyReleaseReceipt | None = None
+    runtime_version: str = "unknown"
+    insecure_modes: tuple[str, ...] = ()
+    canary: CanaryClaim = CanaryClaim(status="not-recorded")
+    #: The collateral files given (``--collateral``), published as read: TEE name -> JSON.
+    collateral: Mapping[str, Any] = field(default_factory=dict)
+    #: The ACI keyset's ``not_after`` (None: a week after the service is made).
+    keyset_not_after: int | None = None
+    #: The ACI report's source provenance (None: all members null).
+    source_provenance: Mapping[str, Any] | None = None
 
 
 class AttestationService:
@@ -35,44 +96,36 @@ class AttestationService:
 
     def __init__(
         self,
+        workload: AttestedWorkload,
         *,
         attester: Attester,
-        devices: Sequence[DeviceAttester],
-        model_digest: str,
-        config: RunConfiguration,
-        tls_spki_sha256: str | None,
-        init_data: str | None = None,
-        key_release: Mapping[str, Any] | None,
-        runtime: Mapping[str, str],
-        insecure_modes: Sequence[str] = (),
-        canary: Mapping[str, Any] | None = None,
-        collateral: Mapping[str, Any] | None = None,
-        keyset_not_after: int | None = None,
-        source_provenance: Mapping[str, Any] | None = None,
+        devices: Sequence[DeviceAttester] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._attester = attester
         self._devices = tuple(devices)
-        self._model_digest = model_digest
-        self._config = config
-        self._init_data = init_data
-        self._tls_spki_sha256 = tls_spki_sha256
-        self._key_release = dict(key_release) if key_release is not None else None
-        self._runtime = dict(runtime)
-        modes = list(insecure_modes)
+        self._model_digest = workload.model_digest
+        self._config = workload.config
+        self._init_data = workload.init_data
+        self._tls_spki_sha256 = workload.tls_spki_sha256
+        receipt = workload.key_release
+        self._key_release = receipt.to_json() if receipt is not None else None
+        self._runtime = {"name": RUNTIME_NAME, "version": workload.runtime_version}
+        modes = list(workload.insecure_modes)
         if attester.insecure and not modes:
             modes.append(f"{attester.tee.value} TEE (evidence proves nothing)")
         modes += [f"{d.tee.value} device (evidence proves nothing)" for d in self._devices if d.insecure]
         self._insecure_modes = tuple(dict.fromkeys(modes))
-        self._canary = dict(canary) if canary is not None else {"status": "not-recorded"}
-        self._collateral = dict(collateral or {})
+        self._canary = workload.canary.to_json()
+        self._collateral = dict(workload.collateral)
         self._clock = clock
+        not_after = workload.keyset_not_after
         self._keyset_args: dict[str, Any] = {
-            "not_after": keyset_not_after if keyset_not_after is not None else int(clock()) + 7 * 86400,
-            "tls_spki_sha256": tls_spki_sha256,
-            "model_digest": model_digest,
-            "config_sha256": config.sha256,
-            "init_data": init_data,
+            "not_after": not_after if not_after is not None else int(clock()) + 7 * 86400,
+            "tls_spki_sha256": workload.tls_spki_sha256,
+            "model_digest": workload.model_digest,
+            "config_sha256": workload.config.sha256,
+            "init_data": workload.init_data,
             "canary": self._canary,
             "insecure_modes": self._insecure_modes,
             "enclave_nonce": secrets.token_bytes(32),
@@ -82,7 +135,7 @@ class AttestationService:
         self._keyset_devices: tuple[Evidence, ...] = ()
         self._keyset_digest: str | None = None
         self._provenance = dict(
-            source_provenance
+            workload.source_provenance
             or {"repo_url": None, "repo_commit": None, "image_digest": None, "image_provenance": None}
         )
         self._lock = threading.RLock()

@@ -18,16 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attest.client.verdict import Verdict
-from attest.evidence import TeeKind
-from attest.tee import NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
-from attest.verify.workload import (
-    GpuRules,
-    SnpRules,
-    TdxRules,
-    WorkloadPolicy,
-    WorkloadRules,
-    init_data_register_of,
-)
+from attest.verify.workload import WorkloadPolicy, WorkloadRules, init_data_register_of, policy_sections
 from foundation.errors import ConfigError
 
 __all__ = ["NoInitData", "RecordedPolicy", "record_policy"]
@@ -45,13 +36,16 @@ class RecordedPolicy:
     notes: tuple[str, ...] = ()
 
 
-def _init_digest(tee: TeeKind, register: bytes) -> tuple[str, bytes]:
-    # The register holds the digest padded or truncated; sha256 on TDX leaves 16 zero bytes.
-    if tee is TeeKind.SNP:
-        return "sha256", register
-    if register[32:] == bytes(16):
+#: The init-data digest algorithm by digest size (``trustee:kbs/docs/initdata.md``).
+_ALGORITHMS = {32: "sha256", 48: "sha384", 64: "sha512"}
+
+
+def _init_digest(register: bytes) -> tuple[str, bytes]:
+    # The register holds the digest zero-padded to its size (TDX MRCONFIGID: 48 bytes) or
+    # truncated to it (SNP HOST_DATA: 32 bytes): sha256 when nothing follows the first 32 bytes.
+    if len(register) <= 32 or not any(register[32:]):
         return "sha256", register[:32]
-    return "sha384", register
+    return _ALGORITHMS.get(len(register), "sha384"), register
 
 
 def record_policy(verdict: Verdict) -> RecordedPolicy:
@@ -72,7 +66,7 @@ def record_policy(verdict: Verdict) -> RecordedPolicy:
         alg, _, hexpart = claims.init_data.partition(":")
         init_data = ((alg, bytes.fromhex(hexpart)),)
     elif register is not None and any(register):
-        init_data = (_init_digest(primary.tee, register),)
+        init_data = (_init_digest(register),)
     else:
         raise NoInitData(
             f"the server was launched WITHOUT init-data (its {primary.tee.value} init-data register is "
@@ -81,34 +75,13 @@ def record_policy(verdict: Verdict) -> RecordedPolicy:
             "running anything. Launch it with init-data ('enclave-serve initdata', docs/policy.md; "
             "the sample TEE: run --sample-init-data FILE) and record again"
         )
-    tdx = snp = None
-    c = primary.claims
-    if isinstance(c, TdxClaims):
-        tdx = TdxRules(mrtd=(c.mrtd,), rtmr=((c.rtmrs[0],), (c.rtmrs[1],), (c.rtmrs[2],), None))
-        notes.append("RTMR3 is not pinned: CoCo extends it at run time (init-data, containers)")
-        if c.tcb_status != "UpToDate":
-            notes.append(
-                f"the TCB status seen was {c.tcb_status}; the policy requires UpToDate verified with DCAP "
-                "collateral (give --collateral tdx=FILE when verifying)"
-            )
-    elif isinstance(c, SnpClaims):
-        t = c.reported_tcb
-        floors = {"bootloader": t.bootloader, "tee": t.tee, "snp": t.snp, "microcode": t.microcode}
-        if t.fmc is not None:
-            floors["fmc"] = t.fmc
-        snp = SnpRules(measurement=(c.measurement,), min_tcb=floors, vmpl=c.vmpl)
-    gpus = [g for d in verdict.devices if isinstance(d.claims, NvidiaClaims) for g in d.claims.gpus]
-    samples = [d for d in verdict.devices if isinstance(d.claims, SampleClaims)]
-    gpu = None
-    if gpus:
-        gpu = GpuRules(
-            count=len(gpus),
-            arch=tuple(sorted({g.arch.upper() for g in gpus})),
-            driver=tuple(sorted({g.driver_version or "" for g in gpus})),
-            vbios=tuple(sorted({(g.vbios_version or "").lower() for g in gpus})),
-        )
-    elif samples:
-        gpu = GpuRules(count=len(samples))
+    # Each TEE's section pins what its verified claims show (attest/tee/<tee>/policy.py).
+    sections: dict[str, object] = {}
+    for backend, section in policy_sections():
+        results = verdict.devices if backend.device else (primary,)
+        rules = section.record(results, notes)
+        if rules is not None:
+            sections[section.table] = rules
     runtime = verdict.config.to_json()["runtime"]
     policy = WorkloadPolicy(
         tees=(primary.tee.value,),
@@ -118,9 +91,7 @@ def record_policy(verdict: Verdict) -> RecordedPolicy:
             init_data=init_data,
             runtime_version=(str(runtime["version"]),),
         ),
-        tdx=tdx,
-        snp=snp,
-        gpu=gpu,
+        sections=sections,
         insecure_development=primary.insecure,
     )
     if primary.insecure:

@@ -19,37 +19,52 @@ from typing import Any
 
 from attest.evidence import Evidence, TeeKind
 from attest.tee import nvidia, sample, snp, tdx
-from attest.tee.base import Collateral, InitDataRegister, TeeBackend
+from attest.tee.base import Collateral, InitDataRegister, PolicySection, TeeBackend
 
 # The public types of the backends, for the code outside attest.tee that names them (the
-# verification API's re-exports, the workload policy's sections): this module is their one door.
+# verification API's re-exports, the workload policy's re-exported sections): this module is
+# their one door.
 from attest.tee.nvidia.claims import GpuClaims, NvidiaClaims
+from attest.tee.nvidia.policy import GpuRules
 from attest.tee.sample.claims import SampleClaims
 from attest.tee.snp.claims import SnpClaims
 from attest.tee.snp.measure import snp_launch_measurement
+from attest.tee.snp.policy import SNP_POLICY_DEBUG, SNP_POLICY_MIGRATE_MA, SNP_POLICY_SMT, SnpRules
 from attest.tee.snp.verifier import SnpCollateral, fetch_vcek
 from attest.tee.tdx.claims import TCB_STATUS_UNKNOWN, TdxClaims
+from attest.tee.tdx.policy import TDX_ATTR_DEBUG, TDX_ATTR_MIGRATABLE, TDX_ATTR_SEPT_VE_DISABLE, TdxRules
 from attest.tee.tdx.verifier import TdxCollateral
 from foundation.errors import MalformedEvidence
 
 __all__ = [
     "BACKENDS",
+    "SNP_POLICY_DEBUG",
+    "SNP_POLICY_MIGRATE_MA",
+    "SNP_POLICY_SMT",
     "TCB_STATUS_UNKNOWN",
+    "TDX_ATTR_DEBUG",
+    "TDX_ATTR_MIGRATABLE",
+    "TDX_ATTR_SEPT_VE_DISABLE",
     "Collateral",
     "GpuClaims",
+    "GpuRules",
     "InitDataRegister",
     "NvidiaClaims",
+    "PolicySection",
     "SampleClaims",
     "SnpClaims",
     "SnpCollateral",
+    "SnpRules",
     "TdxClaims",
     "TdxCollateral",
+    "TdxRules",
     "TeeBackend",
     "backend",
     "collateral_from_json",
     "evidence_from_json",
     "fetch_vcek",
     "insecure_kinds",
+    "insecure_names",
     "kinds",
     "snp_launch_measurement",
 ]
@@ -96,6 +111,11 @@ def kinds(
 def insecure_kinds() -> frozenset[TeeKind]:
     """Return the kinds whose evidence proves nothing (the sample TEEs)."""
     return frozenset(k for k, b in BACKENDS.items() if b.insecure)
+
+
+def insecure_names() -> frozenset[str]:
+    """Return the serialised names of the kinds whose evidence proves nothing (``sample``...)."""
+    return frozenset(k.value for k in insecure_kinds())
 
 
 def evidence_from_json(tee: TeeKind, obj: object) -> Evidence:

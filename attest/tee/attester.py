@@ -10,9 +10,10 @@ parsers of their own folder under :mod:`attest.tee`; they never decide policy.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from attest.evidence import Evidence, TeeKind
 
@@ -70,11 +71,48 @@ class DeviceAttester(ABC):
 
     tee: ClassVar[TeeKind]
     insecure: ClassVar[bool] = False
+    #: The local gate attached by the selection (:func:`attest.tee.select.detect_devices`, from the
+    #: descriptor's ``gate``); the attester never imports its verifier itself.
+    _attached_gate: Callable[..., DeviceGate] | None = None
+    #: What is missing when this kind is required but :meth:`present` is false (a message part).
+    absent: ClassVar[str] = "no such device is present"
 
     @classmethod
     @abstractmethod
     def detect(cls) -> bool:
         """Return whether such devices are present (cheap, no side effects)."""
+
+    @classmethod
+    def present(cls, *, pci_root: Path | None = None, nvml: Any | None = None) -> bool:
+        """Return whether such devices are here, for ``--gpus auto`` (cheap; no exception escapes).
+
+        ``pci_root`` and ``nvml`` are test seams a device kind may use. By default :meth:`detect`;
+        NVIDIA also looks at the PCI bus, so that GPUs the driver hides still get an attester
+        (whose gate then refuses them).
+        """
+        try:
+            return bool(cls.detect())
+        except Exception:  # detection must not fail the caller
+            return False
+
+    @classmethod
+    def for_machine(
+        cls, *, allow_cc_off: bool = False, pci_root: Path | None = None, nvml: Any | None = None
+    ) -> DeviceAttester:
+        """Return the attester for this machine's devices (``allow_cc_off``: development only)."""
+        return cls()
+
+    def unattested_reason(self) -> str | None:
+        """Why these devices give no evidence and may run only unattested (GPU CC off), or None.
+
+        Asked only under the development flag ``--allow-insecure-gpu-cc-off``.
+        """
+        return None
+
+    def attach_gate(self, runner: Callable[..., DeviceGate]) -> None:
+        """Attach the local gate ``runner(attester, expected_count=..., recheck=...)`` that
+        :meth:`gate` and :meth:`recheck` run (the selection attaches the descriptor's)."""
+        self._attached_gate = runner
 
     @abstractmethod
     def collect(self, runtime_data: bytes) -> Evidence:
@@ -87,18 +125,24 @@ class DeviceAttester(ABC):
         """
 
     def gate(self, *, expected_count: int | None = None) -> DeviceGate:
-        """Collect fresh evidence over a random nonce and verify it locally, before any key release.
+        """Run the attached local gate: fresh evidence over a random nonce, verified locally.
 
-        Each device kind implements it with its own folder's verifier (an attester never imports
-        :mod:`attest.verify`) and adds its own checks (NVIDIA: confidential-computing mode, the
-        count on the PCI bus). ``expected_count`` is the number of devices the configuration
-        requires.
+        The gate is the device kind's (``attest/tee/<tee>/gate.py``, the descriptor's ``gate``):
+        it verifies with its folder's verifier, which no attester imports, and adds its own checks
+        (NVIDIA: confidential-computing mode, the count on the PCI bus). ``expected_count`` is the
+        number of devices the configuration requires. Callers may run
+        :func:`attest.tee.select.gate_device` instead, which needs nothing attached.
 
         Raises:
             VerificationError: the evidence does not verify (the message names the device).
             EvidenceCollectionError: a device failed to produce evidence.
+            NotImplementedError: no gate is attached.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no local gate")
+        if self._attached_gate is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no local gate attached (attest.tee.select.gate_device runs it)"
+            )
+        return self._attached_gate(self, expected_count=expected_count, recheck=False)
 
     def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
         """The watchdog's round after ready: the devices are still there, in CC mode, and fresh
@@ -106,7 +150,9 @@ class DeviceAttester(ABC):
 
         Raises: as :meth:`gate`.
         """
-        return self.gate(expected_count=expected_count)
+        if self._attached_gate is None:
+            return self.gate(expected_count=expected_count)
+        return self._attached_gate(self, expected_count=expected_count, recheck=True)
 
     def describe(self) -> dict[str, object]:
         """Return a JSON-able description of the devices (for ``enclave-serve evidence``)."""

@@ -7,23 +7,26 @@ folder's ``__init__`` builds one frozen :class:`TeeBackend`; the registry
 by kind elsewhere (CLI choices, collateral flags, ``inspect``, ACI names, configuration checks,
 the insecure set) reads a descriptor instead of naming a kind.
 
-The descriptor holds the pure side (parser, verifier, claims) as values and the I/O side (the
-attester, reading the init-data register) as functions that import it when called, so that
-verifying evidence never loads the code that collects it.
+The descriptor holds the pure side (parser, verifier, claims, its workload-policy section) as
+values and the I/O side (the attester, its local gate, reading the init-data register) as
+functions that import it when called, so that verifying evidence never loads the code that
+collects it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from attest.evidence import Evidence, TeeKind
-from attest.tee.attester import Attester, DeviceAttester
+from attest.tee.attester import Attester, DeviceAttester, DeviceGate
+from attest.tee.policyparts import RuleCheck, TrusteeRules
+from attest.tee.result import VerificationResult
 from attest.tee.verifier import Verifier
 
-__all__ = ["Collateral", "InitDataRegister", "TeeBackend"]
+__all__ = ["Collateral", "DeviceGateRunner", "InitDataRegister", "PolicySection", "TeeBackend"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -64,6 +67,72 @@ class InitDataRegister:
     #: Read it on this machine from a source the host cannot forge (I/O, imported when called):
     #: ``read(attester, nonce, now=..., guest_device=...)``. Raises AttestationError.
     read: Callable[..., bytes]
+
+
+class PolicySection(Protocol):
+    """One TEE's section of the workload policy (``[tdx]``, ``[snp]``, ``[gpu]``; ``docs/policy.md``).
+
+    It lives in the TEE's folder (``attest/tee/<tee>/policy.py``); :mod:`attest.verify.workload`
+    (parse, evaluate, explain, write), :mod:`attest.client.record` (``policy record``) and
+    :mod:`attest.verify.trustee` (``policy trustee``) reach it only through
+    :attr:`TeeBackend.policy`, in registry order. A primary TEE's section is applied to that TEE's
+    verified claims; a device section to every device's (and is applied, and explained, even
+    when the policy does not give it: devices a policy does not expect are refused).
+    """
+
+    @property
+    def table(self) -> str:
+        """The TOML table, and the :class:`~attest.verify.workload.WorkloadPolicy` field (``tdx``)."""
+        ...
+
+    @property
+    def rules_type(self) -> type:
+        """The frozen rules dataclass (checked when constructed; raises PolicyFileError)."""
+        ...
+
+    def parse(self, table: Mapping[str, Any]) -> object:
+        """Return the rules of the section's TOML table. Raises PolicyFileError."""
+        ...
+
+    def evaluate(
+        self,
+        rule: RuleCheck,
+        rules: object | None,
+        results: Sequence[VerificationResult],
+        *,
+        allow_insecure: bool,
+    ) -> None:
+        """Apply every rule of ``rules`` to verified ``results`` through ``rule``.
+
+        ``results`` is the primary result (primary sections, called only with rules) or every
+        device result (device sections, ``rules`` None when the policy has none);
+        ``allow_insecure`` is the policy's ``insecure_development`` and the caller's flag.
+        """
+        ...
+
+    def explain(self, rules: object | None) -> list[str]:
+        """Return the rules as sentences (``policy show``); None: the section is not given."""
+        ...
+
+    def to_toml(self, rules: object) -> list[str]:
+        """Return the section as TOML lines, its ``[table]`` header first."""
+        ...
+
+    def record(self, results: Sequence[VerificationResult], notes: list[str]) -> object | None:
+        """Return the rules pinning what ``results`` show (``policy record``), or None.
+
+        Appends to ``notes`` what the recording could not pin well.
+        """
+        ...
+
+    def trustee(self, rules: object) -> TrusteeRules:
+        """Return the section's part of the Trustee export. Raises ExportRefused."""
+        ...
+
+
+#: ``gate(attester, expected_count=..., recheck=...)``: a device's local gate (I/O; imported when
+#: called), run before any key release and by the watchdog. Raises VerificationError.
+DeviceGateRunner = Callable[..., DeviceGate]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -114,6 +183,15 @@ class TeeBackend:
     aci_tee_type: str | None = None
     #: Why verified claims show a debuggable TEE, or None (``RefuseInsecure``).
     debuggable: Callable[[object], str | None] = lambda claims: None
+    #: Its section of the workload policy (``[tdx]``, ``[snp]``, ``[gpu]``); None: it has none.
+    policy: PolicySection | None = None
+    #: Kata's ``runtimeClassName`` for a confidential pod in this TEE (``enclave-serve deploy``);
+    #: None: it cannot be deployed to Kubernetes.
+    kata_runtime_class: str | None = None
+    #: The device's local gate, run on its attester before any key release and by the watchdog
+    #: (I/O: the function imports it when called); None: it has none. It verifies with the
+    #: folder's verifier, which the attester itself never imports.
+    gate: DeviceGateRunner | None = None
 
     @property
     def name(self) -> str:

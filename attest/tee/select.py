@@ -2,7 +2,9 @@
 
 Detection order (primary) is the registry's: TDX, then SNP. An insecure TEE (sample) is never
 detected: it must be asked for by name *and* allowed with an insecure flag. Devices are detected
-separately (NVIDIA GPUs).
+separately, by the attester classes of the registry's device backends; each device's local gate
+(the backend's ``gate``, beside its attester) is attached to it here and run by
+:func:`gate_device`.
 """
 
 from __future__ import annotations
@@ -11,15 +13,11 @@ import logging
 import secrets
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from attest.evidence import TeeKind
 from attest.tee import BACKENDS, TeeBackend
-from attest.tee.attester import Attester, DeviceAttester
+from attest.tee.attester import Attester, DeviceAttester, DeviceGate
 from foundation.errors import AttestationError, BackendUnavailable, ConfigError
-
-if TYPE_CHECKING:
-    from attest.tee.nvidia.attester import NvidiaAttester
 
 __all__ = [
     "Attester",
@@ -27,6 +25,8 @@ __all__ = [
     "detect_devices",
     "detected_tees",
     "device_choices",
+    "devices_present",
+    "gate_device",
     "init_data_register",
     "nvidia_gpus_present",
     "primary_choices",
@@ -158,27 +158,37 @@ def init_data_register(
     return register.read(attester, report_data, now=now, guest_device=tdx_guest_device)
 
 
+def _devices(gpus: str) -> list[TeeBackend]:
+    """The device backends ``--gpus`` names (``auto``: every detectable secure one, in order)."""
+    devices = [b for b in BACKENDS.values() if b.device]
+    if gpus == "auto":
+        return [b for b in devices if b.detectable and not b.insecure]
+    return [b for b in devices if ("sample" if b.insecure else b.name) == gpus]
+
+
+def _device_class(found: TeeBackend) -> type[DeviceAttester]:
+    cls = found.attester()
+    assert issubclass(cls, DeviceAttester)
+    return cls
+
+
+def devices_present(pci_root: Path | None = None) -> bool:
+    """Return whether devices of a detectable kind are present (NVIDIA: on the PCI bus or in NVML)."""
+    for found in _devices("auto"):
+        try:
+            if _device_class(found).present(pci_root=pci_root):
+                return True
+        except ImportError:
+            continue
+    return False
+
+
 def nvidia_gpus_present(pci_root: Path | None = None) -> bool:
-    """Return whether NVIDIA GPUs are present: on the PCI bus (sysfs) or seen by NVML."""
-    from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
+    """Return whether GPUs are present (the detectable device kinds: NVIDIA on the PCI bus or in NVML).
 
-    if any(d.is_gpu for d in nvidia_pci_devices(pci_root or SYSFS_PCI_DEVICES)):
-        return True
-    try:
-        from attest.tee.nvidia.attester import NvidiaAttester
-    except ImportError:
-        return False
-    return NvidiaAttester.detect()
-
-
-def _cc_off(attester: NvidiaAttester) -> bool:
-    """Whether NVML reports CC off (False when NVML cannot tell: the gate then decides)."""
-    from foundation.errors import Error
-
-    try:
-        return not attester.cc_state().enabled
-    except Error:
-        return False
+    The name of :func:`devices_present` that ``runtime.boot`` imports.
+    """
+    return devices_present(pci_root)
 
 
 def detect_devices(
@@ -189,58 +199,84 @@ def detect_devices(
     pci_root: Path | None = None,
     nvml: Any | None = None,
 ) -> list[DeviceAttester]:
-    """Return device attesters for the GPUs present.
+    """Return device attesters for the devices present, each with its local gate attached.
 
-    ``gpus`` is ``auto`` (NVIDIA when GPUs are on the PCI bus or NVML sees them), ``none``,
-    ``nvidia`` (required), or ``sample`` (insecure sample device, development only).
-    ``allow_gpu_cc_off`` (development only): GPUs whose confidential-computing mode is off give
-    no evidence (the driver refuses), so they get **no** attester and run unattested (the caller
-    records that as an insecure mode); GPUs in CC developer-tools mode are attested with a
-    warning. Otherwise GPUs on the PCI bus always get an attester, even when NVML is missing:
-    its gate then refuses them (fail closed) rather than letting the model run on GPUs nobody
-    attested. ``nvml`` is a test seam.
+    ``gpus`` is ``auto`` (every detectable device kind present: NVIDIA when GPUs are on the PCI
+    bus or NVML sees them), ``none``, a device kind by name (``nvidia``: required), or ``sample``
+    (the insecure sample device, development only). The registry says which kinds there are
+    (``device``, ``detectable``, ``insecure``); each attester class says whether its devices are
+    here (:meth:`~attest.tee.attester.DeviceAttester.present`) and builds itself
+    (:meth:`~attest.tee.attester.DeviceAttester.for_machine`). ``allow_gpu_cc_off`` (development
+    only): devices that give no evidence (GPUs with CC off; the driver refuses) get **no**
+    attester and run unattested (the caller records that as an insecure mode); GPUs in CC
+    developer-tools mode are attested with a warning. Otherwise devices present always get an
+    attester, even when NVML is missing: its gate then refuses them (fail closed) rather than
+    letting the model run on GPUs nobody attested. ``pci_root`` and ``nvml`` are test seams.
 
     Raises:
         ConfigError: unknown value, or ``sample`` without ``allow_insecure``.
-        BackendUnavailable: ``nvidia`` was required but no GPU is visible, or GPUs are on the
-            PCI bus and this build lacks the NVIDIA provider.
+        BackendUnavailable: a named kind was required but no device is visible, or its provider
+            is not in this build.
     """
-    from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
-
-    root = pci_root or SYSFS_PCI_DEVICES
-    on_bus = any(d.is_gpu for d in nvidia_pci_devices(root))
     if gpus == "none":
-        if nvidia_gpus_present(root):
+        if devices_present(pci_root):
             logger.warning(
                 "INSECURE: NVIDIA GPUs are present but --gpus none was given: the model will run "
                 "on GPUs that are not attested"
             )
         return []
-    if gpus == "sample":
-        if not allow_insecure:
-            raise ConfigError("the sample device is insecure; it needs --allow-insecure-sample-tee")
-        sample = BACKENDS[TeeKind.SAMPLE_DEVICE].attester()
-        assert issubclass(sample, DeviceAttester)
-        return [sample(allow_insecure=True)]  # type: ignore[call-arg]
-    if gpus not in ("auto", "nvidia"):
-        raise ConfigError(f"unknown GPU setting {gpus!r}; choose auto, none, nvidia or sample")
-    try:
-        from attest.tee.nvidia.attester import NvidiaAttester
-    except ImportError as exc:
-        if gpus == "nvidia" or on_bus:
-            raise BackendUnavailable(
-                "NVIDIA GPUs are present but the NVIDIA provider needs nvidia-ml-py"
-            ) from exc
-        return []
-    if on_bus or NvidiaAttester.detect(nvml=nvml):
-        attester = NvidiaAttester(allow_cc_off=allow_gpu_cc_off, pci_root=root, nvml=nvml)
-        if allow_gpu_cc_off and _cc_off(attester):
+    chosen = _devices(gpus)
+    if not chosen and gpus != "auto":
+        choices = [c for c in device_choices() if c != "auto"]
+        raise ConfigError(
+            f"unknown GPU setting {gpus!r}; choose auto, {', '.join(choices[:-1])} or {choices[-1]}"
+        )
+    out: list[DeviceAttester] = []
+    for found in chosen:
+        required = gpus != "auto"
+        try:
+            cls = _device_class(found)
+        except ImportError as exc:
+            if required:
+                raise BackendUnavailable(
+                    f"--gpus {gpus} was given but the {found.name} provider is not in this build"
+                ) from exc
             logger.warning(
-                "INSECURE: GPU confidential computing is off: the GPUs are NOT attested and the host "
-                "can read their memory (--allow-insecure-gpu-cc-off)"
+                "the %s provider is not in this build: %s devices not detected", found.name, found.title
             )
-            return []
-        return [attester]
-    if gpus == "nvidia":
-        raise BackendUnavailable("--gpus nvidia was given but no NVIDIA GPU is on the PCI bus or in NVML")
-    return []
+            continue
+        if found.insecure:
+            if not allow_insecure:
+                raise ConfigError("the sample device is insecure; it needs --allow-insecure-sample-tee")
+            attester = cls(allow_insecure=True)  # type: ignore[call-arg]
+        elif cls.present(pci_root=pci_root, nvml=nvml):
+            attester = cls.for_machine(allow_cc_off=allow_gpu_cc_off, pci_root=pci_root, nvml=nvml)
+            reason = attester.unattested_reason() if allow_gpu_cc_off else None
+            if reason is not None:
+                logger.warning("INSECURE: %s", reason)
+                continue
+        elif required:
+            raise BackendUnavailable(f"--gpus {gpus} was given but {cls.absent}")
+        else:
+            continue
+        if found.gate is not None:
+            attester.attach_gate(found.gate)
+        out.append(attester)
+    return out
+
+
+def gate_device(
+    device: DeviceAttester, *, expected_count: int | None = None, recheck: bool = False
+) -> DeviceGate:
+    """Run ``device``'s local gate (its backend's ``gate``): before any key release, and with
+    ``recheck`` in every watchdog round.
+
+    Raises:
+        VerificationError: the evidence does not verify (the message names the device).
+        EvidenceCollectionError: a device failed to produce evidence.
+        AttestationError: the device's kind has no local gate.
+    """
+    runner = BACKENDS[device.tee].gate
+    if runner is None:
+        raise AttestationError(f"the {device.tee.value} device has no local gate")
+    return runner(device, expected_count=expected_count, recheck=recheck)

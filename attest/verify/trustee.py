@@ -38,20 +38,16 @@ installs all three files (``kbs-client.sh`` does), nor Trustee's own evidence ve
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, register_for_digest
-from attest.verify.workload import (
-    TDX_ATTR_MIGRATABLE,
-    GpuRules,
-    SnpRules,
-    TdxRules,
-    WorkloadPolicy,
-)
-from foundation.errors import ConfigError, MalformedEvidence
+from attest.tee import insecure_names
+from attest.tee.policyparts import ExportRefused, RulePlacement, TrusteeRules, rego_set
+from attest.verify.workload import WorkloadPolicy, policy_sections
+from foundation.errors import MalformedEvidence
 
 __all__ = [
     "ATTESTATION_POLICY_IDS",
@@ -72,32 +68,6 @@ ATTESTATION_POLICY_IDS = ("default_cpu", "default_gpu")
 _AFFIRM = {"executables": 3, "hardware": 2, "configuration": 2}
 _FAIL = {"executables": 33, "hardware": 97, "configuration": 36}
 
-# TDX ATTRIBUTES.MIGRATABLE (bit 29) lives in byte 3 of the little-endian hex claim
-# quote.body.td_attributes, as bit 1 of that byte's high nibble (hex character 6): the nibbles
-# with that bit clear. Trustee's td_attributes object has no migratable flag.
-_MIGRATABLE_CHAR = 6
-_NOT_MIGRATABLE_NIBBLES = ("0", "1", "4", "5", "8", "9", "c", "d")
-assert TDX_ATTR_MIGRATABLE == 1 << (8 * 3 + 4 + 1)
-
-
-class ExportRefused(ConfigError, ValueError):
-    """A rule the export cannot enforce in Trustee, or an allowed init-data the policy refuses.
-
-    ``rule`` names the workload-policy rule (as :meth:`WorkloadPolicy.evaluate` does).
-    """
-
-    def __init__(self, rule: str, reason: str) -> None:
-        super().__init__(f"{rule}: {reason}")
-        self.rule = rule
-
-
-@dataclass(frozen=True, slots=True)
-class RulePlacement:
-    """Where in Trustee one rule of the workload policy is enforced."""
-
-    rule: str
-    where: str
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrusteeExport:
@@ -115,117 +85,7 @@ class TrusteeExport:
         return out
 
 
-def _set(values: Iterable[object]) -> str:
-    return "{" + ", ".join(json.dumps(v) for v in values) + "}"
-
-
-@dataclass
-class _Rules:
-    """Rego conditions per trust claim, over a claims object ``c``, and where each comes from."""
-
-    conditions: dict[str, list[str]]
-    placements: list[RulePlacement]
-
-    def add(self, rule: str, claim: str, *conditions: str, where: str) -> None:
-        self.conditions.setdefault(claim, []).extend(conditions)
-        self.placements.append(RulePlacement(rule, where))
-
-
-def _tdx_rules(t: TdxRules) -> _Rules:
-    out = _Rules({}, [])
-    both = "attestation policy default_cpu (ear.status) and resource policy"
-    out.add("tdx.mrtd", "hardware", f"c.quote.body.mr_td in {_set(v.hex() for v in t.mrtd)}",
-            where=f"{both}: tdx.quote.body.mr_td")  # fmt: skip
-    for i, values in enumerate(t.rtmr):
-        if values is not None:
-            allowed = _set(v.hex() for v in values)
-            out.add(f"tdx.rtmr{i}", "executables", f"c.quote.body.rtmr_{i} in {allowed}",
-                    where=f"{both}: tdx.quote.body.rtmr_{i}")  # fmt: skip
-    out.add("tdx.tcb_status", "hardware", f"c.tcb_status in {_set(t.tcb_status)}",
-            where=f"{both}: tdx.tcb_status (DCAP)")  # fmt: skip
-    if t.require_collateral:
-        out.add("tdx.collateral", "hardware", 'c.collateral_expiration_status == "0"',
-                where=f"{both}: tdx.collateral_expiration_status")  # fmt: skip
-    else:
-        out.placements.append(
-            RulePlacement("tdx.collateral", "not required (Trustee always uses collateral)")
-        )
-    out.add("tdx.debug", "configuration", "c.td_attributes.debug == false",
-            where=f"{both}: tdx.td_attributes.debug")  # fmt: skip
-    if not t.allow_migratable:
-        nibble = f"substring(c.quote.body.td_attributes, {_MIGRATABLE_CHAR}, 1)"
-        out.add("tdx.migratable", "configuration", f"{nibble} in {_set(_NOT_MIGRATABLE_NIBBLES)}",
-                where=f"{both}: bit 29 of tdx.quote.body.td_attributes")  # fmt: skip
-    else:
-        out.placements.append(RulePlacement("tdx.migratable", "allowed: nothing to enforce"))
-    if t.require_sept_ve_disable:
-        out.add("tdx.sept_ve_disable", "configuration", "c.td_attributes.septve_disable == true",
-                where=f"{both}: tdx.td_attributes.septve_disable")  # fmt: skip
-    else:
-        out.placements.append(RulePlacement("tdx.sept_ve_disable", "not required: nothing to enforce"))
-    if t.ppid is not None:
-        out.add("tdx.ppid", "hardware", f"c.platform_provider_id in {_set(v.hex() for v in t.ppid)}",
-                where=f"{both}: tdx.platform_provider_id (the PCK PPID)")  # fmt: skip
-    return out
-
-
-def _snp_rules(s: SnpRules) -> _Rules:
-    out = _Rules({}, [])
-    both = "attestation policy default_cpu (ear.status) and resource policy"
-    if "fmc" in s.min_tcb:
-        raise ExportRefused(
-            "snp.min_tcb",
-            "Trustee's SNP claims carry no FMC SPL (reported_tcb_bootloader, _tee, _snp and _microcode "
-            "only; deps/verifier/src/snp/mod.rs parse_tee_evidence), so the fmc floor cannot be "
-            "enforced: remove fmc from min_tcb, or release with kbs-dev",
-        )
-    if s.vmpl != 0:
-        raise ExportRefused(
-            "snp.vmpl",
-            f"Trustee's SNP verifier refuses every report not from VMPL 0, so vmpl = {s.vmpl} would "
-            "never be released to",
-        )
-    out.add("snp.measurement", "executables", f"c.measurement in {_set(v.hex() for v in s.measurement)}",
-            where=f"{both}: snp.measurement")  # fmt: skip
-    out.add("snp.min_tcb", "hardware",
-            *(f"c.reported_tcb_{k} >= {v}" for k, v in s.min_tcb.items()),
-            where=f"{both}: snp.reported_tcb_*")  # fmt: skip
-    out.add("snp.debug", "configuration", "c.policy_debug_allowed == false",
-            where=f"{both}: snp.policy_debug_allowed")  # fmt: skip
-    if not s.allow_migration:
-        out.add("snp.migration", "configuration", "c.policy_migrate_ma == false",
-                where=f"{both}: snp.policy_migrate_ma")  # fmt: skip
-    else:
-        out.placements.append(RulePlacement("snp.migration", "allowed: nothing to enforce"))
-    if not s.allow_smt:
-        out.add("snp.smt", "configuration", "c.policy_smt_allowed == false",
-                where=f"{both}: snp.policy_smt_allowed")  # fmt: skip
-    else:
-        out.placements.append(RulePlacement("snp.smt", "allowed: nothing to enforce"))
-    out.placements.append(RulePlacement("snp.vmpl", "Trustee's SNP verifier (refuses VMPL != 0)"))
-    if s.chip_id is not None:
-        out.add("snp.chip_id", "hardware", f"c.chip_id in {_set(v.hex() for v in s.chip_id)}",
-                where=f"{both}: snp.chip_id")  # fmt: skip
-    return out
-
-
-def _gpu_rules(g: GpuRules) -> _Rules:
-    out = _Rules({}, [])
-    both = "attestation policy default_gpu (ear.status) and resource policy, every gpuN"
-    # The local verifier only verifies Hopper; its claims: arch, uuid, measurements, config.
-    if g.arch is not None:
-        out.add("gpu.arch", "hardware", f"upper(c.arch) in {_set(g.arch)}", where=f"{both}: nvidia.arch")
-    if g.driver is not None:
-        out.add("gpu.driver", "configuration", f"c.config.driver_version in {_set(g.driver)}",
-                where=f"{both}: nvidia.config.driver_version")  # fmt: skip
-    if g.vbios is not None:
-        out.add("gpu.vbios", "configuration", f"lower(c.config.vbios_version) in {_set(g.vbios)}",
-                where=f"{both}: nvidia.config.vbios_version")  # fmt: skip
-    out.add("gpu.affirming", "hardware", "c.arch", where=f"{both}: ear.status == affirming")
-    return out
-
-
-def _functions(prefix: str, rules: _Rules) -> list[str]:
+def _functions(prefix: str, rules: TrusteeRules) -> list[str]:
     lines: list[str] = []
     for claim in ("executables", "hardware", "configuration"):
         body = rules.conditions.get(claim) or ["true"]
@@ -233,7 +93,7 @@ def _functions(prefix: str, rules: _Rules) -> list[str]:
     return lines
 
 
-def _attestation_policy(tee: str, prefix: str, rules: _Rules) -> list[str]:
+def _attestation_policy(tee: str, prefix: str, rules: TrusteeRules) -> list[str]:
     lines = []
     for claim in ("executables", "hardware", "configuration"):
         lines += [
@@ -366,7 +226,7 @@ def export_policy(policy: WorkloadPolicy, documents: Sequence[InitData]) -> Trus
         ExportRefused: a rule Trustee cannot enforce, or an init-data the policy does not allow
             (:func:`check_init_data`).
     """
-    if policy.insecure_development or "sample" in policy.tees:
+    if policy.insecure_development or insecure_names() & set(policy.tees):
         raise ExportRefused(
             "tee", "an insecure_development policy (sample TEE) cannot be exported for Trustee"
         )
@@ -396,7 +256,7 @@ def export_policy(policy: WorkloadPolicy, documents: Sequence[InitData]) -> Trus
         "",
         "allow if {",
         '\tdata.plugin == "resource"',
-        f'\tdata["resource-path"] in {_set(paths)}',
+        f'\tdata["resource-path"] in {rego_set(paths)}',
         '\tcpu["ear.status"] == "affirming"',
         "\tcpu_ok",
         "\tinit_data_ok",
@@ -409,19 +269,25 @@ def export_policy(policy: WorkloadPolicy, documents: Sequence[InitData]) -> Trus
     cpu_as: list[str] = []
     functions: list[str] = []
     allowed_init = policy.workload.init_data or ()
-    sections: list[tuple[str, TeeKind, _Rules]] = []
-    if policy.tdx is not None:
-        sections.append(("tdx", TeeKind.TDX, _tdx_rules(policy.tdx)))
-    if policy.snp is not None:
-        sections.append(("snp", TeeKind.SNP, _snp_rules(policy.snp)))
-    for tee, kind, rules in sections:
+    primaries: list[tuple[TeeKind, TrusteeRules]] = []
+    devices: list[TrusteeRules] = []
+    for b, section in policy_sections():
+        rules = policy.rules(section.table)
+        if rules is None:
+            continue
+        if b.device:
+            devices.append(section.trustee(rules))
+        else:
+            primaries.append((b.kind, section.trustee(rules)))
+    for kind, rules in primaries:
+        tee = rules.claims_key
         placements += rules.placements
-        functions += _functions(tee, rules)
-        cpu_as += _attestation_policy(tee, tee, rules)
+        functions += _functions(rules.prefix, rules)
+        cpu_as += _attestation_policy(tee, rules.prefix, rules)
         resource += [
             "cpu_ok if {",
             f"\tc := ae.{tee}",
-            *(f"\t{tee}_{claim}(c)" for claim in ("executables", "hardware", "configuration")),
+            *(f"\t{rules.prefix}_{claim}(c)" for claim in ("executables", "hardware", "configuration")),
             "}",
             "",
         ]
@@ -429,39 +295,42 @@ def export_policy(policy: WorkloadPolicy, documents: Sequence[InitData]) -> Trus
         resource += [
             "init_data_ok if {",
             f"\tae.{tee}",
-            f"\tae.init_data in {_set(registers)}",
+            f"\tae.init_data in {rego_set(registers)}",
             f'\tae.init_data_claims["{ENCLAVE_SERVE_ENTRY}"] in allowed_declarations',
             "}",
             "",
         ]
     resource += ["allowed_declarations := {", *(f"\t{json.dumps(d)}," for d in declarations), "}", ""]
     attestation["default_cpu"] = _as_head("default_cpu") + "\n".join(cpu_as + functions)
-    gpu = policy.gpu
-    if gpu is None or gpu.count == 0:
+    if len(devices) > 1:
+        raise ExportRefused(
+            "gpu", "the policy gives more than one device section; Trustee's gpuN submodules hold one kind"
+        )
+    device = next((d for d in devices if d.count > 0), None)
+    if device is None:
         placements.append(RulePlacement("gpu", "resource policy: no submodule but cpu0"))
         resource += ["gpus_ok if {", "\tcount(input.submods) == 1", "}", ""]
     else:
-        rules = _gpu_rules(gpu)
         placements.append(
             RulePlacement("gpu.count", "resource policy: exactly count gpuN submodules, nothing else")
         )
-        placements += rules.placements
-        gpu_functions = _functions("gpu", rules)
+        placements += device.placements
+        gpu_functions = _functions(device.prefix, device)
         attestation["default_gpu"] = _as_head("default_gpu") + "\n".join(
-            _attestation_policy("nvidia", "gpu", rules) + gpu_functions
+            _attestation_policy(device.claims_key, device.prefix, device) + gpu_functions
         )
         resource += [
             "gpus_ok if {",
-            f"\tcount(gpu_submods) == {gpu.count}",
-            f"\tcount(input.submods) == {gpu.count + 1}",
+            f"\tcount(gpu_submods) == {device.count}",
+            f"\tcount(input.submods) == {device.count + 1}",
             "\tevery k in gpu_submods {",
             '\t\tinput.submods[k]["ear.status"] == "affirming"',
-            '\t\tgpu_ok(input.submods[k]["ear.veraison.annotated-evidence"].nvidia)',
+            f'\t\t{device.prefix}_ok(input.submods[k]["ear.veraison.annotated-evidence"].{device.claims_key})',
             "\t}",
             "}",
             "",
-            "gpu_ok(c) if {",
-            *(f"\tgpu_{claim}(c)" for claim in ("executables", "hardware", "configuration")),
+            f"{device.prefix}_ok(c) if {{",
+            *(f"\t{device.prefix}_{claim}(c)" for claim in ("executables", "hardware", "configuration")),
             "}",
             "",
             *gpu_functions,

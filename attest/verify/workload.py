@@ -34,12 +34,42 @@ from typing import Any
 
 from attest.evidence import TeeKind
 from attest.initdata import register_for_digest
-from attest.tee import BACKENDS, TCB_STATUS_UNKNOWN, NvidiaClaims, SampleClaims, SnpClaims, TdxClaims
+from attest.tee import (
+    BACKENDS,
+    SNP_POLICY_DEBUG,
+    SNP_POLICY_MIGRATE_MA,
+    SNP_POLICY_SMT,
+    TDX_ATTR_DEBUG,
+    TDX_ATTR_MIGRATABLE,
+    TDX_ATTR_SEPT_VE_DISABLE,
+    GpuRules,
+    PolicySection,
+    SnpRules,
+    TdxRules,
+    TeeBackend,
+)
+from attest.tee.policyparts import (
+    REQUIRED,
+    PolicyFileError,
+    check_bool,
+    check_strings,
+    known,
+    listed,
+    set_field,
+    toml_list,
+    toml_list_text,
+)
 from attest.tee.result import VerificationResult
-from foundation.errors import ConfigError, PolicyViolation
+from foundation.errors import PolicyViolation
 
 __all__ = [
     "POLICY_VERSION",
+    "SNP_POLICY_DEBUG",
+    "SNP_POLICY_MIGRATE_MA",
+    "SNP_POLICY_SMT",
+    "TDX_ATTR_DEBUG",
+    "TDX_ATTR_MIGRATABLE",
+    "TDX_ATTR_SEPT_VE_DISABLE",
     "GpuRules",
     "PolicyFileError",
     "RuleOutcome",
@@ -49,29 +79,30 @@ __all__ = [
     "WorkloadPolicy",
     "WorkloadRules",
     "init_data_register_of",
+    "policy_sections",
 ]
 
 #: The policy file format this build reads and writes.
 POLICY_VERSION = 1
 
-# TDX module ABI, TDINFO.ATTRIBUTES (Intel TDX Module Base Spec, "TD Attributes").
-TDX_ATTR_DEBUG = 1 << 0
-TDX_ATTR_SEPT_VE_DISABLE = 1 << 28
-TDX_ATTR_MIGRATABLE = 1 << 29
-# SEV-SNP ABI spec, Table 9 "Guest Policy Structure".
-SNP_POLICY_SMT = 1 << 16
-SNP_POLICY_MIGRATE_MA = 1 << 18
-SNP_POLICY_DEBUG = 1 << 19
-
-_TEES = {b.name for b in BACKENDS.values() if not b.device}
-_TCB_STATUSES = {
-    "UpToDate", "SWHardeningNeeded", "ConfigurationNeeded", "ConfigurationAndSWHardeningNeeded",
-    "OutOfDate", "OutOfDateConfigurationNeeded", TCB_STATUS_UNKNOWN,
-}  # fmt: skip
+# The sections of the registry's TEEs that a WorkloadPolicy also takes as keyword arguments
+# (``WorkloadPolicy(tdx=TdxRules(...))``) and fields; any other section is in ``sections``.
+# ``TdxRules``, ``SnpRules``, ``GpuRules`` and the attribute bits above are re-exported from their
+# folders (``attest/tee/<tee>/policy.py``) for the code that imports them from here.
+_NAMED_SECTIONS = ("tdx", "snp", "gpu")
 
 
-class PolicyFileError(ConfigError, ValueError):
-    """Not a valid, complete policy (a file or a policy built in Python); ``str()`` says what to fix."""
+def policy_sections() -> list[tuple[TeeBackend, PolicySection]]:
+    """Return every backend with a workload-policy section, and its section, in registry order."""
+    return [(b, b.policy) for b in BACKENDS.values() if b.policy is not None]
+
+
+def _primary_names() -> list[str]:
+    return [b.name for b in BACKENDS.values() if not b.device]
+
+
+def _insecure_names() -> set[str]:
+    return {b.name for b in BACKENDS.values() if b.insecure}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -113,65 +144,15 @@ class WorkloadFacts:
 
 # -- one set of rules for a policy file and a policy built in Python ---------------------------
 #
-# Every rule lives in a constructor (``__post_init__`` of the classes below, and
-# :func:`_check_policy` for the rules across sections). The TOML parsers only turn TOML values
-# into Python values (hex into bytes, ``"alg:hex"`` into ``(alg, digest)``) and refuse what has no
-# Python value; so ``WorkloadPolicy.from_toml(text)`` and ``WorkloadPolicy(...)`` refuse the same
-# policies, with the same :class:`PolicyFileError` and message.
+# Every rule lives in a constructor (``__post_init__`` of the classes below and of each TEE's
+# section in its folder, and :func:`_check_policy` for the rules across sections). The TOML
+# parsers only turn TOML values into Python values (hex into bytes, ``"alg:hex"`` into
+# ``(alg, digest)``) and refuse what has no Python value; so ``WorkloadPolicy.from_toml(text)``
+# and ``WorkloadPolicy(...)`` refuse the same policies, with the same :class:`PolicyFileError`
+# and message.
 
-_REQUIRED = "is required (a partial policy refuses everything)"
 #: Digest sizes of the init-data algorithms (``trustee:kbs/docs/initdata.md``).
 _INIT_DIGEST_SIZES = {"sha256": 32, "sha384": 48, "sha512": 64}
-
-
-def _set(obj: object, name: str, value: object) -> None:
-    # Store the checked (normalised) value of a field of a frozen dataclass in __post_init__.
-    object.__setattr__(obj, name, value)
-
-
-def _listed(value: object, where: str, key: str, what: str) -> tuple[Any, ...]:
-    if not isinstance(value, tuple | list) or not value:
-        raise PolicyFileError(f"[{where}] {key} must be a non-empty list of {what}")
-    return tuple(value)
-
-
-def _check_strings(value: object, where: str, key: str, *, required: bool) -> tuple[str, ...] | None:
-    if value is None:
-        if required:
-            raise PolicyFileError(f"[{where}] {key} {_REQUIRED}")
-        return None
-    values = _listed(value, where, key, "strings")
-    if not all(isinstance(v, str) and v for v in values):
-        raise PolicyFileError(f"[{where}] {key} must be a non-empty list of strings")
-    return values
-
-
-def _check_bytes(
-    value: object, where: str, key: str, size: int, *, required: bool
-) -> tuple[bytes, ...] | None:
-    if value is None:
-        if required:
-            raise PolicyFileError(f"[{where}] {key} {_REQUIRED}")
-        return None
-    values = _listed(value, where, key, f"{size}-byte values")
-    for v in values:
-        if not isinstance(v, bytes):
-            raise PolicyFileError(f"[{where}] {key}: {v!r} is not bytes (a policy file gives it in hex)")
-        if len(v) != size:
-            raise PolicyFileError(f"[{where}] {key}: {v.hex()!r} is {len(v)} bytes, expected {size}")
-    return values
-
-
-def _check_bool(value: object, where: str, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyFileError(f"[{where}] {key} must be true or false")
-    return value
-
-
-def _check_int(value: object, where: str, key: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise PolicyFileError(f"[{where}] {key} must be a non-negative integer")
-    return value
 
 
 def _check_init_digest(pin: object) -> tuple[str, bytes]:
@@ -211,13 +192,14 @@ def _check_init_digest(pin: object) -> tuple[str, bytes]:
 
 
 def _check_tees(tees: object, insecure_development: object) -> tuple[str, ...]:
-    allowed = _check_strings(tees, "tee", "allowed", required=True)
+    allowed = check_strings(tees, "tee", "allowed", required=True)
     assert allowed is not None
-    bad = sorted(set(allowed) - _TEES)
+    names = _primary_names()
+    bad = sorted(set(allowed) - set(names))
     if bad:
-        raise PolicyFileError(f"[tee] allowed: unknown TEE(s) {', '.join(bad)} (tdx, snp, sample)")
-    insecure = _check_bool(insecure_development, "(top level)", "insecure_development")
-    if "sample" in allowed and not insecure:
+        raise PolicyFileError(f"[tee] allowed: unknown TEE(s) {', '.join(bad)} ({', '.join(names)})")
+    insecure = check_bool(insecure_development, "(top level)", "insecure_development")
+    if set(allowed) & _insecure_names() and not insecure:
         raise PolicyFileError(
             "[tee] allows the sample TEE, which proves nothing: add insecure_development = true "
             "(development only)"
@@ -229,48 +211,30 @@ def _check_policy(
     tees: object,
     insecure_development: object,
     init_data: object,
-    sections: Mapping[str, bool],
+    given: Iterable[str],
 ) -> tuple[str, ...]:
-    """Check the rules across sections; ``sections`` says whether ``[tdx]``/``[snp]`` are given."""
+    """Check the rules across sections; ``given`` names the section tables the policy gives."""
     allowed = _check_tees(tees, insecure_development)
-    if set(allowed) - {"sample"} and init_data is None:
+    if set(allowed) - _insecure_names() and init_data is None:
         # A hardware TEE without an init-data pin runs whatever container the host chose.
-        raise PolicyFileError(f"[workload] init_data {_REQUIRED}")
-    for name, given in sections.items():
-        if name in allowed and not given:
-            raise PolicyFileError(f"[tee] allows {name} but the policy has no [{name}] rules")
-        if given and name not in allowed:
-            raise PolicyFileError(f"[{name}] is given but [tee] allowed does not include {name}")
+        raise PolicyFileError(f"[workload] init_data {REQUIRED}")
+    given = set(given)
+    for b, section in policy_sections():
+        if b.device:
+            continue
+        name, table = b.name, section.table
+        if name in allowed and table not in given:
+            raise PolicyFileError(f"[tee] allows {name} but the policy has no [{table}] rules")
+        if table in given and name not in allowed:
+            raise PolicyFileError(f"[{table}] is given but [tee] allowed does not include {name}")
     return allowed
 
 
 # -- TOML values to Python values (no rules here) ----------------------------------------------
 
 
-def _toml_value(obj: Mapping[str, Any], key: str) -> Any:
-    return obj.get(key)  # None when not given: the constructor says it is required
-
-
-def _toml_list(obj: Mapping[str, Any], key: str) -> Any:
-    value = obj.get(key)
-    return [value] if isinstance(value, str) else value  # a single string is a list of one
-
-
-def _toml_hexes(obj: Mapping[str, Any], key: str, where: str) -> Any:
-    value = _toml_list(obj, key)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return value  # None (not given), or not a list: the constructor says what is wrong
-    out = []
-    for v in value:
-        try:
-            out.append(bytes.fromhex(v))
-        except ValueError:
-            raise PolicyFileError(f"[{where}] {key}: {v!r} is not hex") from None
-    return out
-
-
 def _toml_init_data(obj: Mapping[str, Any]) -> Any:
-    value = _toml_list(obj, "init_data")
+    value = toml_list(obj, "init_data")
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return value
     out = []
@@ -288,11 +252,6 @@ def _toml_init_data(obj: Mapping[str, Any]) -> Any:
     return out
 
 
-def _toml_given(obj: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
-    # Keys with a default: passed only when the file gives them.
-    return {k: _toml_list(obj, k) for k in keys if k in obj}
-
-
 def _table(obj: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     value = obj.get(key)
     if value is None:
@@ -302,144 +261,11 @@ def _table(obj: Mapping[str, Any], key: str) -> dict[str, Any] | None:
     return value
 
 
-def _known(obj: Mapping[str, Any], where: str, keys: Iterable[str]) -> None:
-    unknown = sorted(set(obj) - set(keys))
-    if unknown:
-        raise PolicyFileError(f"[{where}] has unknown key(s) {', '.join(unknown)} (typo?)")
-
-
 def _digest(value: str, where: str, key: str) -> str:
     prefix, _, hexpart = value.partition(":")
     if prefix != "sha256" or len(hexpart) != 64 or hexpart.strip("0123456789abcdef"):
         raise PolicyFileError(f"[{where}] {key}: {value!r} must be sha256:<64 lowercase hex>")
     return value
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TdxRules:
-    """``[tdx]``: launch measurements, TCB and TD attributes (checked when constructed)."""
-
-    mrtd: tuple[bytes, ...]
-    rtmr: tuple[tuple[bytes, ...] | None, ...]  # rtmr0..rtmr3, None = not pinned
-    tcb_status: tuple[str, ...] = ("UpToDate",)
-    require_collateral: bool = True
-    allow_migratable: bool = False
-    require_sept_ve_disable: bool = True
-    ppid: tuple[bytes, ...] | None = None
-
-    KEYS = ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3", "tcb_status", "require_collateral",
-            "allow_migratable", "require_sept_ve_disable", "ppid")  # fmt: skip
-
-    def __post_init__(self) -> None:
-        """Check every ``[tdx]`` rule. Raises PolicyFileError."""
-        statuses = _check_strings(self.tcb_status, "tdx", "tcb_status", required=True)
-        assert statuses is not None
-        bad = sorted(set(statuses) - _TCB_STATUSES)
-        if bad:
-            raise PolicyFileError(f"[tdx] tcb_status: unknown status(es) {', '.join(bad)}")
-        _set(self, "tcb_status", statuses)
-        _set(self, "mrtd", _check_bytes(self.mrtd, "tdx", "mrtd", 48, required=True))
-        if not isinstance(self.rtmr, tuple | list) or len(self.rtmr) != 4:
-            raise PolicyFileError("[tdx] rtmr must hold rtmr0, rtmr1, rtmr2 and rtmr3 (None: not pinned)")
-        rtmr = tuple(_check_bytes(v, "tdx", f"rtmr{i}", 48, required=i < 3) for i, v in enumerate(self.rtmr))
-        _set(self, "rtmr", rtmr)
-        for key in ("require_collateral", "allow_migratable", "require_sept_ve_disable"):
-            _check_bool(getattr(self, key), "tdx", key)
-        _set(self, "ppid", _check_bytes(self.ppid, "tdx", "ppid", 16, required=False))
-
-    @classmethod
-    def parse(cls, obj: Mapping[str, Any]) -> TdxRules:
-        """Parse ``[tdx]``. Raises PolicyFileError."""
-        _known(obj, "tdx", cls.KEYS)
-        return cls(
-            mrtd=_toml_hexes(obj, "mrtd", "tdx"),
-            rtmr=tuple(_toml_hexes(obj, f"rtmr{i}", "tdx") for i in range(4)),
-            ppid=_toml_hexes(obj, "ppid", "tdx"),
-            **_toml_given(
-                obj, ("tcb_status", "require_collateral", "allow_migratable", "require_sept_ve_disable")
-            ),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SnpRules:
-    """``[snp]``: launch measurement, TCB floor, guest policy and VMPL (checked when constructed)."""
-
-    measurement: tuple[bytes, ...]
-    min_tcb: Mapping[str, int]
-    vmpl: int = 0
-    allow_migration: bool = False
-    allow_smt: bool = True
-    chip_id: tuple[bytes, ...] | None = None
-
-    KEYS = ("measurement", "min_tcb", "vmpl", "allow_migration", "allow_smt", "chip_id")
-    TCB_KEYS = ("bootloader", "tee", "snp", "microcode", "fmc")
-
-    def __post_init__(self) -> None:
-        """Check every ``[snp]`` rule. Raises PolicyFileError."""
-        _set(self, "measurement", _check_bytes(self.measurement, "snp", "measurement", 48, required=True))
-        tcb = self.min_tcb
-        if not isinstance(tcb, Mapping):
-            raise PolicyFileError(
-                "[snp] min_tcb is required, e.g. {bootloader = 10, tee = 0, snp = 23, microcode = 213}"
-            )
-        _known(tcb, "snp.min_tcb", self.TCB_KEYS)
-        if not {"bootloader", "tee", "snp", "microcode"} <= set(tcb):
-            raise PolicyFileError("[snp] min_tcb needs bootloader, tee, snp and microcode")
-        _set(self, "min_tcb", {k: _check_int(v, "snp.min_tcb", k) for k, v in tcb.items()})
-        _check_int(self.vmpl, "snp", "vmpl")
-        for key in ("allow_migration", "allow_smt"):
-            _check_bool(getattr(self, key), "snp", key)
-        _set(self, "chip_id", _check_bytes(self.chip_id, "snp", "chip_id", 64, required=False))
-
-    @classmethod
-    def parse(cls, obj: Mapping[str, Any]) -> SnpRules:
-        """Parse ``[snp]``. Raises PolicyFileError."""
-        _known(obj, "snp", cls.KEYS)
-        return cls(
-            measurement=_toml_hexes(obj, "measurement", "snp"),
-            min_tcb=_toml_value(obj, "min_tcb"),
-            chip_id=_toml_hexes(obj, "chip_id", "snp"),
-            **_toml_given(obj, ("vmpl", "allow_migration", "allow_smt")),
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GpuRules:
-    """``[gpu]``: how many GPUs, which architecture and firmware (checked when constructed)."""
-
-    count: int
-    arch: tuple[str, ...] | None = None
-    driver: tuple[str, ...] | None = None
-    vbios: tuple[str, ...] | None = None
-
-    KEYS = ("count", "arch", "driver", "vbios")
-
-    def __post_init__(self) -> None:
-        """Check every ``[gpu]`` rule (architectures upper case, VBIOS versions lower case).
-
-        Raises PolicyFileError.
-        """
-        if self.count is None:
-            raise PolicyFileError("[gpu] count is required (the number of GPUs the enclave must attest)")
-        count = _check_int(self.count, "gpu", "count")
-        arch = _check_strings(self.arch, "gpu", "arch", required=False)
-        driver = _check_strings(self.driver, "gpu", "driver", required=count > 0)
-        vbios = _check_strings(self.vbios, "gpu", "vbios", required=count > 0)
-        _set(self, "arch", None if arch is None else tuple(a.upper() for a in arch))
-        _set(self, "driver", driver)
-        _set(self, "vbios", None if vbios is None else tuple(v.lower() for v in vbios))
-
-    @classmethod
-    def parse(cls, obj: Mapping[str, Any]) -> GpuRules:
-        """Parse ``[gpu]``. Raises PolicyFileError."""
-        _known(obj, "gpu", cls.KEYS)
-        return cls(
-            count=_toml_value(obj, "count"),
-            arch=_toml_list(obj, "arch"),
-            driver=_toml_list(obj, "driver"),
-            vbios=_toml_list(obj, "vbios"),
-        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -463,38 +289,34 @@ class WorkloadRules:
 
         Raises PolicyFileError.
         """
-        model = _check_strings(self.model, "workload", "model", required=True)
-        config = _check_strings(self.config, "workload", "config", required=True)
+        model = check_strings(self.model, "workload", "model", required=True)
+        config = check_strings(self.config, "workload", "config", required=True)
         assert model is not None and config is not None
-        _set(self, "model", tuple(_digest(m, "workload", "model") for m in model))
-        _set(
+        set_field(self, "model", tuple(_digest(m, "workload", "model") for m in model))
+        set_field(
             self,
             "config",
             tuple(_digest(c if ":" in c else "sha256:" + c, "workload", "config") for c in config),
         )
         if self.init_data is not None:
-            pins = _listed(self.init_data, "workload", "init_data", "digests")
-            _set(self, "init_data", tuple(_check_init_digest(p) for p in pins))
-        _set(
+            pins = listed(self.init_data, "workload", "init_data", "digests")
+            set_field(self, "init_data", tuple(_check_init_digest(p) for p in pins))
+        set_field(
             self,
             "runtime_version",
-            _check_strings(self.runtime_version, "workload", "runtime_version", required=False),
+            check_strings(self.runtime_version, "workload", "runtime_version", required=False),
         )
 
     @classmethod
     def parse(cls, obj: Mapping[str, Any]) -> WorkloadRules:
         """Parse ``[workload]``. Raises PolicyFileError."""
-        _known(obj, "workload", cls.KEYS)
+        known(obj, "workload", cls.KEYS)
         return cls(
-            model=_toml_list(obj, "model"),
-            config=_toml_list(obj, "config"),
+            model=toml_list(obj, "model"),
+            config=toml_list(obj, "config"),
             init_data=_toml_init_data(obj),
-            runtime_version=_toml_list(obj, "runtime_version"),
+            runtime_version=toml_list(obj, "runtime_version"),
         )
-
-
-def _hex_in(value: bytes, allowed: Sequence[bytes]) -> bool:
-    return any(value == a for a in allowed)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -504,6 +326,11 @@ class WorkloadPolicy:
     Built either way it passes the same checks (an unknown TEE, a missing section, a missing
     ``init_data`` for TDX/SNP, an empty list, a value of the wrong size, a zero init-data pin all
     raise :class:`PolicyFileError` with the same message).
+
+    Each TEE section is its TEE's (:attr:`attest.tee.base.TeeBackend.policy`): parsed, applied,
+    explained and written by it; :meth:`rules` returns one by its table. ``tdx``, ``snp`` and
+    ``gpu`` hold those sections; ``sections`` holds any other by its table (given there, a
+    ``tdx``/``snp``/``gpu`` entry moves to its field).
     """
 
     tees: tuple[str, ...]
@@ -513,24 +340,44 @@ class WorkloadPolicy:
     gpu: GpuRules | None = None
     insecure_development: bool = False
     source: str = field(default="", compare=False)
+    sections: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check the rules across sections (each section checked itself). Raises PolicyFileError."""
-        for name, value, kind in (
-            ("workload", self.workload, WorkloadRules),
-            ("tdx", self.tdx, TdxRules),
-            ("snp", self.snp, SnpRules),
-            ("gpu", self.gpu, GpuRules),
-        ):
-            if not isinstance(value, kind) and (value is not None or name == "workload"):
-                raise PolicyFileError(f"[{name}] must be {kind.__name__}, not {type(value).__name__}")
-        tees = _check_policy(
-            self.tees,
-            self.insecure_development,
-            self.workload.init_data,
-            {"tdx": self.tdx is not None, "snp": self.snp is not None},
-        )
-        _set(self, "tees", tees)
+        if not isinstance(self.workload, WorkloadRules):
+            raise PolicyFileError(f"[workload] must be WorkloadRules, not {type(self.workload).__name__}")
+        if not isinstance(self.sections, Mapping):
+            raise PolicyFileError(f"sections must be a mapping, not {type(self.sections).__name__}")
+        extra = dict(self.sections)
+        for name in _NAMED_SECTIONS:
+            if name in extra:
+                value = extra.pop(name)
+                if getattr(self, name) not in (None, value):
+                    raise PolicyFileError(f"[{name}] is given twice (as {name}= and in sections)")
+                set_field(self, name, value)
+        given = {n: v for n in _NAMED_SECTIONS if (v := getattr(self, n)) is not None} | extra
+        known_sections = {section.table: section for _b, section in policy_sections()}
+        unknown = sorted(set(given) - set(known_sections))
+        if unknown:
+            raise PolicyFileError(
+                f"unknown section(s) {', '.join(f'[{u}]' for u in unknown)} "
+                f"(known: {', '.join(f'[{t}]' for t in known_sections)})"
+            )
+        for table, value in given.items():
+            kind = known_sections[table].rules_type
+            if not isinstance(value, kind):
+                raise PolicyFileError(f"[{table}] must be {kind.__name__}, not {type(value).__name__}")
+        set_field(self, "sections", {t: extra[t] for t in known_sections if t in extra})
+        ordered = [t for t in known_sections if t in given]
+        tees = _check_policy(self.tees, self.insecure_development, self.workload.init_data, ordered)
+        set_field(self, "tees", tees)
+
+    def rules(self, table: str) -> object | None:
+        """Return the rules of the section ``table`` (``"tdx"``), or None when not given."""
+        if table in _NAMED_SECTIONS:
+            value: object | None = getattr(self, table)
+            return value
+        return self.sections.get(table)
 
     # -- parsing ---------------------------------------------------------------------------
 
@@ -548,37 +395,35 @@ class WorkloadPolicy:
             raise PolicyFileError(f"the policy is not TOML: {exc}") from None
         if not obj:
             raise PolicyFileError("the policy is empty; an empty policy accepts nothing")
-        _known(
-            obj, "(top level)", ("version", "insecure_development", "tee", "workload", "tdx", "snp", "gpu")
+        sections = policy_sections()
+        known(
+            obj,
+            "(top level)",
+            ("version", "insecure_development", "tee", "workload", *(s.table for _b, s in sections)),
         )
         if obj.get("version") != POLICY_VERSION:
             raise PolicyFileError(f"version must be {POLICY_VERSION} (got {obj.get('version')!r})")
         tee = _table(obj, "tee")
         if tee is None:
             raise PolicyFileError("[tee] allowed is required: which TEEs may run the workload")
-        _known(tee, "tee", ("allowed",))
-        tees = _toml_list(tee, "allowed")
+        known(tee, "tee", ("allowed",))
+        tees = toml_list(tee, "allowed")
         insecure = obj.get("insecure_development", False)
         _check_tees(tees, insecure)  # first: which TEEs decides what else is required
         workload = _table(obj, "workload")
         if workload is None:
             raise PolicyFileError("[workload] is required: model and config pin the software")
         workload_rules = WorkloadRules.parse(workload)
-        tables = {name: _table(obj, name) for name in ("tdx", "snp", "gpu")}
+        tables = {s.table: _table(obj, s.table) for _b, s in sections}
         # Before parsing the sections: a section for a TEE not allowed is a mistake, whatever it says.
         _check_policy(
-            tees,
-            insecure,
-            workload_rules.init_data,
-            {name: tables[name] is not None for name in ("tdx", "snp")},
+            tees, insecure, workload_rules.init_data, [t for t, v in tables.items() if v is not None]
         )
-        tdx, snp, gpu = tables["tdx"], tables["snp"], tables["gpu"]
+        parsed = {s.table: s.parse(v) for _b, s in sections if (v := tables[s.table]) is not None}
         return cls(
             tees=tees,
             workload=workload_rules,
-            tdx=None if tdx is None else TdxRules.parse(tdx),
-            snp=None if snp is None else SnpRules.parse(snp),
-            gpu=None if gpu is None else GpuRules.parse(gpu),
+            sections=parsed,
             insecure_development=insecure,
             source=source,
         )
@@ -595,7 +440,12 @@ class WorkloadPolicy:
     # -- applying --------------------------------------------------------------------------
 
     def evaluate(self, facts: WorkloadFacts) -> list[RuleOutcome]:
-        """Apply every rule to ``facts`` and return each outcome, in order."""
+        """Apply every rule to ``facts`` and return each outcome, in order.
+
+        The order: ``tee``; the primary TEE's section (its backend's, on its verified claims);
+        ``workload.init_data``; every device section (on every device's claims, given or not);
+        ``workload.model``, ``workload.config`` and ``workload.runtime_version``.
+        """
         out: list[RuleOutcome] = []
 
         def rule(name: str, check: Callable[[], str]) -> None:
@@ -604,14 +454,17 @@ class WorkloadPolicy:
             except PolicyViolation as exc:
                 out.append(RuleOutcome(rule=name, ok=False, detail=str(exc)))
 
+        allow_insecure = self.insecure_development and facts.allow_insecure
         rule("tee", lambda: self._check_tee(facts))
-        claims = facts.primary.claims
-        if isinstance(claims, TdxClaims) and self.tdx is not None:
-            self._tdx_rules(rule, claims, self.tdx)
-        elif isinstance(claims, SnpClaims) and self.snp is not None:
-            self._snp_rules(rule, claims, self.snp)
+        primary = BACKENDS[facts.primary.tee].policy
+        if primary is not None and (rules := self.rules(primary.table)) is not None:
+            primary.evaluate(rule, rules, (facts.primary,), allow_insecure=allow_insecure)
         rule("workload.init_data", lambda: self._check_init_data(facts))
-        rule("gpu", lambda: self._check_gpus(facts))
+        for b, section in policy_sections():
+            if b.device:
+                section.evaluate(
+                    rule, self.rules(section.table), facts.devices, allow_insecure=allow_insecure
+                )
         w = self.workload
         rule("workload.model", lambda: _one_of("model", facts.model_digest, w.model))
         rule("workload.config", lambda: _one_of("configuration", _config(facts.config_sha256), w.config))
@@ -652,101 +505,6 @@ class WorkloadPolicy:
             return f"{tee} (INSECURE: development only, allowed by the policy and the flag)"
         return f"{tee} is allowed"
 
-    def _tdx_rules(self, rule: Callable[[str, Callable[[], str]], None], c: TdxClaims, r: TdxRules) -> None:
-        attributes = int.from_bytes(c.td_attributes, "little")
-        rule("tdx.mrtd", lambda: _register("MRTD", c.mrtd, r.mrtd))
-        for i, allowed in enumerate(r.rtmr):
-            if allowed is not None:
-                rule(f"tdx.rtmr{i}", lambda i=i, allowed=allowed: _register(f"RTMR{i}", c.rtmrs[i], allowed))  # type: ignore[misc]
-
-        def tcb() -> str:
-            if c.tcb_status not in r.tcb_status:
-                hint = (
-                    " (no DCAP collateral was given, so the TCB was not checked)"
-                    if c.tcb_status == TCB_STATUS_UNKNOWN
-                    else ""
-                )
-                raise PolicyViolation(
-                    f"TCB status {c.tcb_status} is not allowed (allowed: {', '.join(r.tcb_status)}){hint}"
-                )
-            advisories = f", advisories {', '.join(c.advisory_ids)}" if c.advisory_ids else ""
-            return f"TCB status {c.tcb_status}{advisories}"
-
-        def collateral() -> str:
-            if r.require_collateral and c.tcb_status == TCB_STATUS_UNKNOWN:
-                raise PolicyViolation(
-                    "DCAP collateral is required (revocation and TCB level are unchecked without it); "
-                    "pass --collateral tdx=FILE or set require_collateral = false"
-                )
-            return (
-                "TCB verified with DCAP collateral" if c.tcb_status != TCB_STATUS_UNKNOWN else "not required"
-            )
-
-        rule("tdx.tcb_status", tcb)
-        rule("tdx.collateral", collateral)
-        rule(
-            "tdx.debug",
-            lambda: _flag_off("the TD is debuggable (ATTRIBUTES.DEBUG)", attributes & TDX_ATTR_DEBUG),
-        )
-
-        def migratable() -> str:
-            if attributes & TDX_ATTR_MIGRATABLE and not r.allow_migratable:
-                raise PolicyViolation(
-                    "the TD is migratable (ATTRIBUTES.MIGRATABLE); set allow_migratable = true to accept"
-                )
-            return "not migratable" if not attributes & TDX_ATTR_MIGRATABLE else "migratable (allowed)"
-
-        def sept() -> str:
-            if r.require_sept_ve_disable and not attributes & TDX_ATTR_SEPT_VE_DISABLE:
-                raise PolicyViolation(
-                    "the TD does not set ATTRIBUTES.SEPT_VE_DISABLE (EPT-violation #VE can be injected)"
-                )
-            return "SEPT_VE_DISABLE set" if attributes & TDX_ATTR_SEPT_VE_DISABLE else "not required"
-
-        rule("tdx.migratable", migratable)
-        rule("tdx.sept_ve_disable", sept)
-        if r.ppid is not None:
-            ppid = r.ppid
-            rule("tdx.ppid", lambda: _machine("PPID", c.ppid, ppid))
-
-    def _snp_rules(self, rule: Callable[[str, Callable[[], str]], None], c: SnpClaims, r: SnpRules) -> None:
-        rule("snp.measurement", lambda: _register("MEASUREMENT", c.measurement, r.measurement))
-
-        def tcb() -> str:
-            low = []
-            for name, floor in r.min_tcb.items():
-                value = getattr(c.reported_tcb, name)
-                if value is None or value < floor:
-                    low.append(f"{name} {value} < {floor}")
-            if low:
-                raise PolicyViolation(f"reported TCB below the floor: {', '.join(low)}")
-            return "reported TCB " + ", ".join(f"{k} {getattr(c.reported_tcb, k)}" for k in r.min_tcb)
-
-        rule("snp.min_tcb", tcb)
-        rule("snp.debug", lambda: _flag_off("the guest policy allows debugging", c.policy & SNP_POLICY_DEBUG))
-
-        def migration() -> str:
-            if c.policy & SNP_POLICY_MIGRATE_MA and not r.allow_migration:
-                raise PolicyViolation("the guest policy allows a migration agent (MIGRATE_MA)")
-            return "no migration agent"
-
-        def smt() -> str:
-            if c.policy & SNP_POLICY_SMT and not r.allow_smt:
-                raise PolicyViolation("the guest policy allows SMT")
-            return "SMT " + ("allowed" if c.policy & SNP_POLICY_SMT else "off")
-
-        def vmpl() -> str:
-            if c.vmpl != r.vmpl:
-                raise PolicyViolation(f"the report comes from VMPL {c.vmpl}, not {r.vmpl}")
-            return f"VMPL {c.vmpl}"
-
-        rule("snp.migration", migration)
-        rule("snp.smt", smt)
-        rule("snp.vmpl", vmpl)
-        if r.chip_id is not None:
-            chip = r.chip_id
-            rule("snp.chip_id", lambda: _machine("CHIP_ID", c.chip_id, chip))
-
     def _check_init_data(self, facts: WorkloadFacts) -> str:
         allowed = self.workload.init_data
         if allowed is None:
@@ -761,37 +519,6 @@ class WorkloadPolicy:
         raise PolicyViolation(
             f"{_register_name(tee)} {register.hex()} is not the digest of an allowed init-data"
         )
-
-    def _check_gpus(self, facts: WorkloadFacts) -> str:
-        gpus = [g for d in facts.devices if isinstance(d.claims, NvidiaClaims) for g in d.claims.gpus]
-        samples = [d for d in facts.devices if isinstance(d.claims, SampleClaims)]
-        r = self.gpu
-        if r is None:
-            if gpus or samples:
-                found = len(gpus) + len(samples)
-                raise PolicyViolation(
-                    f"the enclave attests {found} device(s) but the policy has no [gpu] rules"
-                )
-            return "no GPUs, none expected"
-        if samples and not (self.insecure_development and facts.allow_insecure):
-            raise PolicyViolation("sample device evidence proves nothing (insecure_development and the flag)")
-        if len(gpus) + len(samples) != r.count:
-            raise PolicyViolation(
-                f"the enclave attests {len(gpus) + len(samples)} GPU(s), the policy expects {r.count}"
-            )
-        for gpu in gpus:
-            if r.arch is not None and gpu.arch.upper() not in r.arch:
-                raise PolicyViolation(f"GPU {gpu.uuid} is {gpu.arch}, not one of {', '.join(r.arch)}")
-            if r.driver is not None and gpu.driver_version not in r.driver:
-                raise PolicyViolation(
-                    f"GPU {gpu.uuid} runs driver {gpu.driver_version}, not one of {', '.join(r.driver)}"
-                )
-            if r.vbios is not None and (gpu.vbios_version or "").lower() not in r.vbios:
-                raise PolicyViolation(
-                    f"GPU {gpu.uuid} has VBIOS {gpu.vbios_version}, not one of {', '.join(r.vbios)}"
-                )
-        versions = sorted({f"{g.arch} driver {g.driver_version} VBIOS {g.vbios_version}" for g in gpus})
-        return f"{r.count} GPU(s)" + (f": {'; '.join(versions)}" if versions else " (sample devices)")
 
     # -- presenting ------------------------------------------------------------------------
 
@@ -809,37 +536,8 @@ class WorkloadPolicy:
             lines.append("init-data: one of " + ", ".join(f"{a}:{d.hex()}" for a, d in w.init_data))
         if w.runtime_version is not None:
             lines.append(f"runtime version: one of {', '.join(w.runtime_version)}")
-        if self.tdx is not None:
-            t = self.tdx
-            lines.append(f"TDX MRTD: one of {len(t.mrtd)} value(s); RTMRs pinned: "
-                         + ", ".join(f"rtmr{i}" for i, v in enumerate(t.rtmr) if v is not None))  # fmt: skip
-            lines.append(f"TDX TCB status: {', '.join(t.tcb_status)}; collateral "
-                         + ("required" if t.require_collateral else "optional"))  # fmt: skip
-            migration = "migratable allowed" if t.allow_migratable else "not migratable"
-            sept = "required" if t.require_sept_ve_disable else "optional"
-            lines.append(f"TDX attributes: not debuggable; {migration}; SEPT_VE_DISABLE {sept}")
-            if t.ppid is not None:
-                lines.append(f"TDX machines (PPID): {len(t.ppid)} allowed")
-        if self.snp is not None:
-            s = self.snp
-            lines.append(f"SNP MEASUREMENT: one of {len(s.measurement)} value(s)")
-            lines.append("SNP minimum reported TCB: " + ", ".join(f"{k} {v}" for k, v in s.min_tcb.items()))
-            agent = "migration agent allowed" if s.allow_migration else "no migration agent"
-            lines.append(f"SNP guest: not debuggable; VMPL {s.vmpl}; {agent}")
-            if s.chip_id is not None:
-                lines.append(f"SNP machines (CHIP_ID): {len(s.chip_id)} allowed")
-        if self.gpu is None:
-            lines.append("GPUs: none")
-        else:
-            g = self.gpu
-            parts = [f"{g.count} GPU(s)"]
-            if g.arch:
-                parts.append(f"architecture {', '.join(g.arch)}")
-            if g.driver:
-                parts.append(f"driver {', '.join(g.driver)}")
-            if g.vbios:
-                parts.append(f"VBIOS {', '.join(g.vbios)}")
-            lines.append("GPUs: " + "; ".join(parts))
+        for _b, section in policy_sections():
+            lines += section.explain(self.rules(section.table))
         return lines
 
     def to_toml(self) -> str:
@@ -847,44 +545,18 @@ class WorkloadPolicy:
         out = [f"version = {POLICY_VERSION}"]
         if self.insecure_development:
             out.append("insecure_development = true  # DEVELOPMENT ONLY: the sample TEE proves nothing")
-        out += ["", "[tee]", f"allowed = {_list(self.tees)}", "", "[workload]"]
+        out += ["", "[tee]", f"allowed = {toml_list_text(self.tees)}", "", "[workload]"]
         w = self.workload
-        out.append(f"model = {_list(w.model)}")
-        out.append(f"config = {_list(w.config)}")
+        out.append(f"model = {toml_list_text(w.model)}")
+        out.append(f"config = {toml_list_text(w.config)}")
         if w.init_data is not None:
-            out.append(f"init_data = {_list(f'{a}:{d.hex()}' for a, d in w.init_data)}")
+            out.append(f"init_data = {toml_list_text(f'{a}:{d.hex()}' for a, d in w.init_data)}")
         if w.runtime_version is not None:
-            out.append(f"runtime_version = {_list(w.runtime_version)}")
-        if self.tdx is not None:
-            t = self.tdx
-            out += ["", "[tdx]", f"mrtd = {_list(v.hex() for v in t.mrtd)}"]
-            out += [
-                f"rtmr{i} = {_list(v.hex() for v in vals)}"
-                for i, vals in enumerate(t.rtmr)
-                if vals is not None
-            ]
-            out.append(f"tcb_status = {_list(t.tcb_status)}")
-            out.append(f"require_collateral = {_bool_text(t.require_collateral)}")
-            out.append(f"allow_migratable = {_bool_text(t.allow_migratable)}")
-            out.append(f"require_sept_ve_disable = {_bool_text(t.require_sept_ve_disable)}")
-            if t.ppid is not None:
-                out.append(f"ppid = {_list(v.hex() for v in t.ppid)}")
-        if self.snp is not None:
-            s = self.snp
-            out += ["", "[snp]", f"measurement = {_list(v.hex() for v in s.measurement)}"]
-            out.append("min_tcb = { " + ", ".join(f"{k} = {v}" for k, v in s.min_tcb.items()) + " }")
-            out.append(f"vmpl = {s.vmpl}")
-            out.append(f"allow_migration = {_bool_text(s.allow_migration)}")
-            out.append(f"allow_smt = {_bool_text(s.allow_smt)}")
-            if s.chip_id is not None:
-                out.append(f"chip_id = {_list(v.hex() for v in s.chip_id)}")
-        if self.gpu is not None:
-            g = self.gpu
-            out += ["", "[gpu]", f"count = {g.count}"]
-            for key in ("arch", "driver", "vbios"):
-                value = getattr(g, key)
-                if value is not None:
-                    out.append(f"{key} = {_list(value)}")
+            out.append(f"runtime_version = {toml_list_text(w.runtime_version)}")
+        for _b, section in policy_sections():
+            rules = self.rules(section.table)
+            if rules is not None:
+                out += ["", *section.to_toml(rules)]
         return "\n".join(out) + "\n"
 
 
@@ -892,16 +564,6 @@ def init_data_register_of(result: VerificationResult) -> bytes | None:
     """Return the init-data register of verified primary evidence (MRCONFIGID, HOST_DATA)."""
     register = BACKENDS[result.tee].init_data
     return None if register is None else register.of_claims(result.claims)
-
-
-def _list(values: Iterable[str]) -> str:
-    import json
-
-    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
-
-
-def _bool_text(value: bool) -> str:
-    return "true" if value else "false"
 
 
 def _config(value: str | None) -> str | None:
@@ -914,25 +576,6 @@ def _one_of(what: str, value: str | None, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise PolicyViolation(f"the {what} is {value}, not one the policy allows")
     return value
-
-
-def _register(name: str, value: bytes, allowed: Sequence[bytes]) -> str:
-    if not _hex_in(value, allowed):
-        raise PolicyViolation(f"{name} {value.hex()} is not one of the {len(allowed)} allowed value(s)")
-    return f"{name} {value.hex()[:16]}… matches"
-
-
-def _machine(name: str, value: bytes | None, allowed: Sequence[bytes]) -> str:
-    if value is None or not _hex_in(value, allowed):
-        shown = "unknown" if value is None else value.hex()
-        raise PolicyViolation(f"{name} {shown} is not an allowed machine")
-    return f"{name} {value.hex()[:16]}… is allowed"
-
-
-def _flag_off(problem: str, bit: int) -> str:
-    if bit:
-        raise PolicyViolation(problem)
-    return "off"
 
 
 def _register_name(tee: TeeKind) -> str:

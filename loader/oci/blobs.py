@@ -29,6 +29,7 @@ import os
 import re
 import socket
 import ssl
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
@@ -203,6 +204,11 @@ class BlobStore(Protocol):
         """Return a stream of a blob, checked at its end."""
         ...
 
+    def read_range(self, digest: str, offset: int, out: memoryview, label: str) -> None:
+        """Fill ``out`` with the blob's bytes at ``offset``, **unchecked** (the caller checks them:
+        :mod:`loader.oci.index`). Thread-safe. Raises :class:`ModelFormatError` (short, refused)."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -226,6 +232,8 @@ class LayoutStore:
                 log_detail=str(root),
             )
         self.root = root
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _file(self, digest: str) -> Any:
         path = self.root / "blobs" / "sha256" / _hex(digest)
@@ -255,8 +263,24 @@ class LayoutStore:
     def open_blob(self, digest: str, size: int, label: str) -> VerifiedReader:
         return self._reader(digest, size, label)
 
+    def read_range(self, digest: str, offset: int, out: memoryview, label: str) -> None:
+        with self._lock:
+            fd = self._fds.get(digest)
+            if fd is None:
+                with self._file(digest) as f:
+                    fd = self._fds[digest] = os.dup(f.fileno())
+        got = 0
+        while got < len(out):
+            n = os.preadv(fd, [out[got:]], offset + got)
+            if n <= 0:
+                raise ModelFormatError(f"{label} is truncated (a short read)")
+            got += n
+
     def close(self) -> None:
-        return None
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 def _size(store: LayoutStore, digest: str) -> int:
@@ -593,7 +617,14 @@ class RegistryStore:
         _hex(digest)  # nothing but sha256:<hex> goes into the path
         return httpx.URL(f"{self.base}/{kind}/{digest}")
 
-    def _send(self, url: httpx.URL, *, accept: str | None = None, credentials: bool = True) -> httpx.Response:
+    def _send(
+        self,
+        url: httpx.URL,
+        *,
+        accept: str | None = None,
+        credentials: bool = True,
+        byte_range: tuple[int, int] | None = None,
+    ) -> httpx.Response:
         """GET ``url``, following redirects under the rules above; return the last answer, streamed.
 
         Raises:
@@ -601,6 +632,8 @@ class RegistryStore:
         """
         for _ in range(MAX_REDIRECTS + 1):
             headers = {"Accept": accept} if accept else {}
+            if byte_range is not None:
+                headers["Range"] = f"bytes={byte_range[0]}-{byte_range[0] + byte_range[1] - 1}"
             if credentials and self._token is not None and _origin(url) == self._origin:
                 headers["Authorization"] = f"Bearer {self._token}"
             try:
@@ -651,21 +684,28 @@ class RegistryStore:
         logger.warning("refused the redirect from %s to %s: %s", _loggable(current), where, why)
         raise ModelFormatError(_REFUSED)
 
-    def _get(self, url: httpx.URL, what: str, *, accept: str | None = None) -> httpx.Response:
+    def _get(
+        self,
+        url: httpx.URL,
+        what: str,
+        *,
+        accept: str | None = None,
+        byte_range: tuple[int, int] | None = None,
+    ) -> httpx.Response:
         """GET ``url`` (a bearer challenge answered once); return the 200 answer, streamed.
 
         Raises:
             ModelFormatError: any other answer (the status is logged, not said).
         """
-        response = self._send(url, accept=accept)
+        response = self._send(url, accept=accept, byte_range=byte_range)
         if response.status_code == 401:
             try:
                 retry = self._authenticate(response)
             finally:
                 response.close()
             if retry:
-                response = self._send(url, accept=accept)
-        if response.status_code != 200:
+                response = self._send(url, accept=accept, byte_range=byte_range)
+        if response.status_code != (200 if byte_range is None else 206):
             logger.warning("the registry answered %d for %s", response.status_code, _loggable(response.url))
             response.close()
             raise ModelFormatError(f"the registry did not serve {what} (the log has the detail)")
@@ -762,6 +802,35 @@ class RegistryStore:
 
     def open_blob(self, digest: str, size: int, label: str) -> VerifiedReader:
         return VerifiedReader(self._chunks(digest, label), digest=digest, size=size, label=label)
+
+    def read_range(self, digest: str, offset: int, out: memoryview, label: str) -> None:
+        """A ``Range`` request; a registry that ignores it (200) is refused, not read whole."""
+        want = f"bytes {offset}-{offset + len(out) - 1}/"
+        response = self._get(self._url("blobs", digest), label, byte_range=(offset, len(out)))
+        try:
+            if response.status_code != 206 or not response.headers.get("Content-Range", "").startswith(want):
+                logger.warning(
+                    "the registry answered %d (%r) to a range request for %s",
+                    response.status_code, response.headers.get("Content-Range"), label,
+                )  # fmt: skip
+                raise ModelFormatError(
+                    f"the registry does not serve byte ranges of {label} (the log has the detail)"
+                )
+            got = 0
+            for chunk in response.iter_raw(_READ):
+                if got + len(chunk) > len(out):
+                    raise ModelFormatError(f"the registry sent more of {label} than asked")
+                out[got : got + len(chunk)] = chunk
+                got += len(chunk)
+            if got != len(out):
+                raise ModelFormatError(f"the registry's range of {label} is short")
+        except httpx.HTTPError as exc:
+            logger.warning("a range of %s broke off: %s", label, type(exc).__name__)
+            raise ModelFormatError(
+                f"the registry's stream of {label} broke off (the log has the detail)"
+            ) from None
+        finally:
+            response.close()
 
     def close(self) -> None:
         self._client.close()

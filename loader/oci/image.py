@@ -28,7 +28,6 @@ __all__ = [
     "LABEL_LAYERS",
     "OCI_CONFIG",
     "OCI_MANIFEST",
-    "VIEW_MARKER",
     "OciImage",
     "OciLayer",
     "json_object",
@@ -48,8 +47,6 @@ ENC_PUBOPTS = "org.opencontainers.image.enc.pubopts"
 LABEL_LAYERS = "dev.enclave-serve.layers"
 #: Config label with the packer's canary reference (:mod:`loader.canary`), as JSON.
 LABEL_CANARY = "dev.enclave-serve.canary"
-#: The file in the guest-private model view that tells the loader which image to load.
-VIEW_MARKER = "enclave-serve-image.json"
 _MAX_LAYERS = 4096
 
 

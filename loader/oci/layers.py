@@ -39,6 +39,7 @@ from loader.format import MAX_SAFETENSORS_HEADER, parse_safetensors_header
 from loader.oci.blobs import BlobStore
 from loader.oci.image import OciImage, OciLayer
 from loader.oci.ocicrypt import DecryptingReader, LayerKey, unwrap_layer_key
+from loader.oci.tar import BLOCK, member_name, member_size, parse_header, pax_records
 from loader.source import TORCH_DTYPES
 from loader.stats import StatsRecorder
 
@@ -216,7 +217,7 @@ def _open(store: BlobStore, layer: OciLayer, key: LayerKey | None) -> _OpenLayer
     return _OpenLayer(blob=blob, decrypted=decrypted, stream=_decompressed(decrypted, layer))
 
 
-_BLOCK = 512
+_BLOCK = BLOCK
 
 
 def _read_full(source: Any, view: memoryview) -> int:
@@ -227,16 +228,6 @@ def _read_full(source: Any, view: memoryview) -> int:
             break
         got += k
     return got
-
-
-def _octal(field: bytes, what: str, label: str) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for large values
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text or b"0", 8)
-    except ValueError:
-        raise ModelFormatError(f"{label}: a tar header has a malformed {what}") from None
 
 
 @dataclass(slots=True)
@@ -313,69 +304,23 @@ class _TarReader:
             got = _read_full(self.source, memoryview(header))
             if got == 0:
                 return  # no end-of-archive blocks: accepted, the layer checks still run
-            if got != _BLOCK:
-                raise ModelFormatError(f"{self.label}: the tar stream is truncated")
-            if not any(header):
+            parsed = parse_header(bytes(header[:got]), self.label)
+            if parsed is None:
                 return  # end of archive (the rest is read by the layer's checks)
-            raw = bytes(header)
-            checksum = _octal(raw[148:156], "checksum", self.label)
-            if checksum != sum(raw[:148]) + 8 * 32 + sum(raw[156:]):
-                raise ModelFormatError(f"{self.label}: a tar header fails its checksum (not a tar stream?)")
-            kind = raw[156:157]
-            size = _octal(raw[124:136], "size", self.label)
-            name = raw[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
-            if raw[257:262] == b"ustar":
-                prefix = raw[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
-                if prefix:
-                    name = f"{prefix}/{name}"
-            if kind == b"x":  # pax extended header for the next member
-                pax = _pax_records(self._data(size), self.label)
+            if parsed.kind == b"x":  # pax extended header for the next member
+                pax = pax_records(self._data(parsed.size), self.label)
                 continue
-            if kind == b"g":  # pax global header
-                self._data(size)
+            if parsed.kind == b"L":  # GNU long name for the next member
+                long_name = self._data(parsed.size).split(b"\0", 1)[0].decode("utf-8", "replace")
                 continue
-            if kind == b"L":  # GNU long name for the next member
-                long_name = self._data(size).split(b"\0", 1)[0].decode("utf-8", "replace")
+            if parsed.extension:  # a pax global header or a GNU long link name
+                self._data(parsed.size)
                 continue
-            if kind == b"K":  # GNU long link name
-                self._data(size)
-                continue
-            if long_name is not None:
-                name, long_name = long_name, None
-            if "path" in pax:
-                name = pax["path"]
-            if "size" in pax:
-                try:
-                    size = int(pax["size"])
-                except ValueError:
-                    raise ModelFormatError(f"{self.label}: a pax size is malformed") from None
-            pax = {}
-            if kind in (b"1", b"2", b"3", b"4", b"5", b"6"):
-                size = 0  # links, devices, directories, fifos carry no data
-            while name.startswith("./"):
-                name = name[2:]
-            member = _Member(name.lstrip("/"), size, kind, self, size)
+            name = member_name(parsed, pax, long_name)
+            size = member_size(parsed, pax, self.label)
+            pax, long_name = {}, None
+            member = _Member(name, size, parsed.kind, self, size)
             yield member
-
-
-def _pax_records(data: bytes, label: str) -> dict[str, str]:
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise ModelFormatError(f"{label}: a pax header is malformed") from None
-        if length <= 0:
-            raise ModelFormatError(f"{label}: a pax header is malformed")
-        record = data[space + 1 : pos + length - 1]
-        key, _, value = record.partition(b"=")
-        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
-    return records
 
 
 def _members(stream: Any, layer: OciLayer) -> Iterator[_Member]:

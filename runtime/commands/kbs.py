@@ -13,12 +13,16 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attest.tee.select import device_choices, primary_choices
 from foundation.errors import ConfigError
 from foundation.secret import SecretBytes
 
-__all__ = ["add_parser", "run"]
+if TYPE_CHECKING:  # the key sources import the KBS client (jwcrypto), absent from a client-only install
+    from attest.keysource.registry import KeySourceSpec
+
+__all__ = ["add_parser", "fetch_spec", "run"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -129,8 +133,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def fetch_spec(args: argparse.Namespace) -> KeySourceSpec:
+    """The key source ``kbs fetch``'s flags name: the one the boot builds from the same settings
+    (:func:`runtime.boot.key_source_spec`), by the same factory (:func:`attest.keysource.key_source_for`)."""
+    from attest.keysource.registry import KeySourceSpec
+
+    return KeySourceSpec.kbs(
+        args.url,
+        cacert=args.cacert,
+        tee_key="rsa" if args.tee_key == "rsa" else "ec",
+        token_transport="bearer" if args.bearer else "cookie",
+        deadline_s=args.deadline,
+    )
+
+
 def _fetch(args: argparse.Namespace) -> int:
-    from attest.keysource import KbsKeySource
+    from attest.keysource import key_source_for
     from attest.tee.select import detect_devices, select_attester
     from foundation.resource import ResourceUri
 
@@ -140,15 +158,7 @@ def _fetch(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from exc
     attester = select_attester(args.tee, allow_insecure=args.allow_insecure_sample_tee)
     devices = detect_devices(gpus=args.gpus, allow_insecure=args.allow_insecure_sample_tee)
-    source = KbsKeySource(
-        url=args.url,
-        attester=attester,
-        devices=devices,
-        cacert=args.cacert,
-        tee_key=args.tee_key,
-        deadline_s=args.deadline,
-        token_transport="bearer" if args.bearer else "cookie",
-    )
+    source = key_source_for(fetch_spec(args), attester=attester, devices=devices)
     try:
         release = source.fetch(resource)
     finally:

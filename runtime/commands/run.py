@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.seams import BootSeams
 
 __all__ = ["add_parser", "run"]
 
@@ -45,7 +49,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, seams: BootSeams | None = None) -> int:
+    """Boot and serve (or, with ``--print-config``, print the configuration and exit).
+
+    ``seams``: the attester and key-source factories (None: production's; the end-to-end suite's
+    runtime double passes its own).
+    """
     from runtime.boot import RunRequest, run_blocking
     from runtime.settings import given_settings
 
@@ -62,4 +71,4 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(f"config sha256:{configuration.sha256}", file=sys.stderr)
         return 0
-    return run_blocking(request)
+    return run_blocking(request, seams=seams)

@@ -30,7 +30,7 @@ from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.runconfig import RunConfiguration
 from attest.tee.sample.attester import UnsafeSampleAttester
 from attest.verify.workload import WorkloadPolicy
-from server.attestation import AttestationService
+from server.attestation import AttestationService, AttestedWorkload
 from server.tls import generate_enclave_tls
 from tests.attest.support import workload_pins
 
@@ -86,9 +86,11 @@ class ReplicaServer:
 
     def _app(self) -> Starlette:
         service = AttestationService(
+            AttestedWorkload(
+                model_digest=MODEL, config=self.config, tls_spki_sha256=self.tls.spki_sha256,
+                init_data=INIT.digest_text, runtime_version="0.1.0",
+            ),
             attester=UnsafeSampleAttester(allow_insecure=True, init_data=INIT.register(TeeKind.SAMPLE)),
-            devices=[], model_digest=MODEL, config=self.config, tls_spki_sha256=self.tls.spki_sha256,
-            init_data=INIT.digest_text, key_release=None, runtime={"name": "enclave-serve", "version": "0.1.0"},
         )  # fmt: skip
 
         def note(request: Request, what: str) -> None:

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from attest.tee.nvidia.attester import GpuGateError, NvidiaAttester
+from attest.tee.nvidia.attester import NvidiaAttester
+from attest.tee.nvidia.gate import GpuGateError
+from attest.tee.nvidia.gate import gate as nvidia_gate
 from attest.tee.nvidia.pci import nvidia_pci_devices
 from attest.tee.select import detect_devices, nvidia_gpus_present
 from attest.verify import NvidiaClaims, VerificationResult, verify_device_evidence
@@ -74,7 +76,9 @@ def _attester(
     nvml: FakeNvml, sysfs: Path, *, nonce: bytes | None = HOPPER_NONCE, **kwargs: object
 ) -> NvidiaAttester:
     hooks: dict[str, object] = {"nonce": (lambda n: nonce)} if nonce is not None else {}
-    return NvidiaAttester(nvml=nvml, clock=lambda: NOW, pci_root=sysfs, **hooks, **kwargs)  # type: ignore[arg-type]
+    attester = NvidiaAttester(nvml=nvml, clock=lambda: NOW, pci_root=sysfs, **hooks, **kwargs)  # type: ignore[arg-type]
+    attester.attach_gate(nvidia_gate)  # what detect_devices attaches (the descriptor's gate)
+    return attester
 
 
 # -- collection --------------------------------------------------------------------------------

@@ -61,3 +61,23 @@ def test_collateral_needs_tee_equals_file_with_a_tee_that_takes_collateral(text:
 def test_one_tee_given_two_collateral_files_is_refused() -> None:
     with pytest.raises(ConfigError, match="two collateral files"):
         collateral_files([(TeeKind.TDX, Path("a.json"))], {TeeKind.TDX: Path("b.json")})
+
+
+def test_detect_devices_attaches_each_backends_gate_and_gate_device_runs_it() -> None:
+    from attest.tee.select import detect_devices, gate_device
+
+    (device,) = detect_devices(gpus="sample", allow_insecure=True)
+    assert device.tee is TeeKind.SAMPLE_DEVICE
+    assert device._attached_gate is BACKENDS[TeeKind.SAMPLE_DEVICE].gate
+    assert gate_device(device).devices == 1
+    assert device.recheck().devices == 1
+    assert all((b.gate is not None) == b.device for b in BACKENDS.values())
+
+
+def test_detect_devices_offers_the_registrys_device_kinds() -> None:
+    from attest.tee.select import detect_devices
+
+    with pytest.raises(ConfigError, match="choose auto, none, nvidia or sample"):
+        detect_devices(gpus="tpu")
+    with pytest.raises(ConfigError, match="insecure"):
+        detect_devices(gpus="sample")

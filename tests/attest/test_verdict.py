@@ -13,7 +13,7 @@ from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData
 from attest.runconfig import RunConfiguration
 from attest.tee.sample.attester import UnsafeSampleAttester
 from attest.verify.workload import WorkloadPolicy
-from server.attestation import AttestationService
+from server.attestation import AttestationService, AttestedWorkload
 from tests.attest.support import workload_pins
 
 NONCE = bytes(range(32))
@@ -27,9 +27,10 @@ def document(
     *, register: bytes | None = INIT.register(TeeKind.SAMPLE), claimed: str | None = INIT.digest_text
 ) -> dict:
     service = AttestationService(
+        AttestedWorkload(
+            model_digest=MODEL, config=CONFIG, tls_spki_sha256=SPKI, init_data=claimed, runtime_version="0.1.0",
+        ),
         attester=UnsafeSampleAttester(allow_insecure=True, init_data=register),
-        devices=[], model_digest=MODEL, config=CONFIG, tls_spki_sha256=SPKI, init_data=claimed,
-        key_release=None, runtime={"name": "enclave-serve", "version": "0.1.0"},
     )  # fmt: skip
     return json.loads(service.document([NONCE]).to_bytes())
 

@@ -15,7 +15,7 @@ from attest.client.remote import VerificationBundle
 from attest.evidence import TeeKind
 from attest.tee.sample.attester import UnsafeSampleAttester
 from runtime.cli import main
-from server.attestation import AttestationService
+from server.attestation import AttestationService, AttestedWorkload
 from tests.attest.test_verdict import CONFIG, INIT, MODEL, NONCE, POLICY, SPKI
 
 YEAR_S = 365 * 86400
@@ -24,9 +24,12 @@ YEAR_S = 365 * 86400
 def save_bundle(path: Path, *, issued_at: float, url: str = "https://enclave.example") -> Path:
     """A bundle as ``verify --save`` writes it, whose document the enclave issued at ``issued_at``."""
     service = AttestationService(
+        AttestedWorkload(
+            model_digest=MODEL, config=CONFIG, tls_spki_sha256=SPKI, init_data=INIT.digest_text,
+            runtime_version="0.1.0",
+        ),
         attester=UnsafeSampleAttester(allow_insecure=True, init_data=INIT.register(TeeKind.SAMPLE)),
-        devices=[], model_digest=MODEL, config=CONFIG, tls_spki_sha256=SPKI, init_data=INIT.digest_text,
-        key_release=None, runtime={"name": "enclave-serve", "version": "0.1.0"}, clock=lambda: issued_at,
+        clock=lambda: issued_at,
     )  # fmt: skip
     bundle = VerificationBundle(
         url=url,

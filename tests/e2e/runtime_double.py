@@ -8,7 +8,8 @@ starts, so the runtime's environment allowlist never sees it):
 * ``corrupt-weight=NAME`` — every worker negates parameter NAME after loading and authenticating
   the weights (the loader's ``test_corrupt_weight`` hook): the canary must fail the boot.
 * ``failing-device-after=N`` — the GPUs are one :class:`FailingDeviceAttesterDouble` (a sample
-  device whose watchdog re-checks pass N times, then report the GPU gone).
+  device whose watchdog re-checks pass N times, then report the GPU gone), handed to the runtime
+  through its device-attester seam (:class:`runtime.seams.BootSeams`).
 
 Nothing here is reachable from the installed ``enclave-serve``: this module lives in ``tests``.
 """
@@ -42,14 +43,20 @@ def main() -> int:
     spec = os.environ.pop("ENCLAVE_SERVE_TEST_DOUBLE", "")
     os.environ.pop("PYTHONPATH", None)
     kind, _, value = spec.partition("=")
+    import functools
+
     import runtime.boot
+    import runtime.commands.run
     from runtime.cli import main as cli_main
+    from runtime.seams import BootSeams
 
     if kind == "corrupt-weight":
         runtime.boot.Runtime.loader_test_hooks = {"test_corrupt_weight": value}
     elif kind == "failing-device-after":
         device = FailingDeviceAttesterDouble(int(value))
-        runtime.boot.detect_devices = lambda **_kw: [device]  # type: ignore[assignment]
+        seams = BootSeams(devices=lambda **_kw: [device])
+        # The run command (registered by the parser cli_main builds) boots with these seams.
+        runtime.commands.run.run = functools.partial(runtime.commands.run.run, seams=seams)  # type: ignore[assignment]
     elif kind:
         raise SystemExit(f"unknown test double {kind!r}")
     return cli_main()

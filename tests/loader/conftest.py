@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 from foundation.secret import SecretBytes
 from loader.format import MIN_CHUNK_SIZE
 from loader.manifest import Manifest
+from loader.oci.packer import pack_oci_layout
 from loader.packer import pack_model
+from tests import oci_support as oci
 
 KEY = SecretBytes(bytes(range(32)))
 OTHER_KEY = SecretBytes(bytes(range(1, 33)))
@@ -152,3 +154,35 @@ def load_all(engine_path: str) -> Callable[..., dict[str, torch.Tensor]]:
         return {name: t.cpu().clone() for name, t in decrypted_tensors(model_dir, manifest, key, **options)}  # type: ignore[arg-type]
 
     return run
+
+
+# -- encrypted OCI images (skopeo), shared by the OCI tests; tests copy them before editing --
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, oci.Recipient]:
+    root = tmp_path_factory.mktemp("keys")
+    return {kind: oci.make_recipient(root, kind) for kind in ("ec", "rsa")}
+
+
+@pytest.fixture(scope="session")
+def plain_layout(source_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("oci") / "plain"
+    pack_oci_layout(source_model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def images(
+    plain_layout: Path, keys: dict[str, oci.Recipient], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, str]]:
+    """The same model encrypted four ways: (layout, manifest digest)."""
+    root = tmp_path_factory.mktemp("enc")
+    out = {}
+    for name, kind, compression in (
+        ("ec", "ec", "none"),
+        ("rsa-gzip", "rsa", "gzip"),
+        ("ec-zstd", "ec", "zstd"),
+    ):
+        out[name] = (root / name, oci.encrypt(plain_layout, root / name, keys[kind], compression=compression))
+    return out

@@ -27,35 +27,6 @@ from tests.loader.conftest import as_bytes
 pytestmark = pytest.mark.skipif(oci.SKOPEO is None, reason="needs skopeo (apt-get install skopeo)")
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, oci.Recipient]:
-    root = tmp_path_factory.mktemp("keys")
-    return {kind: oci.make_recipient(root, kind) for kind in ("ec", "rsa")}
-
-
-@pytest.fixture(scope="module")
-def plain_layout(source_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("oci") / "plain"
-    pack_oci_layout(source_model, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def images(
-    plain_layout: Path, keys: dict[str, oci.Recipient], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, tuple[Path, str]]:
-    """The same model encrypted four ways: (layout, manifest digest)."""
-    root = tmp_path_factory.mktemp("enc")
-    out = {}
-    for name, kind, compression in (
-        ("ec", "ec", "none"),
-        ("rsa-gzip", "rsa", "gzip"),
-        ("ec-zstd", "ec", "zstd"),
-    ):
-        out[name] = (root / name, oci.encrypt(plain_layout, root / name, keys[kind], compression=compression))
-    return out
-
-
 def _copy(images: dict[str, tuple[Path, str]], name: str, tmp_path: Path) -> tuple[Path, str]:
     layout, digest = images[name]
     dst = tmp_path / name

@@ -545,3 +545,16 @@ def test_podman_kube_play_creates_the_sample_variant(sample: Path, tmp_path: Pat
             podman_run("kube", "down", str(out / "deployment.yaml"))
         podman_run("volume", "rm", "-f", f"{name}-initdata", f"{name}-models")
         podman_run("rmi", "-f", tag)
+
+
+def test_the_kata_runtime_classes_are_the_descriptors() -> None:
+    from attest.tee import BACKENDS
+    from runtime.deploy import RUNTIME_CLASSES
+
+    assert {
+        k: b.kata_runtime_class for k, b in BACKENDS.items() if b.kata_runtime_class is not None
+    } == RUNTIME_CLASSES
+    assert RUNTIME_CLASSES == {
+        TeeKind.TDX: "kata-qemu-nvidia-gpu-tdx",
+        TeeKind.SNP: "kata-qemu-nvidia-gpu-snp",
+    }

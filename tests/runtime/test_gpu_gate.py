@@ -17,9 +17,13 @@ from typing import Any
 import pytest
 
 from attest.tee.nvidia.attester import NvidiaAttester
+from attest.tee.nvidia.gate import gate
+from attest.tee.select import detect_devices
 from foundation.errors import KeyRetrievalError
 from runtime import boot
 from runtime.config import RunConfig
+from runtime.record import ConfigResult
+from runtime.seams import BootSeams
 from tests.attest.fake_nvml import FakeGpu, FakeNvml
 from tests.attest.support import HOPPER_NONCE, NOW, vector
 from tests.attest.test_nvidia_provider import fake_sysfs
@@ -40,7 +44,16 @@ def nvml() -> FakeNvml:
     )
 
 
-def _runtime(tmp_path: Path, **overrides: Any) -> boot.Runtime:
+def _prepared() -> Any:
+    prepared = SimpleNamespace(
+        model=SimpleNamespace(digest="sha256:" + "0" * 64),
+        configuration=SimpleNamespace(sha256="1" * 64),
+        init_data=None,
+    )
+    return ConfigResult(prepared=prepared)  # type: ignore[arg-type]
+
+
+def _runtime(tmp_path: Path, seams: BootSeams | None = None, **overrides: Any) -> boot.Runtime:
     config = RunConfig(
         model=str(tmp_path),
         tee="sample",
@@ -51,21 +64,17 @@ def _runtime(tmp_path: Path, **overrides: Any) -> boot.Runtime:
         tls=False,
         **overrides,
     )
-    return boot.Runtime(config)
+    return boot.Runtime(config, seams=seams)
 
 
 def _boot(
-    monkeypatch: pytest.MonkeyPatch, runtime: boot.Runtime, attester: NvidiaAttester
-) -> tuple[int, list[str]]:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, attester: NvidiaAttester, **overrides: Any
+) -> tuple[boot.Runtime, int, list[str]]:
     """Run the boot up to the key stage, which records that it ran and refuses."""
     calls: list[str] = []
-    prepared = SimpleNamespace(
-        model=SimpleNamespace(digest="sha256:" + "0" * 64),
-        configuration=SimpleNamespace(sha256="1" * 64),
-        init_data=None,
-    )
-    monkeypatch.setattr(runtime, "_config_stage", lambda: prepared)
-    monkeypatch.setattr(boot, "detect_devices", lambda **_: [attester])
+    attester.attach_gate(gate)  # what detect_devices attaches (the descriptor's gate)
+    runtime = _runtime(tmp_path, seams=BootSeams(devices=lambda **_: [attester]), **overrides)
+    monkeypatch.setattr(runtime, "_config_stage", _prepared)
 
     def key_stage(*_: object) -> None:
         calls.append("key")
@@ -74,7 +83,7 @@ def _boot(
     monkeypatch.setattr(runtime, "_key_stage", key_stage)
     with socket.socket() as sock:
         code = asyncio.run(runtime._boot_and_serve(sock, None))  # type: ignore[arg-type]
-    return code, calls
+    return runtime, code, calls
 
 
 def test_a_gpu_failing_local_verification_stops_the_boot_at_attest(
@@ -82,8 +91,7 @@ def test_a_gpu_failing_local_verification_stops_the_boot_at_attest(
 ) -> None:
     sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
     attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW)  # random nonce: a replay
-    runtime = _runtime(tmp_path)
-    code, calls = _boot(monkeypatch, runtime, attester)
+    runtime, code, calls = _boot(monkeypatch, tmp_path, attester)
     assert code == boot.EXIT_BOOT_FAILED and calls == []  # no key was ever requested
     ready = runtime.status.readiness()
     assert ready["stage"] == "attest"
@@ -99,8 +107,7 @@ def test_a_gpu_hidden_from_nvml_stops_the_boot_at_attest(
         tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200), ("0000:42:00.0", 0x10DE, 0x030200)
     )
     attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW, nonce=lambda n: HOPPER_NONCE)
-    runtime = _runtime(tmp_path)
-    code, calls = _boot(monkeypatch, runtime, attester)
+    runtime, code, calls = _boot(monkeypatch, tmp_path, attester)
     assert code == boot.EXIT_BOOT_FAILED and calls == []
     ready = runtime.status.readiness()
     assert ready["stage"] == "attest" and "0000:42:00.0" in ready["reason"]
@@ -111,8 +118,7 @@ def test_the_configured_gpu_count_is_enforced(
 ) -> None:
     sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
     attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW, nonce=lambda n: HOPPER_NONCE)
-    runtime = _runtime(tmp_path, expected_gpus=2)
-    code, calls = _boot(monkeypatch, runtime, attester)
+    runtime, code, calls = _boot(monkeypatch, tmp_path, attester, expected_gpus=2)
     assert code == boot.EXIT_BOOT_FAILED and calls == []
     assert "expects 2" in runtime.status.readiness()["reason"]
 
@@ -122,8 +128,7 @@ def test_verified_gpus_pass_the_gate_and_the_boot_goes_on_to_the_key(
 ) -> None:
     sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
     attester = NvidiaAttester(nvml=nvml, pci_root=sysfs, clock=lambda: NOW, nonce=lambda n: HOPPER_NONCE)
-    runtime = _runtime(tmp_path, expected_gpus=1)
-    code, calls = _boot(monkeypatch, runtime, attester)
+    runtime, code, calls = _boot(monkeypatch, tmp_path, attester, expected_gpus=1)
     assert calls == ["key"] and code == boot.EXIT_BOOT_FAILED
     stages = {s["stage"]: s for s in runtime.status.to_json()["stages"]}
     assert "1 nvidia device(s) verified locally" in stages["attest"]["detail"]
@@ -138,21 +143,14 @@ def test_cc_off_gpus_under_the_development_flag_boot_unattested_and_say_so(
     without a GPU attester and the status lists the GPUs as not attested (never a silent pass)."""
     nvml.cc_feature = 0
     sysfs = fake_sysfs(tmp_path / "pci", ("0000:41:00.0", 0x10DE, 0x030200))
-    runtime = _runtime(tmp_path, allow_insecure_gpu_cc_off=True)
-    real_detect = boot.detect_devices
 
     def detect(**kw: Any) -> list[Any]:
-        return real_detect(**kw, pci_root=sysfs, nvml=nvml)
+        return detect_devices(**kw, pci_root=sysfs, nvml=nvml)
 
+    seams = BootSeams(devices=detect, gpus_present=lambda: True)
+    runtime = _runtime(tmp_path, seams=seams, allow_insecure_gpu_cc_off=True)
     calls: list[str] = []
-    prepared = SimpleNamespace(
-        model=SimpleNamespace(digest="sha256:" + "0" * 64),
-        configuration=SimpleNamespace(sha256="1" * 64),
-        init_data=None,
-    )
-    monkeypatch.setattr(runtime, "_config_stage", lambda: prepared)
-    monkeypatch.setattr(boot, "detect_devices", detect)
-    monkeypatch.setattr(boot, "nvidia_gpus_present", lambda: True)
+    monkeypatch.setattr(runtime, "_config_stage", _prepared)
 
     def key_stage(*_: object) -> None:
         calls.append("key")

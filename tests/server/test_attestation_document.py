@@ -9,10 +9,11 @@ import pytest
 
 from attest.binding import document_device_nonce
 from attest.document import AttestationDocument
+from attest.keysource.base import KeyReleaseReceipt
 from attest.runconfig import RunConfiguration
 from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
 from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
-from server.attestation import AttestationService
+from server.attestation import AttestationService, AttestedWorkload
 from tests.attest.support import workload_pins
 
 NONCE = bytes(range(32))
@@ -21,18 +22,36 @@ SPKI = "bb" * 32
 CONFIG = RunConfiguration.from_pins(workload_pins(DIGEST))
 
 
+RECEIPT = KeyReleaseReceipt(
+    kbs_url="http://127.0.0.1:8080",
+    resource="kbs:///r/t/x",
+    protocol_version="0.4.0",
+    tee="sample",
+    devices=("sampledevice",),
+    hash_algorithm="sha384",
+    token_sha256="cc" * 32,
+    tee_pubkey_thumbprint="dd" * 16,
+)
+#: The service's own arguments; every other keyword of :func:`service` is an AttestedWorkload field.
+_SERVICE_ARGS = ("attester", "devices", "clock")
+
+
 def service(**kw: object) -> AttestationService:
-    base: dict[str, object] = {
+    """A sample-TEE service; ``kw`` overrides the service's arguments and the workload's fields."""
+    args: dict[str, object] = {
         "attester": UnsafeSampleAttester(allow_insecure=True),
         "devices": [UnsafeSampleDeviceAttester(allow_insecure=True)],
+    }
+    fields: dict[str, object] = {
         "model_digest": DIGEST,
         "config": CONFIG,
         "tls_spki_sha256": SPKI,
-        "key_release": {"source": "kbs", "resource": "kbs:///r/t/x"},
-        "runtime": {"name": "enclave-serve", "version": "test"},
+        "key_release": RECEIPT,
+        "runtime_version": "test",
     }
-    base.update(kw)
-    return AttestationService(**base)  # type: ignore[arg-type]
+    for name, value in kw.items():
+        (args if name in _SERVICE_ARGS else fields)[name] = value
+    return AttestationService(AttestedWorkload(**fields), **args)  # type: ignore[arg-type]
 
 
 def roundtrip(doc: AttestationDocument) -> AttestationDocument:

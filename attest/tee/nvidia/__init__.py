@@ -2,8 +2,10 @@
 and the NVML attester with its local gate.
 
 Modules: :mod:`~attest.tee.nvidia.report` (pure parser), :mod:`~attest.tee.nvidia.verifier` and
-:mod:`~attest.tee.nvidia.claims` (pure verification), :mod:`~attest.tee.nvidia.attester` (I/O:
-NVML) and :mod:`~attest.tee.nvidia.pci` (I/O: the PCI bus in sysfs). :data:`BACKEND` is what the
+:mod:`~attest.tee.nvidia.claims` (pure verification), :mod:`~attest.tee.nvidia.policy` (the
+``[gpu]`` section of the workload policy), :mod:`~attest.tee.nvidia.attester` (I/O: NVML, no
+verifier), :mod:`~attest.tee.nvidia.gate` (I/O: the local gate, verifying with the verifier) and
+:mod:`~attest.tee.nvidia.pci` (I/O: the PCI bus in sysfs). :data:`BACKEND` is what the
 registry (:mod:`attest.tee`) lists; nothing outside :mod:`attest.tee` imports this folder directly.
 """
 
@@ -15,9 +17,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from attest.evidence import Evidence, TeeKind
-from attest.tee.attester import DeviceAttester
+from attest.tee.attester import DeviceAttester, DeviceGate
 from attest.tee.base import TeeBackend
 from attest.tee.nvidia.claims import NvidiaClaims
+from attest.tee.nvidia.policy import SECTION
 from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence, parse_nvidia_report
 from attest.tee.nvidia.verifier import NvidiaVerifier
 
@@ -28,6 +31,12 @@ def _attester() -> type[DeviceAttester]:
     from attest.tee.nvidia.attester import NvidiaAttester
 
     return NvidiaAttester
+
+
+def _gate(attester: DeviceAttester, **options: Any) -> DeviceGate:
+    from attest.tee.nvidia.gate import gate
+
+    return gate(attester, **options)
 
 
 def _fields(ev: Evidence) -> dict[str, Any]:
@@ -80,4 +89,6 @@ BACKEND = TeeBackend(
     from_raw=_from_raw,
     with_chain=_with_chain,
     attester=_attester,
+    policy=SECTION,
+    gate=_gate,
 )

@@ -12,7 +12,9 @@ and developer-tools mode off. Outside CC mode the driver produces no attestation
 ``--allow-insecure-gpu-cc-off``. ``allow_cc_off=True`` here tolerates developer-tools mode only
 (development). NVLink encryption alone (``multiGpuMode`` NVLE) is not confidential computing.
 
-:meth:`NvidiaAttester.gate` is what the runtime runs before it asks for a key: it counts the
+The attester collects; it verifies nothing and imports no verifier. The local gate
+(:func:`attest.tee.nvidia.gate.gate`, the descriptor's ``gate``) is what the runtime runs on it
+before it asks for a key: it counts the
 NVIDIA GPUs on the PCI bus (sysfs, independent of the driver), refuses when NVML cannot start
 while GPUs are present, checks the CC state, collects every GPU's evidence over a fresh random
 nonce and verifies it locally (chain, signature, nonce, FWID, one entry per device), checks the
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import re
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,15 +38,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from attest.evidence import TeeKind
-from attest.tee.attester import DeviceAttester, DeviceGate
-from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, PciDevice, nvidia_pci_devices
-from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence
-from attest.tee.nvidia.verifier import NvidiaVerifier, expected_gpu_nonce
-from attest.tee.result import result_of
-from attest.tee.verifier import Policy, run_verifier
-from foundation.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
+from attest.tee.attester import DeviceAttester
+from attest.tee.nvidia.pci import SYSFS_PCI_DEVICES, nvidia_pci_devices
+from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence, expected_gpu_nonce
+from foundation.errors import BackendUnavailable, EvidenceCollectionError
 
-__all__ = ["CcState", "GpuGateError", "NvidiaAttester"]
+__all__ = ["CcState", "NvidiaAttester"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,19 +98,6 @@ class CcState:
         }
 
 
-class GpuGateError(VerificationError):
-    """A GPU is not fit to receive the model: CC state, count, or local verification failed."""
-
-
-def _pci_key(address: str) -> str:
-    """Normalise a PCI address (sysfs ``0000:41:00.0``, NVML ``00000000:41:00.0``)."""
-    match = re.fullmatch(r"([0-9a-fA-F]+):([0-9a-fA-F]{2}):([0-9a-fA-F]{2})\.([0-7])", address.strip())
-    if not match:
-        return address.strip().lower()
-    domain, bus, dev, fn = match.groups()
-    return f"{int(domain, 16):04x}:{bus.lower()}:{dev.lower()}.{fn}"
-
-
 def _import_pynvml() -> Any:
     try:
         import pynvml
@@ -135,32 +120,36 @@ class NvidiaAttester(DeviceAttester):
     """
 
     tee: ClassVar[TeeKind] = TeeKind.NVIDIA
+    absent: ClassVar[str] = "no NVIDIA GPU is on the PCI bus or in NVML"
 
     def __init__(
         self,
         *,
         nvml: Any | None = None,
         allow_cc_off: bool = False,
-        policy: Policy | None = None,
+        policy: object | None = None,
         set_ready: bool = True,
         clock: Callable[[], datetime] = _utcnow,
         pci_root: Path = SYSFS_PCI_DEVICES,
         nonce: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
-        """``pci_root``, ``clock`` and ``nonce`` (the gate's random source) are test hooks."""
+        """``policy`` (an :class:`attest.tee.verifier.Policy`), ``set_ready``, ``clock`` and
+        ``nonce`` (its random source) are what the local gate (:mod:`attest.tee.nvidia.gate`)
+        reads; ``pci_root``, ``clock`` and ``nonce`` are test hooks."""
         self._module = nvml
         self._allow_cc_off = allow_cc_off
-        self._policy = policy
-        self._set_ready = set_ready
-        self._clock = clock
-        self._pci_root = pci_root
-        self._nonce = nonce
+        self.policy = policy
+        self.set_ready = set_ready
+        self.clock = clock
+        self.pci_root = pci_root
+        self.nonce = nonce
 
     def _nvml(self) -> Any:
         return self._module if self._module is not None else _import_pynvml()
 
     @contextmanager
-    def _session(self) -> Iterator[Any]:
+    def session(self) -> Iterator[Any]:
+        """Hold an NVML session (init, then shutdown). Raises BackendUnavailable: NVML cannot start."""
         nvml = self._nvml()
         try:
             nvml.nvmlInit()
@@ -186,6 +175,42 @@ class NvidiaAttester(DeviceAttester):
                 module.nvmlShutdown()
         except Exception:
             return False
+
+    @classmethod
+    def present(cls, *, pci_root: Path | None = None, nvml: Any | None = None) -> bool:
+        """Return whether NVIDIA GPUs are here: on the PCI bus (sysfs, whatever the driver says) or
+        seen by NVML. No exception escapes."""
+        try:
+            if any(d.is_gpu for d in nvidia_pci_devices(pci_root or SYSFS_PCI_DEVICES)):
+                return True
+        except Exception:  # detection must not fail the caller
+            pass
+        return cls.detect(nvml=nvml)
+
+    @classmethod
+    def for_machine(
+        cls, *, allow_cc_off: bool = False, pci_root: Path | None = None, nvml: Any | None = None
+    ) -> NvidiaAttester:
+        """Return the attester for this machine's GPUs (``allow_cc_off``: developer-tools mode)."""
+        return cls(allow_cc_off=allow_cc_off, pci_root=pci_root or SYSFS_PCI_DEVICES, nvml=nvml)
+
+    def unattested_reason(self) -> str | None:
+        """Why these GPUs give no evidence and may only run unattested (CC off), or None.
+
+        None too when NVML cannot tell: the gate then decides (fail closed).
+        """
+        from foundation.errors import Error
+
+        try:
+            enabled = self.cc_state().enabled
+        except Error:
+            return None
+        if enabled:
+            return None
+        return (
+            "GPU confidential computing is off: the GPUs are NOT attested and the host can read "
+            "their memory (--allow-insecure-gpu-cc-off)"
+        )
 
     @staticmethod
     def _cc_state(nvml: Any) -> CcState:
@@ -218,7 +243,7 @@ class NvidiaAttester(DeviceAttester):
             BackendUnavailable: NVML is not available.
             EvidenceCollectionError: NVML failed to report the state.
         """
-        with self._session() as nvml:
+        with self.session() as nvml:
             try:
                 return self._cc_state(nvml)
             except nvml.NVMLError as exc:
@@ -233,164 +258,22 @@ class NvidiaAttester(DeviceAttester):
             EvidenceCollectionError: NVML failed for a GPU.
         """
         nonce = expected_gpu_nonce(runtime_data)
-        with self._session() as nvml:
-            state = self._state(nvml)
-            self._check_cc(state)
-            devices, _ = self._collect_devices(nvml, nonce)
+        with self.session() as nvml:
+            state = self.state(nvml)
+            self.check_cc(state)
+            devices, _ = self.collect_devices(nvml, nonce)
         return NvidiaEvidence(devices=devices)
 
     @staticmethod
-    def _state(nvml: Any) -> CcState:
+    def state(nvml: Any) -> CcState:
+        """Return the CC state within a :meth:`session`. Raises EvidenceCollectionError."""
         try:
             return NvidiaAttester._cc_state(nvml)
         except nvml.NVMLError as exc:
             raise EvidenceCollectionError(f"NVML could not report the CC state: {exc}") from exc
 
-    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
-        """The watchdog's round: the gate's checks again; the GPUs must still be ready (never set).
-
-        Raises: as :meth:`gate`, and :class:`GpuGateError` when the GPUs stopped accepting
-        client requests (a driver reload or a GPU reset).
-        """
-        return self._gated(expected_count, recheck=True)
-
-    def gate(self, *, expected_count: int | None = None) -> DeviceGate:
-        """Establish that every GPU is genuine, in CC mode and counted, before any key release.
-
-        See the module docstring for the checks. Sets the GPUs ready afterwards if they are not.
-
-        Raises:
-            GpuGateError: a check failed; the message names the GPU (index, UUID, PCI address).
-            PolicyViolation: the caller's policy refused a GPU's versions.
-            EvidenceCollectionError: NVML failed for a GPU, or setting the ready state failed.
-        """
-        return self._gated(expected_count, recheck=False)
-
-    def _gated(self, expected_count: int | None, *, recheck: bool) -> DeviceGate:
-        pci = nvidia_pci_devices(self._pci_root)
-        pci_gpus = [d for d in pci if d.is_gpu]
-        switches = [d for d in pci if d.is_switch]
-        try:
-            session = self._session()
-            nvml = session.__enter__()
-        except BackendUnavailable as exc:
-            if pci_gpus:
-                raise GpuGateError(
-                    f"{len(pci_gpus)} NVIDIA GPU(s) are on the PCI bus ({pci_gpus[0].address}, ...) but "
-                    f"NVML is unusable ({exc}): refusing to run on GPUs that cannot be attested"
-                ) from None
-            raise
-        try:
-            return self._gate(nvml, expected_count, pci_gpus, switches, recheck=recheck)
-        finally:
-            session.__exit__(None, None, None)
-
-    def _gate(
-        self,
-        nvml: Any,
-        expected_count: int | None,
-        pci_gpus: list[PciDevice],
-        switches: list[PciDevice],
-        *,
-        recheck: bool = False,
-    ) -> DeviceGate:
-        state = self._state(nvml)
-        if recheck and state.enabled and not state.gpus_ready:
-            raise GpuGateError(
-                "the GPUs no longer accept client requests (ready state off: reset or driver reload)"
-            )
-        try:
-            self._check_cc(state)
-        except BackendUnavailable as exc:
-            raise GpuGateError(str(exc)) from None
-        if state.protected_pcie:
-            raise GpuGateError(
-                "the GPUs are in multi-GPU protected-PCIe (PPCIe) mode: that needs NVSwitch evidence "
-                f"({len(switches)} switch(es) on the PCI bus), which enclave-serve does not collect or "
-                "verify; refusing"
-            )
-        nonce = self._nonce(32)
-        devices, buses = self._collect_devices(nvml, nonce)
-        names = [f"GPU {i} ({', '.join(filter(None, (d.uuid, buses[i])))})" for i, d in enumerate(devices)]
-        self._check_count(devices, buses, names, pci_gpus, expected_count)
-        evidence = NvidiaEvidence(devices=devices)
-        try:
-            result = run_verifier(
-                NvidiaVerifier(),
-                evidence,
-                nonce,
-                policy=self._policy,
-                now=self._clock(),
-                collateral=None,
-                allow_insecure=False,
-            )
-        except VerificationError as exc:
-            partial = result_of(exc)
-            failed = partial.steps[-1].name if partial is not None and partial.steps else ""
-            match = re.match(r"gpu(\d+)\.", failed)
-            who = names[int(match.group(1))] if match and int(match.group(1)) < len(names) else "a GPU"
-            kind: type[VerificationError] = (
-                PolicyViolation if isinstance(exc, PolicyViolation) else GpuGateError
-            )
-            error = kind(f"{who} failed local verification: {exc}")
-            error.result = partial  # type: ignore[attr-defined]  # what attest.verify.result_of reads
-            raise error from None
-        ready_set = False
-        if state.enabled and not state.gpus_ready and self._set_ready and not recheck:
-            try:
-                nvml.nvmlSystemSetConfComputeGpusReadyState(NVML_CC_ACCEPTING_CLIENT_REQUESTS_TRUE)
-            except nvml.NVMLError as exc:
-                raise EvidenceCollectionError(
-                    f"GPUs verified ({len(result.steps)} steps) but could not be set ready: {exc} "
-                    "(needs root; 'Invalid Argument' means a reboot is needed)"
-                ) from exc
-            ready_set = True
-        logger.info(
-            "verified %d GPU(s) locally (%s); %s",
-            len(devices), ", ".join(names), "set them ready" if ready_set else "ready state unchanged",
-        )  # fmt: skip
-        return DeviceGate(
-            tee=self.tee,
-            devices=len(devices),
-            steps=len(result.steps),
-            facts={
-                "cc": state.to_json(),
-                "gpus": [{"uuid": d.uuid, "arch": d.arch, "pci": buses[i]} for i, d in enumerate(devices)],
-                "pci_gpus": len(pci_gpus),
-                "pci_switches": len(switches),
-                "set_ready": ready_set,
-            },
-        )
-
-    def _check_count(
-        self,
-        devices: tuple[NvidiaDeviceEvidence, ...],
-        buses: list[str | None],
-        names: list[str],
-        pci_gpus: list[PciDevice],
-        expected_count: int | None,
-    ) -> None:
-        if expected_count is not None and len(devices) != expected_count:
-            raise GpuGateError(
-                f"NVML reports {len(devices)} GPU(s) but the configuration expects {expected_count}"
-            )
-        if not self._pci_root.is_dir():
-            logger.warning("no PCI bus in sysfs (%s): the GPU count is NVML's alone", self._pci_root)
-            return
-        on_bus = {_pci_key(d.address): d.address for d in pci_gpus}
-        reported = {_pci_key(b) for b in buses if b}
-        hidden = sorted(address for key, address in on_bus.items() if key not in reported)
-        if len(pci_gpus) != len(devices) or (len(reported) == len(devices) and hidden):
-            detail = f" (not reported: {', '.join(hidden)})" if hidden else ""
-            raise GpuGateError(
-                f"{len(pci_gpus)} NVIDIA GPU(s) are on the PCI bus but NVML reports {len(devices)}"
-                f"{detail}: every GPU must be attested"
-            )
-        extra = [names[i] for i, b in enumerate(buses) if b and _pci_key(b) not in on_bus]
-        if extra:
-            raise GpuGateError(f"{extra[0]} is not on the guest's PCI bus")
-
-    def _check_cc(self, state: CcState) -> None:
+    def check_cc(self, state: CcState) -> None:
+        """Refuse CC off, and developer-tools mode unless ``allow_cc_off``. Raises BackendUnavailable."""
         if not state.enabled:
             raise BackendUnavailable(
                 "GPU confidential computing is off: the driver gives no attestation report outside "
@@ -417,9 +300,13 @@ class NvidiaAttester(DeviceAttester):
         return bus.decode() if isinstance(bus, bytes) else str(bus)
 
     @staticmethod
-    def _collect_devices(
-        nvml: Any, nonce: bytes
-    ) -> tuple[tuple[NvidiaDeviceEvidence, ...], list[str | None]]:
+    def collect_devices(nvml: Any, nonce: bytes) -> tuple[tuple[NvidiaDeviceEvidence, ...], list[str | None]]:
+        """Return every GPU's evidence over ``nonce`` and its PCI address, within a :meth:`session`.
+
+        Raises:
+            BackendUnavailable: NVML sees no GPU.
+            EvidenceCollectionError: NVML failed for a GPU.
+        """
         try:
             count = int(nvml.nvmlDeviceGetCount())
         except nvml.NVMLError as exc:
@@ -451,10 +338,10 @@ class NvidiaAttester(DeviceAttester):
     def describe(self) -> dict[str, object]:
         """Return the CC state and every GPU's UUID and architecture (errors as a string)."""
         out: dict[str, object] = {"tee": self.tee.value, "insecure": self.insecure}
-        pci = nvidia_pci_devices(self._pci_root)
+        pci = nvidia_pci_devices(self.pci_root)
         out["pci"] = {"gpus": sum(d.is_gpu for d in pci), "switches": sum(d.is_switch for d in pci)}
         try:
-            with self._session() as nvml:
+            with self.session() as nvml:
                 out["cc"] = self._cc_state(nvml).to_json()
                 gpus = []
                 for index in range(int(nvml.nvmlDeviceGetCount())):

@@ -52,6 +52,7 @@ __all__ = [
     "OpaqueHeader",
     "OpaqueType",
     "SpdmRequest",
+    "expected_gpu_nonce",
     "format_vbios_version",
     "parse_nvidia_report",
 ]
@@ -63,6 +64,13 @@ SPDM_GET_MEASUREMENTS = 0xE0
 SPDM_MEASUREMENTS = 0x60
 #: Nonce size (DSP0274 table 42).
 SPDM_NONCE_SIZE = 32
+
+
+def expected_gpu_nonce(runtime_data: bytes) -> bytes:
+    """Return the 32-byte SPDM nonce a GPU is given for ``runtime_data`` (first 32, zero-padded)."""
+    return runtime_data[:SPDM_NONCE_SIZE].ljust(SPDM_NONCE_SIZE, b"\0")
+
+
 #: GET_MEASUREMENTS request with signature requested: 4 header bytes, nonce, slot id.
 SPDM_REQUEST_SIZE = 4 + SPDM_NONCE_SIZE + 1
 #: MeasurementSpecification bit 0 = DMTF (DSP0274 table 48).

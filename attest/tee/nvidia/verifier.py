@@ -41,10 +41,10 @@ from attest.tee.nvidia.claims import GpuClaims, NvidiaClaims
 from attest.tee.nvidia.report import (
     FWID_SIZE,
     HOPPER_SIGNATURE_SIZE,
-    SPDM_NONCE_SIZE,
     NvidiaDeviceEvidence,
     NvidiaEvidence,
     NvidiaReport,
+    expected_gpu_nonce,
     parse_nvidia_report,
 )
 from attest.tee.result import StepLog
@@ -70,11 +70,6 @@ OID_TCG_DICE_TCB_INFO_DER = x509.ObjectIdentifier("2.23.133.5.4.1.1")
 LOCAL_ARCHES = frozenset({"HOPPER", "BLACKWELL"})
 #: NVSwitch evidence (protected PCIe) architectures: not verifiable locally.
 SWITCH_ARCHES = frozenset({"LS10"})
-
-
-def expected_gpu_nonce(runtime_data: bytes) -> bytes:
-    """Return the 32-byte SPDM nonce a GPU is given for ``runtime_data`` (first 32, zero-padded)."""
-    return runtime_data[:SPDM_NONCE_SIZE].ljust(SPDM_NONCE_SIZE, b"\0")
 
 
 def _der_items(data: bytes) -> list[tuple[int, bytes]]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from attest.evidence import Evidence, TeeKind
-from attest.tee.attester import Attester, DeviceAttester
+from attest.tee.attester import Attester, DeviceAttester, DeviceGate
 from attest.tee.base import InitDataRegister, TeeBackend
 from attest.tee.sample.claims import SampleClaims
 from attest.tee.sample.evidence import SAMPLE_INIT_DATA_SIZE, SampleDeviceEvidence, SampleEvidence
@@ -34,6 +34,12 @@ def _device_attester() -> type[DeviceAttester]:
     from attest.tee.sample.attester import UnsafeSampleDeviceAttester
 
     return UnsafeSampleDeviceAttester
+
+
+def _gate(attester: DeviceAttester, **options: Any) -> DeviceGate:
+    from attest.tee.sample.gate import gate
+
+    return gate(attester, **options)
 
 
 def _read_register(attester: Attester, nonce: bytes, **options: Any) -> bytes:
@@ -78,4 +84,5 @@ DEVICE_BACKEND = TeeBackend(
     claims_type=SampleClaims,
     fields=_fields,
     attester=_device_attester,
+    gate=_gate,
 )

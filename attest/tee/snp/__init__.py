@@ -2,8 +2,9 @@
 the configfs-tsm attester and the launch-measurement calculator.
 
 Modules: :mod:`~attest.tee.snp.report` (pure parser), :mod:`~attest.tee.snp.verifier` and
-:mod:`~attest.tee.snp.claims` (pure verification), :mod:`~attest.tee.snp.attester` (I/O:
-configfs-tsm) and :mod:`~attest.tee.snp.measure` (reference values). :data:`BACKEND` is what the
+:mod:`~attest.tee.snp.claims` (pure verification), :mod:`~attest.tee.snp.policy` (the ``[snp]``
+section of the workload policy), :mod:`~attest.tee.snp.attester` (I/O: configfs-tsm) and
+:mod:`~attest.tee.snp.measure` (reference values). :data:`BACKEND` is what the
 registry (:mod:`attest.tee`) lists; nothing outside :mod:`attest.tee` imports this folder directly.
 """
 
@@ -17,6 +18,7 @@ from attest.evidence import Evidence, TeeKind, b64decode_strict
 from attest.tee.attester import Attester
 from attest.tee.base import Collateral, InitDataRegister, TeeBackend
 from attest.tee.snp.claims import SnpClaims
+from attest.tee.snp.policy import SECTION
 from attest.tee.snp.report import REPORT_SIZE, SnpEvidence, parse_snp_report
 from attest.tee.snp.verifier import SnpCollateral, SnpVerifier
 from foundation.errors import MalformedEvidence
@@ -95,4 +97,6 @@ BACKEND = TeeBackend(
     init_data=InitDataRegister(name="HOST_DATA", size=32, of_claims=_of_claims, read=_read_register),
     aci_tee_type="sev_snp",
     debuggable=_debuggable,
+    policy=SECTION,
+    kata_runtime_class="kata-qemu-nvidia-gpu-snp",
 )

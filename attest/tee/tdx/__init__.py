@@ -2,6 +2,7 @@
 
 Modules: :mod:`~attest.tee.tdx.quote` and :mod:`~attest.tee.tdx.report` (pure parsers),
 :mod:`~attest.tee.tdx.verifier` and :mod:`~attest.tee.tdx.claims` (pure verification),
+:mod:`~attest.tee.tdx.policy` (the ``[tdx]`` section of the workload policy),
 :mod:`~attest.tee.tdx.attester` (I/O: configfs-tsm, ``/dev/tdx_guest``) and
 :mod:`~attest.tee.tdx.register` (the init-data register, read on this machine). :data:`BACKEND`
 is what the registry (:mod:`attest.tee`) lists; nothing outside :mod:`attest.tee` imports this
@@ -18,6 +19,7 @@ from attest.evidence import Evidence, TeeKind
 from attest.tee.attester import Attester
 from attest.tee.base import Collateral, InitDataRegister, TeeBackend
 from attest.tee.tdx.claims import TdxClaims
+from attest.tee.tdx.policy import SECTION
 from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.tdx.verifier import TdxCollateral, TdxVerifier
 from foundation.errors import MalformedEvidence
@@ -97,4 +99,6 @@ BACKEND = TeeBackend(
     init_data=InitDataRegister(name="MRCONFIGID", size=48, of_claims=_of_claims, read=_read_register),
     aci_tee_type="tdx",
     debuggable=_debuggable,
+    policy=SECTION,
+    kata_runtime_class="kata-qemu-nvidia-gpu-tdx",
 )
