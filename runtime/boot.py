@@ -60,7 +60,6 @@ from attest.initdata import InitData, WorkloadPins
 from attest.keysource.registry import KeySourceSpec
 from attest.runconfig import RunConfiguration
 from attest.tee.attester import Attester
-from attest.tee.select import init_data_register
 from attest.verify import collateral_from_json
 from foundation.errors import (
     AttestationError,
@@ -475,7 +474,9 @@ class Runtime:
                 "NVIDIA GPUs not attested: confidential computing is off (--allow-insecure-gpu-cc-off)"
             )
         # Before any key is requested: every GPU genuine, in CC mode, counted, verified locally.
-        gates = tuple(device.gate(expected_count=self.config.expected_gpus) for device in devices)
+        gates = tuple(
+            self.seams.device_gate(device, expected_count=self.config.expected_gpus) for device in devices
+        )
         return EvidenceResult(attester=attester, devices=tuple(devices), gates=gates)
 
     def _check_init_data_register(self, attester: Attester, init: InitData | None) -> None:
@@ -488,7 +489,7 @@ class Runtime:
         Raises:
             AttestationError: one of the refusals above, or a register that cannot be trusted.
         """
-        register = init_data_register(attester)  # TDX: the TDREPORT, or a quote verified locally
+        register = self.seams.init_data_register(attester)  # TDX: the TDREPORT, or a quote verified locally
         tee = attester.tee.value
         if init is not None:
             if not init.matches(attester.tee, register):
@@ -977,6 +978,7 @@ class Runtime:
                 lock=service.lock,
                 metrics=self.metrics,
                 documents=self._frontend.scheduler.watchdog_document,
+                gate=self.seams.device_gate,
             )
             monitors.append(
                 asyncio.create_task(

@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Any
 
 from attest.evidence import TeeKind
-from attest.tee.select import device_choices, primary_choices
+from attest.tee.select import device_choices, insecure_choices, primary_choices
 from foundation.errors import ConfigError
 
-__all__ = ["DEFAULT_PRIVATE_DIR", "KEY_SOURCES", "SETTING", "RunConfig", "Setting", "setting"]
+__all__ = [
+    "DEFAULT_PRIVATE_DIR",
+    "KBS_DEADLINE_S",
+    "KEY_SOURCES",
+    "SETTING",
+    "RunConfig",
+    "Setting",
+    "setting",
+]
 
 KEY_SOURCES = ("kbs", "cdh", "file")
 
@@ -67,6 +75,10 @@ def setting(default: Any, *, help: str, group: str, **spec: Any) -> Any:
     """Declare a :class:`RunConfig` field: its default and its :class:`Setting`."""
     return field(default=default, metadata={SETTING: Setting(help=help, group=group, **spec)})
 
+
+#: How long a key release may take in all, retries included, in seconds: the boot's
+#: ``--kbs-deadline`` and ``enclave-serve kbs fetch --deadline`` default to it.
+KBS_DEADLINE_S = 120.0
 
 _ATT, _KEY, _LOAD, _SRV, _TLS, _RUN = "attestation", "model key", "loading", "serving", "TLS", "process"
 
@@ -193,7 +205,7 @@ class RunConfig:
         "ec", help="ephemeral TEE key type", group=_KEY, flag="--tee-key", choices=("ec", "rsa")
     )
     kbs_deadline_s: float = setting(
-        120.0,
+        KBS_DEADLINE_S,
         help="overall key-release deadline, seconds",
         group=_KEY,
         flag="--kbs-deadline",
@@ -404,23 +416,30 @@ class RunConfig:
                     "--key-source file skips attestation entirely and is for development only; "
                     "add --allow-insecure-key-file to use it"
                 )
-        if self.tee == "sample" and not self.allow_insecure_sample_tee:
+        insecure_tee, insecure_gpus = (
+            self.tee in insecure_choices(),
+            self.gpus in insecure_choices(device=True),
+        )
+        if insecure_tee and not self.allow_insecure_sample_tee:
             raise ConfigError(
-                "--tee sample proves nothing; add --allow-insecure-sample-tee (development only)"
+                f"--tee {self.tee} proves nothing; add --allow-insecure-sample-tee (development only)"
             )
-        if self.gpus == "sample" and not self.allow_insecure_sample_tee:
+        if insecure_gpus and not self.allow_insecure_sample_tee:
             raise ConfigError(
-                "--gpus sample proves nothing; add --allow-insecure-sample-tee (development only)"
+                f"--gpus {self.gpus} proves nothing; add --allow-insecure-sample-tee (development only)"
             )
-        if self.expected_gpus is not None and (self.expected_gpus < 1 or self.gpus in ("none", "sample")):
-            raise ConfigError("--expected-gpus needs a positive count and --gpus auto or nvidia")
+        if self.expected_gpus is not None and (
+            self.expected_gpus < 1 or self.gpus == "none" or insecure_gpus
+        ):
+            counted = [c for c in device_choices() if c != "none" and c not in insecure_choices(device=True)]
+            raise ConfigError(f"--expected-gpus needs a positive count and --gpus {' or '.join(counted)}")
         if self.staging not in ("pinned", "pageable"):
             raise ConfigError("--staging must be pinned or pageable")
         if self.staging_slots is not None and self.staging_slots < 1:
             raise ConfigError("--staging-slots must be at least 1")
         if self.tee_key not in ("ec", "rsa"):
             raise ConfigError("--tee-key must be ec or rsa")
-        if self.sample_init_data is not None and self.tee != "sample":
+        if self.sample_init_data is not None and not insecure_tee:
             raise ConfigError("--sample-init-data is for the sample TEE; on TDX/SNP pass --init-data")
         if self.allow_insecure_no_initdata and self.init_data is not None:
             raise ConfigError("--allow-insecure-no-initdata with --init-data: there is nothing to allow")
@@ -458,10 +477,10 @@ class RunConfig:
         modes = []
         if self.init_data is None:
             modes.append("configuration not pinned by init-data (set from the command line)")
-        if self.tee == "sample":
-            modes.append("sample TEE (evidence proves nothing)")
-        if self.gpus == "sample":
-            modes.append("sample GPU device evidence")
+        if self.tee in insecure_choices():
+            modes.append(f"{self.tee} TEE (evidence proves nothing)")
+        if self.gpus in insecure_choices(device=True):
+            modes.append(f"{self.gpus} GPU device evidence")
         if self.allow_insecure_gpu_cc_off:
             modes.append("GPUs accepted with confidential computing off")
         if self.key_source == "file":

@@ -19,8 +19,11 @@ Both say what the loader needs through :meth:`loader_source` (typed fields of
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Final, Protocol
 
 from foundation.errors import ConfigError, ModelFormatError
 from foundation.secret import SecretBytes
@@ -32,7 +35,15 @@ from loader.oci.image import OciImage, load_image
 from loader.oci.layers import LayerKeys
 from loader.oci.reference import ImageReference
 
-__all__ = ["ImageModel", "NativeModel", "prepare_model"]
+__all__ = [
+    "MODEL_SOURCES",
+    "ImageModel",
+    "Model",
+    "ModelOpener",
+    "NativeModel",
+    "model_scheme",
+    "prepare_model",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,24 +175,29 @@ class ImageModel:
             index_key.wipe()
 
 
-def prepare_model(
-    model: str, view: Path, *, allow_http: bool = False
-) -> tuple[NativeModel | ImageModel, Path]:
-    """Open the model named by ``model`` (a directory or an image reference) for the config stage.
+#: What ``--model`` opens to: the model source it names.
+Model = NativeModel | ImageModel
 
-    Native: the view is staged now. Image: the pinned manifest and config are fetched and
-    checked, and the view is created empty (:meth:`ImageModel.unlock` fills it).
 
-    Raises:
-        ConfigError: a malformed reference, a tag without digest, an unreachable layout.
-        ModelFormatError: the manifest, config or a side file fails a check.
-    """
-    from loader.oci.reference import is_image_reference
+class ModelOpener(Protocol):
+    """Opens one kind of model source for the config stage (see :data:`MODEL_SOURCES`)."""
 
-    if not is_image_reference(model):
-        directory = Path(model)
-        manifest = Manifest.load(directory)
-        return NativeModel(manifest, directory), stage_model_view(directory, manifest, view)
+    def __call__(self, model: str, view: Path, *, allow_http: bool) -> tuple[Model, Path]: ...
+
+
+def _open_directory(model: str, view: Path, *, allow_http: bool) -> tuple[Model, Path]:
+    """A directory written by ``enclave-serve pack``: its view is staged now."""
+    if allow_http:
+        raise ConfigError("--allow-insecure-http-registry applies to docker:// references only")
+    directory = Path(model)
+    manifest = Manifest.load(directory)
+    return NativeModel(manifest, directory), stage_model_view(directory, manifest, view)
+
+
+def _open_image(model: str, view: Path, *, allow_http: bool) -> tuple[Model, Path]:
+    """An encrypted image (``oci:`` layout or ``docker://`` registry), pinned by digest: its manifest
+    and config are fetched and checked now, and the view is created empty (:meth:`ImageModel.unlock`
+    fills it)."""
     reference = ImageReference.parse(model)
     if allow_http and reference.transport != "docker":
         raise ConfigError("--allow-insecure-http-registry applies to docker:// references only")
@@ -195,3 +211,33 @@ def prepare_model(
         )
     view.mkdir(mode=0o700)
     return ImageModel(reference, image, store, view, allow_http), view
+
+
+#: The model sources by scheme: the one place that chooses how ``--model`` is opened. A new
+#: source (another registry protocol, an object store) is one opener and one line here.
+MODEL_SOURCES: Final[Mapping[str, ModelOpener]] = MappingProxyType(
+    {
+        "oci": _open_image,  # oci:/path/to/layout@sha256:…
+        "docker": _open_image,  # docker://host/repository@sha256:…
+        "directory": _open_directory,  # a directory written by enclave-serve pack
+    }
+)
+
+
+def model_scheme(model: str) -> str:
+    """The key of :data:`MODEL_SOURCES` that ``model`` names (``oci``, ``docker``, ``directory``)."""
+    if model.startswith("oci:"):
+        return "oci"
+    if model.startswith("docker://"):
+        return "docker"
+    return "directory"
+
+
+def prepare_model(model: str, view: Path, *, allow_http: bool = False) -> tuple[Model, Path]:
+    """Open the model named by ``model`` for the config stage, by its scheme (:data:`MODEL_SOURCES`).
+
+    Raises:
+        ConfigError: a malformed reference, a tag without digest, an unreachable layout.
+        ModelFormatError: the manifest, config or a side file fails a check.
+    """
+    return MODEL_SOURCES[model_scheme(model)](model, view, allow_http=allow_http)

@@ -2,7 +2,7 @@
 
 Each round (in a worker thread, so serving goes on):
 
-1. every device attester re-runs its gate (:meth:`attest.tee.attester.DeviceAttester.recheck`):
+1. every device re-runs its gate (:func:`attest.tee.select.gate_device` with ``recheck``):
    the GPUs are still on the bus and counted, in CC mode, still ready, and fresh evidence over a
    random nonce verifies locally; and they are the *same* GPUs in the same state as at boot (the
    gate's identity facts: count, UUIDs, architectures, PCI addresses, CC settings);
@@ -37,6 +37,7 @@ from typing import Any
 from attest.document import AttestationDocument
 from attest.evidence import Evidence
 from attest.tee.attester import Attester, DeviceAttester, DeviceGate
+from attest.tee.select import gate_device
 from foundation.errors import AttestationError, Error, VerificationUnavailable
 from server.metrics import Metrics
 
@@ -62,10 +63,14 @@ class Watchdog:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         documents: Callable[[bytes], Awaitable[AttestationDocument]] | None = None,
+        gate: Callable[..., DeviceGate] = gate_device,
     ) -> None:
         """``documents``: where a round gets the TEE's evidence while serving (the attestation
         scheduler's :meth:`~server.freshness.EvidenceScheduler.watchdog_document`); without it the
-        round collects its own."""
+        round collects its own. ``gate`` runs a device's gate, called as
+        ``gate(device, expected_count=..., recheck=True)`` (:func:`attest.tee.select.gate_device`;
+        a test passes a double)."""
+        self._gate = gate
         self._attester = attester
         self._documents = documents
         self._devices = tuple(devices)
@@ -116,7 +121,7 @@ class Watchdog:
                 "the attested keyset (TLS key) reached its not_after; restart for a fresh one"
             )
         for i, device in enumerate(self._devices):
-            gate = device.recheck(expected_count=self._expected)
+            gate = self._gate(device, expected_count=self._expected, recheck=True)
             if i < len(self._baseline) and _identity(gate) != self._baseline[i]:
                 before, now = self._baseline[i], _identity(gate)
                 raise AttestationError(f"the {gate.tee.value} devices changed since boot: {before} -> {now}")

@@ -3,8 +3,8 @@
 The KBS encrypts every resource to this key (``ECDH-ES+A256KW`` on P-256 by default, as
 guest-components ``TeeKeyAlgorithm::default``; ``RSA-OAEP-256`` as an option). The private half
 exists only in this object's memory: it is never serialised, logged or written anywhere.
-Decryption goes through the JOSE library (jwcrypto), restricted to exactly the algorithm of
-this key and ``A256GCM``.
+Decryption goes through the one JWE unwrap (:func:`foundation.jwe.unwrap_jwe`), restricted to
+exactly the algorithm of this key and ``A256GCM``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import json
 from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwcrypto import jwe, jwk
-from jwcrypto.common import JWException
+from jwcrypto import jwk
 
 from attest.kbs.wire import (
     A256GCM,
@@ -27,6 +26,7 @@ from attest.kbs.wire import (
     b64url_encode,
 )
 from foundation.errors import KeyUnwrapError
+from foundation.jwe import JweError, JweFailure, unwrap_jwe
 from foundation.secret import SecretBytes
 
 __all__ = ["RSA_KEY_BITS", "TeeKeyKind", "TeeKeyPair"]
@@ -116,27 +116,22 @@ class TeeKeyPair:
             KeyUnwrapError: the response does not decrypt with this key (deliberately opaque).
         """
         try:
-            header = response.header()
-            if "zip" in header:
+            plaintext = unwrap_jwe(json.dumps(response.to_json()), self._jwk, algs=[self.alg], encs=[A256GCM])
+        except JweError as exc:
+            if exc.failure is JweFailure.COMPRESSED:
                 # RFC 7516 §4.1.3: Trustee never compresses; a compressed payload is only ever a
-                # decompression bomb (jwcrypto CVE-2024-28102) or an oracle. Refuse before opening.
-                raise KeyUnwrapError("the KBS response is compressed ('zip'); Trustee never does that")
-            if header.get("alg") != self.alg or header.get("enc") != A256GCM:
+                # decompression bomb (jwcrypto CVE-2024-28102) or an oracle. Refused before opening.
+                raise KeyUnwrapError(
+                    "the KBS response is compressed ('zip'); Trustee never does that"
+                ) from None
+            if exc.failure is JweFailure.ALGORITHM:
                 raise KeyUnwrapError(
                     "the KBS response is not encrypted to this enclave's TEE key "
                     f"(expected alg {self.alg} with {A256GCM})"
-                )
-            token = jwe.JWE(algs=[self.alg, A256GCM])
-            token.deserialize(json.dumps(response.to_json()), key=self._jwk)
-            plaintext = token.payload
-        except KeyUnwrapError:
-            raise
-        except (JWException, ValueError, TypeError, KeyError) as exc:
+                ) from None
             raise KeyUnwrapError(
                 "the KBS response does not decrypt with this enclave's TEE key; refusing it"
             ) from exc
-        if not isinstance(plaintext, bytes):
-            raise KeyUnwrapError("the KBS response does not decrypt with this enclave's TEE key; refusing it")
         return SecretBytes(plaintext)
 
     def __repr__(self) -> str:

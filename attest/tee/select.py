@@ -28,6 +28,7 @@ __all__ = [
     "devices_present",
     "gate_device",
     "init_data_register",
+    "insecure_choices",
     "nvidia_gpus_present",
     "primary_choices",
     "select_attester",
@@ -44,7 +45,22 @@ def primary_choices() -> tuple[str, ...]:
 def device_choices() -> tuple[str, ...]:
     """Return ``--gpus``'s choices: ``auto``, ``none`` and every device backend (``sample`` for the
     insecure sample device), in registry order."""
-    return ("auto", "none", *("sample" if b.insecure else b.name for b in BACKENDS.values() if b.device))
+    return ("auto", "none", *(_device_choice(b) for b in BACKENDS.values() if b.device))
+
+
+def insecure_choices(*, device: bool = False) -> frozenset[str]:
+    """Return the ``--tee`` choices (with ``device``: the ``--gpus`` choices) whose evidence proves
+    nothing: the backends the registry marks insecure (the sample TEE and the sample device)."""
+    return frozenset(
+        _device_choice(b) if device else b.name
+        for b in BACKENDS.values()
+        if b.insecure and b.device == device
+    )
+
+
+def _device_choice(found: TeeBackend) -> str:
+    """``--gpus``'s name for a device backend (``sample`` for the insecure sample device)."""
+    return "sample" if found.insecure else found.name
 
 
 def _primary(name: str) -> TeeBackend:
@@ -163,7 +179,7 @@ def _devices(gpus: str) -> list[TeeBackend]:
     devices = [b for b in BACKENDS.values() if b.device]
     if gpus == "auto":
         return [b for b in devices if b.detectable and not b.insecure]
-    return [b for b in devices if ("sample" if b.insecure else b.name) == gpus]
+    return [b for b in devices if _device_choice(b) == gpus]
 
 
 def _device_class(found: TeeBackend) -> type[DeviceAttester]:

@@ -43,6 +43,7 @@ from loader.oci.reference import ImageReference
 __all__ = [
     "MANIFEST_MEDIA_TYPES",
     "MAX_REDIRECTS",
+    "BlobDigest",
     "BlobStore",
     "LayoutStore",
     "Network",
@@ -75,6 +76,24 @@ def _hex(digest: str) -> str:
     return match.group(1)
 
 
+class BlobDigest:
+    """A blob's SHA-256, fed by whoever reads it (see :meth:`VerifiedReader.detach_hash`)."""
+
+    def __init__(self, want: str, label: str) -> None:
+        self._want = want
+        self._label = label
+        self._hash = hashlib.sha256()
+
+    def update(self, data: Any) -> None:
+        """Hash the next bytes of the blob (every byte, in order)."""
+        self._hash.update(data)
+
+    def verify(self) -> None:
+        """Raise :class:`ModelFormatError` unless the bytes hashed are the blob's."""
+        if not hmac.compare_digest(self._hash.hexdigest(), self._want):
+            raise ModelFormatError(f"{self._label} does not match its digest sha256:{self._want[:12]}…")
+
+
 class VerifiedReader:
     """A stream of exactly ``size`` bytes whose SHA-256 must be ``digest``, checked at the end.
 
@@ -96,6 +115,16 @@ class VerifiedReader:
         self._pending = memoryview(b"")
         self._seen = 0
         self._done = False
+        self._detached: BlobDigest | None = None
+
+    def detach_hash(self) -> BlobDigest:
+        """Stop hashing in ``readinto`` (the length is still checked at the end): the caller must
+        feed every byte it reads, in order, to the returned :class:`BlobDigest` (on a thread of its
+        own, say) and call its ``verify`` after the end. Only before the first read."""
+        if self._seen or self._detached is not None:
+            raise RuntimeError("detach_hash() must come before the first read")
+        self._detached = BlobDigest(self._want, self._label)
+        return self._detached
 
     @property
     def verified(self) -> bool:
@@ -108,7 +137,8 @@ class VerifiedReader:
                 self._seen += len(chunk)
                 if self._seen > self._size:
                     self._too_long()
-                self._hash.update(chunk)
+                if self._detached is None:
+                    self._hash.update(chunk)
                 self._pending = memoryview(chunk)
                 return True
         if self._seen != self._size:
@@ -116,7 +146,7 @@ class VerifiedReader:
             raise ModelFormatError(
                 f"{self._label} is truncated (a short or broken stream; the log has the sizes)"
             )
-        if not hmac.compare_digest(self._hash.hexdigest(), self._want):
+        if self._detached is None and not hmac.compare_digest(self._hash.hexdigest(), self._want):
             raise ModelFormatError(f"{self._label} does not match its digest sha256:{self._want[:12]}…")
         self._done = True
         return False
@@ -133,7 +163,8 @@ class VerifiedReader:
             self._seen += n
             if self._seen > self._size:
                 self._too_long()
-            self._hash.update(view[:n])
+            if self._detached is None:
+                self._hash.update(view[:n])
             return int(n)
         self._refill()  # the end: length and digest
         return 0

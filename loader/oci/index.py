@@ -45,6 +45,7 @@ from foundation.errors import ModelDecryptionError, ModelError, ModelFormatError
 from foundation.secret import SecretBytes
 from loader.format import MAX_SAFETENSORS_HEADER, TensorEntry, parse_safetensors_header
 from loader.oci.blobs import BlobStore
+from loader.oci.ctr import ctr_xor
 from loader.oci.image import OciImage, OciLayer
 from loader.oci.ocicrypt import LayerKey
 from loader.oci.tar import BLOCK, member_name, member_size, padded, parse_header, pax_records
@@ -228,28 +229,24 @@ def ctr_decrypt_at(key: LayerKey, offset: int, data: Any, out: Any | None = None
     Writes into ``out`` (exactly ``len(data)`` bytes) when given and returns None; else returns
     the plaintext.
     """
+    if out is not None:
+        ctr_xor(key.symkey, key.nonce, offset, data, out)  # without the GIL: all decrypt threads at once
+        return None
     counter = (int.from_bytes(key.nonce, "big") + offset // 16) % (1 << 128)
     dec = Cipher(algorithms.AES(key.symkey), modes.CTR(counter.to_bytes(16, "big"))).decryptor()
     skip = offset % 16
     if skip:
         dec.update(bytes(skip))
-    if out is None:
-        return dec.update(bytes(data)) + dec.finalize()
-    n = len(data)
-    view = memoryview(out).cast("B")
-    # update_into needs room for a block beyond what it writes: the last bytes go through update.
-    main = n - 32 if n > 32 else 0
-    if main:
-        dec.update_into(memoryview(data)[:main], view[: main + 15])
-    view[main:n] = dec.update(bytes(memoryview(data)[main:n]))
-    return None
+    return dec.update(bytes(data)) + dec.finalize()
 
 
 # -- the walk: what to read next, decided from the headers decrypted so far ---------------------
 
 #: A request of the walk: ("plain", n) read n bytes and send their plaintext; ("skip", n) read
 #: n bytes; ("unit", n, entry, rel) read n bytes (bytes ``rel…`` of tensor ``entry``) and send
-#: their tag; ("empty", 0, entry, 0) a tensor with no bytes; ("rest", 0) read to the end.
+#: their tag; ("empty", 0, entry, 0) a tensor with no bytes; ("announce", 0, entry, 0) a tensor
+#: of the file whose header was just read (all of them, in order, before their bytes);
+#: ("rest", 0) read to the end.
 _Request = tuple[str, int, TensorEntry | None, int]
 
 
@@ -314,6 +311,8 @@ def walk_layer(
         if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
             raise ModelFormatError(f"{flabel}: safetensors header length out of range")
         index = parse_safetensors_header(head + (yield ("plain", n, None, 0)))
+        for entry in index.tensors:  # every tensor of the file, before any of their bytes
+            yield ("announce", 0, entry, 0)
         data_start = pos + 8 + n
         cursor = data_start
         if index.data_length > size - 8 - n:
@@ -384,7 +383,7 @@ def index_layer(
                     mac.update(view[:k])
                 break
             answer = b""
-            if what == "empty":
+            if what in ("empty", "announce"):
                 pass
             elif what == "skip":
                 while n > 0:
@@ -452,7 +451,10 @@ def index_image(
             raise ModelFormatError(f"{layer.label} is not encrypted")
         return index_layer(store, layer, key, root=root, index_key=index_key, unit_bytes=unit_bytes)
 
-    with ThreadPoolExecutor(max(1, min(threads, len(layers))), thread_name_prefix="enclave-index") as pool:
+    # Every layer at once (up to four per thread): each layer's hashes are sequential, so fewer
+    # layers than threads, or unequal layers, would leave cores idle at the end.
+    workers = max(1, min(len(layers), 4 * threads))
+    with ThreadPoolExecutor(workers, thread_name_prefix="enclave-index") as pool:
         indexed = list(pool.map(one, layers))
     return ImageIndex(digest=image.digest, unit_bytes=unit_bytes, layers=tuple(indexed), root=root)
 

@@ -29,12 +29,16 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from foundation.errors import ModelDecryptionError, ModelFormatError
+from foundation.jwe import JweError, unwrap_jwe
 from loader.oci.image import ENC_KEYS_JWE, ENC_PUBOPTS, OciLayer, json_object
 
 __all__ = ["CIPHER", "DecryptingReader", "LayerKey", "private_key_from_pem", "unwrap_layer_key"]
 
 CIPHER = "AES_256_CTR_HMAC_SHA256"
-#: JWE key-management algorithms skopeo uses (and the only ones accepted).
+#: JWE key-management algorithms skopeo/ocicrypt use (and the only ones accepted). ``RSA-OAEP``
+#: (OAEP with SHA-1) is what ocicrypt wraps to RSA recipients with (go-jose ``RSA_OAEP``); it is
+#: allowed here for that reason only: OAEP's security does not rest on SHA-1's collision
+#: resistance, and the KBS path, whose peer is Trustee, never accepts it.
 _JWE_ALGS = ("ECDH-ES+A256KW", "RSA-OAEP", "RSA-OAEP-256")
 _JWE_ENCS = ("A256GCM",)
 
@@ -85,8 +89,6 @@ def unwrap_layer_key(layer: OciLayer, key: Any) -> LayerKey:
             ``AES_256_CTR_HMAC_SHA256``.
         ModelDecryptionError: no recipient of the layer can be unwrapped with ``key``.
     """
-    from jwcrypto import jwe
-
     pubopts = _json(_b64(layer.annotations.get(ENC_PUBOPTS), "the public cipher options", layer), layer)
     if pubopts.get("cipher") != CIPHER:
         raise ModelFormatError(
@@ -100,18 +102,10 @@ def unwrap_layer_key(layer: OciLayer, key: Any) -> LayerKey:
         )
     payload: bytes | None = None
     for blob in wrapped.split(","):
-        token = jwe.JWE()
         try:
-            token.deserialize(_b64(blob, "a JWE recipient", layer).decode())
-            header = token.jose_header
-            if header.get("alg") not in _JWE_ALGS or header.get("enc") not in _JWE_ENCS or "zip" in header:
-                continue
-            token.decrypt(key)
-            payload = bytes(token.payload)
+            payload = unwrap_jwe(_b64(blob, "a JWE recipient", layer), key, algs=_JWE_ALGS, encs=_JWE_ENCS)
             break
-        except ModelFormatError:
-            raise
-        except Exception:  # another recipient's JWE, or not ours: try the next
+        except JweError:  # another recipient's JWE, or not ours: try the next
             continue
     if payload is None:
         raise ModelDecryptionError(

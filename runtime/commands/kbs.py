@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from attest.tee.select import device_choices, primary_choices
 from foundation.errors import ConfigError
 from foundation.secret import SecretBytes
+from runtime.config import KBS_DEADLINE_S
 
 if TYPE_CHECKING:  # the key sources import the KBS client (jwcrypto), absent from a client-only install
     from attest.keysource.registry import KeySourceSpec
@@ -56,7 +57,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     fetch.add_argument(
         "--bearer", action="store_true", help="send the token as Authorization: Bearer instead of the cookie"
     )
-    fetch.add_argument("--deadline", type=float, default=60.0, help="overall deadline in seconds (60)")
+    fetch.add_argument(
+        "--deadline",
+        type=float,
+        default=KBS_DEADLINE_S,
+        help=f"overall deadline in seconds ({KBS_DEADLINE_S:g}, as the boot's --kbs-deadline)",
+    )
     fetch.add_argument(
         "-o", "--output", metavar="FILE", help="write the resource to FILE (mode 0600), or '-' for stdout"
     )

@@ -12,7 +12,7 @@ from attest.tee.nvidia.report import NvidiaDeviceEvidence, NvidiaEvidence
 from attest.tee.snp.report import SnpEvidence
 from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import SnpCollateral, TdxCollateral
-from tests.attest.support import vector
+from tests.vector_files import vector
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pynvml
 
 
 class FakeNVMLError(Exception):
-    """Stands in for ``pynvml.NVMLError``."""
+    """Test double of ``pynvml.NVMLError``."""
 
 
 @dataclass
@@ -33,7 +33,7 @@ class FakeGpu:
 
 @dataclass
 class FakeNvml:
-    """A ``pynvml``-shaped object; knobs set the CC state and faults."""
+    """Test double: a ``pynvml``-shaped object; knobs set the CC state and faults."""
 
     gpus: list[FakeGpu]
     cc_feature: int = 1

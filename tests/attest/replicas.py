@@ -16,6 +16,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -213,3 +214,15 @@ class RoundRobin:
         self._listener.close()
         for sock in self._sockets:
             sock.close()
+
+
+@contextlib.contextmanager
+def three_replicas() -> Iterator[tuple[ReplicaServer, ReplicaServer, ReplicaServer]]:
+    """Start replicas "a" and "b" (the policy's configuration) and "c" (:data:`OTHER_CONFIG`); stop
+    them on exit."""
+    servers = (ReplicaServer("a"), ReplicaServer("b"), ReplicaServer("c", OTHER_CONFIG))
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

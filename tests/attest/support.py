@@ -1,17 +1,16 @@
-"""Shared helpers for the attestation tests: vector loading and fixed times.
+"""Shared helpers for the attestation tests: fixed times and declarations.
 
-The facts asserted against these vectors come from tests/vectors/<tee>/PROVENANCE.md.
+The facts asserted against the vectors (read with :mod:`tests.vector_files`) come from
+tests/vectors/<tee>/PROVENANCE.md.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from attest.initdata import WorkloadPins
-
-VECTORS = Path(__file__).resolve().parent.parent / "vectors"
+from tests.vector_files import vector as vector  # re-exported for tests/runtime/test_gpu_gate.py
 
 #: dcap-qvl collateral window of tdx/tdx_quote_collateral.json (PROVENANCE.md, "Verification time").
 WINDOW_START = 1750329147
@@ -21,11 +20,6 @@ WINDOW_MID = 1751624191
 DCAP_EXAMPLE_TIME = 1750320802
 #: The request nonce of nvidia/hopperAttestationReport.txt.
 HOPPER_NONCE = bytes.fromhex("931d8dd0add203ac3d8b4fbde75e115278eefcdceac5b87671a748f32364dfcb")
-
-
-def vector(name: str) -> bytes:
-    """Return the bytes of tests/vectors/<name>."""
-    return (VECTORS / name).read_bytes()
 
 
 def at(seconds: int) -> datetime:

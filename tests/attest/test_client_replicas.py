@@ -21,17 +21,15 @@ from attest.client import (
     verified_client,
 )
 from foundation.errors import PolicyViolation
-from tests.attest.replicas import OTHER_CONFIG, POLICY, ReplicaServer, RoundRobin
+from tests.attest.replicas import POLICY, ReplicaServer, RoundRobin, three_replicas
 
 MESSAGES = [{"role": "user", "content": "Hello!"}]
 
 
 @pytest.fixture
 def replicas() -> Iterator[tuple[ReplicaServer, ReplicaServer, ReplicaServer]]:
-    servers = (ReplicaServer("a"), ReplicaServer("b"), ReplicaServer("c", OTHER_CONFIG))
-    yield servers
-    for server in servers:
-        server.stop()
+    with three_replicas() as servers:
+        yield servers
 
 
 @pytest.fixture

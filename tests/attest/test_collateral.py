@@ -11,7 +11,8 @@ from attest.evidence import TeeKind
 from attest.tee.tdx.quote import TdxEvidence
 from attest.verify import SnpCollateral, TdxCollateral, collateral_from_json, verify_evidence
 from foundation.errors import MalformedEvidence, VerificationError
-from tests.attest.support import NOW, vector
+from tests.attest.support import NOW
+from tests.vector_files import vector
 
 
 def _verify(collateral: object) -> None:

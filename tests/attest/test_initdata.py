@@ -8,7 +8,6 @@ import gzip
 import hashlib
 import tracemalloc
 import zlib
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -18,8 +17,8 @@ from attest.evidence import TeeKind
 from attest.initdata import ENCLAVE_SERVE_ENTRY, InitData, WorkloadPins, register_for_digest
 from foundation.errors import MalformedEvidence
 from tests.attest.support import workload_pins
+from tests.vector_files import vector
 
-VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "initdata"
 CAA_SHA384 = (
     "4bebff2869bcdd3e9848fd8bca681ffb9bd9e018e343aa664c960fb4834129ac5b7fed3ca94b2da609906f1e94924b17"
 )
@@ -30,7 +29,7 @@ MODEL = "sha256:" + "ab" * 32
 
 
 def test_the_cloud_api_adaptor_annotation_digests_its_exact_bytes() -> None:
-    init = InitData.load((VECTORS / "caa-annotation.b64").read_bytes())
+    init = InitData.load(vector("initdata", "caa-annotation.b64"))
     assert len(init.raw) == 4557 and init.algorithm == "sha384"
     assert set(init.data) == {"aa.toml", "cdh.toml", "policy.rego"}
     assert init.digest.hex() == CAA_SHA384

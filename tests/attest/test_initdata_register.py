@@ -31,8 +31,9 @@ from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.tdx.report import TDREPORT_SIZE, parse_tdreport
 from attest.tee.tsm import ConfigfsTsm
 from foundation.errors import AttestationError, BackendUnavailable, EvidenceCollectionError, MalformedEvidence
-from tests.attest.support import NOW, at, vector
+from tests.attest.support import NOW, at
 from tests.attest.tsm_kernel import KernelLikeTsm
+from tests.vector_files import vector
 
 TDX_QUOTES = ["tdx/tdx_quote_4.dat", "tdx/tdx_quote"]
 SNP_REPORT = vector("snp/test-report.bin")
@@ -65,7 +66,7 @@ def synthetic_tdreport(
 
 
 class IoctlDouble:
-    """Stands in for the kernel's TDX_CMD_GET_REPORT0: writes ``make(reportdata)`` after it."""
+    """Test double of the kernel's TDX_CMD_GET_REPORT0: writes ``make(reportdata)`` after it."""
 
     def __init__(self, make: Callable[[bytes], bytes] | None = None, error: int | None = None) -> None:
         self.calls: list[tuple[int, int]] = []
@@ -81,7 +82,8 @@ class IoctlDouble:
 
 
 class AttesterDouble(Attester):
-    """A TDX attester whose ``collect()`` returns the evidence it was given (and records calls)."""
+    """Test double: a TDX attester whose ``collect()`` returns the evidence it was given (and
+    records calls)."""
 
     tee: ClassVar[TeeKind] = TeeKind.TDX
 

@@ -22,7 +22,8 @@ from attest.tee.result import StepLog, VerificationResult
 from attest.verify import NvidiaClaims, Outcome, result_of, verify_device_evidence, verify_evidence
 from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
 from tests.attest.pki import NvidiaPki, sign_nvidia_report
-from tests.attest.support import HOPPER_NONCE, NOW, vector
+from tests.attest.support import HOPPER_NONCE, NOW
+from tests.vector_files import vector
 
 FWID = "f5c384aebb579217a2c66b17ed0f28e6a9b8d639041acd7b4721cec004f7275494ba94bb5cdfdb3055ee051762b1f75d"
 OPAQUE = [

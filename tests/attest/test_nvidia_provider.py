@@ -21,7 +21,8 @@ from attest.tee.select import detect_devices, nvidia_gpus_present
 from attest.verify import NvidiaClaims, VerificationResult, verify_device_evidence
 from foundation.errors import BackendUnavailable, EvidenceCollectionError, PolicyViolation, VerificationError
 from tests.attest.fake_nvml import FakeGpu, FakeNvml
-from tests.attest.support import HOPPER_NONCE, NOW, vector
+from tests.attest.support import HOPPER_NONCE, NOW
+from tests.vector_files import vector
 
 HOPPER, BLACKWELL = 9, 10
 BUSES = ("00000000:41:00.0", "00000000:C1:00.0")

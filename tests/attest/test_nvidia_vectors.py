@@ -28,7 +28,8 @@ from attest.tee.result import StepLog
 from attest.verify import NvidiaClaims, verify_device_evidence
 from foundation.errors import MalformedEvidence, VerificationError
 from tests.attest.pki import NvidiaPki, sign_nvidia_report
-from tests.attest.support import NOW, vector
+from tests.attest.support import NOW
+from tests.vector_files import vector
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from attest.tee.tdx.quote import TdxEvidence, parse_tdx_quote
 from attest.tee.tdx.report import parse_tdreport
 from attest.verify import SnpCollateral, verify_device_evidence, verify_evidence
 from foundation.errors import MalformedEvidence, VerificationError
-from tests.attest.support import HOPPER_NONCE, NOW, vector
+from tests.attest.support import HOPPER_NONCE, NOW
+from tests.vector_files import vector
 
 TDX_QUOTE = vector("tdx/tdx_quote_4.dat")
 SNP_REPORT = vector("snp/test-report.bin")

@@ -30,7 +30,8 @@ from attest.tee.snp.verifier import SnpVerifier, pinned_amd_chain
 from attest.verify import Outcome, RefuseInsecure, SnpCollateral, result_of, verify_evidence
 from foundation.errors import MalformedEvidence, PolicyViolation, VerificationError
 from tests.attest.pki import AmdPki, sign_snp_report, turin_report_json
-from tests.attest.support import NOW, vector
+from tests.attest.support import NOW
+from tests.vector_files import vector
 
 MILAN_FACTS: dict[str, Any] = {
     "version": 2,

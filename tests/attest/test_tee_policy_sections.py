@@ -33,7 +33,8 @@ from attest.tee.result import VerificationResult
 from attest.verify import SnpCollateral, TdxCollateral, verify_evidence, workload
 from attest.verify.workload import RuleOutcome, WorkloadFacts, WorkloadPolicy, WorkloadRules
 from foundation.errors import PolicyViolation
-from tests.attest.support import NOW, vector
+from tests.attest.support import NOW
+from tests.vector_files import vector
 
 MODEL = "sha256:" + "ab" * 32
 CONFIG = "sha256:" + "cd" * 32
@@ -161,6 +162,29 @@ def test_the_sample_devices_count_as_gpus_only_when_insecure_is_allowed() -> Non
     section.evaluate(rule, rules, _sample_devices(), allow_insecure=True)
     section.evaluate(rule, rules, _sample_devices(), allow_insecure=False)
     assert outcomes == [("gpu", True), ("gpu", False)]
+
+
+def test_a_policy_recorded_from_sample_devices_is_valid_and_refuses_real_gpus() -> None:
+    """``policy record`` from sample devices: they claim no driver or VBIOS, so the section pins
+    the sample marker (``driver``/``vbios`` are required when count > 0); the policy parses back,
+    passes the sample devices under the insecure flag, and refuses a real GPU."""
+    from attest.tee.nvidia.policy import SAMPLE_DEVICE_VERSION
+
+    section = BACKENDS[TeeKind.NVIDIA].policy
+    assert section is not None
+    notes: list[str] = []
+    rules = section.record(_sample_devices(), notes)
+    assert rules == GpuRules(count=1, driver=(SAMPLE_DEVICE_VERSION,), vbios=(SAMPLE_DEVICE_VERSION,))
+    assert any("sample devices" in note for note in notes)
+    text = "\n".join(section.to_toml(rules))
+    assert section.parse(tomllib.loads(text)["gpu"]) == rules
+
+    def rule(name: str, check: Any) -> None:
+        check()
+
+    section.evaluate(rule, rules, _sample_devices(), allow_insecure=True)
+    with pytest.raises(PolicyViolation, match=r"runs driver 550\.90\.07, not one of sample"):
+        section.evaluate(rule, rules, _gpus(), allow_insecure=True)
 
 
 def test_the_insecure_set_is_the_backends_marked_insecure() -> None:

@@ -15,8 +15,8 @@ from attest.tee.tdx.attester import TdxAttester
 from attest.tee.tdx.quote import parse_tdx_quote
 from attest.tee.tsm import ConfigfsTsm, OsFilesystem
 from foundation.errors import BackendUnavailable, EvidenceCollectionError
-from tests.attest.support import vector
 from tests.attest.tsm_kernel import KernelLikeTsm
+from tests.vector_files import vector
 
 TDX_QUOTE = vector("tdx/tdx_quote_4.dat")
 SNP_REPORT = vector("snp/test-report.bin")

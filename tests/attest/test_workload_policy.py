@@ -24,7 +24,8 @@ from attest.verify.workload import (
     WorkloadPolicy,
     WorkloadRules,
 )
-from tests.attest.support import NOW, vector
+from tests.attest.support import NOW
+from tests.vector_files import vector
 
 MODEL = "sha256:" + "ab" * 32
 CONFIG = "cd" * 32

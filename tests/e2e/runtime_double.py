@@ -7,9 +7,9 @@ starts, so the runtime's environment allowlist never sees it):
 
 * ``corrupt-weight=NAME`` — every worker negates parameter NAME after loading and authenticating
   the weights (the loader's ``test_corrupt_weight`` hook): the canary must fail the boot.
-* ``failing-device-after=N`` — the GPUs are one :class:`FailingDeviceAttesterDouble` (a sample
-  device whose watchdog re-checks pass N times, then report the GPU gone), handed to the runtime
-  through its device-attester seam (:class:`runtime.seams.BootSeams`).
+* ``failing-device-after=N`` — the GPUs are one sample device whose watchdog re-checks pass N
+  times, then report the GPU gone (:class:`FailingRecheckDouble`, handed to the runtime through
+  its device-gate seam, :class:`runtime.seams.BootSeams`).
 
 Nothing here is reachable from the installed ``enclave-serve``: this module lives in ``tests``.
 """
@@ -19,24 +19,27 @@ from __future__ import annotations
 import os
 import sys
 
-from attest.tee.attester import DeviceGate
-from attest.tee.sample.attester import UnsafeSampleDeviceAttester
+from attest.tee.attester import DeviceAttester, DeviceGate
+from attest.tee.select import gate_device
 from foundation.errors import VerificationError
 
 
-class FailingDeviceAttesterDouble(UnsafeSampleDeviceAttester):
-    """Test double: passes the boot gate and ``passes`` watchdog re-checks, then fails."""
+class FailingRecheckDouble:
+    """Test double of the device gate: the boot's gate and ``passes`` watchdog re-checks are the
+    real one; every later re-check fails."""
 
     def __init__(self, passes: int) -> None:
-        super().__init__(allow_insecure=True)
         self.passes = passes
         self.rechecks = 0
 
-    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
-        self.rechecks += 1
-        if self.rechecks > self.passes:
-            raise VerificationError("GPU 0 (test double) no longer answers with valid evidence")
-        return super().recheck(expected_count=expected_count)
+    def __call__(
+        self, device: DeviceAttester, *, expected_count: int | None = None, recheck: bool = False
+    ) -> DeviceGate:
+        if recheck:
+            self.rechecks += 1
+            if self.rechecks > self.passes:
+                raise VerificationError("GPU 0 (test double) no longer answers with valid evidence")
+        return gate_device(device, expected_count=expected_count, recheck=recheck)
 
 
 def main() -> int:
@@ -53,8 +56,7 @@ def main() -> int:
     if kind == "corrupt-weight":
         runtime.boot.Runtime.loader_test_hooks = {"test_corrupt_weight": value}
     elif kind == "failing-device-after":
-        device = FailingDeviceAttesterDouble(int(value))
-        seams = BootSeams(devices=lambda **_kw: [device])
+        seams = BootSeams(device_gate=FailingRecheckDouble(int(value)))
         # The run command (registered by the parser cli_main builds) boots with these seams.
         runtime.commands.run.run = functools.partial(runtime.commands.run.run, seams=seams)  # type: ignore[assignment]
     elif kind:

@@ -63,7 +63,7 @@ def test_the_providers_policy_verifies_on_the_users_side(enclave: Enclave) -> No
 
 def test_a_recorded_policy_passes_and_pins_what_runs(enclave: Enclave, tmp_path: Path) -> None:
     """The shared enclave was launched with init-data (``--sample-init-data``): ``policy record``
-    pins its digest. Without init-data it refuses (tests/runtime/test_policy_commands.py)."""
+    pins its digest. Without init-data it refuses (tests/runtime/commands/test_policy.py)."""
     recorded = tmp_path / "recorded.toml"
     record = subprocess.run(
         [ES, "policy", "record", enclave.url, "-o", str(recorded), "--allow-insecure-sample-tee"],

@@ -28,7 +28,7 @@ ADMIN_TOKEN = b"test-admin-token-0123456789abcdef"
 
 
 class ManualClock:
-    """A wall clock for the dev KBS that tests can move forward."""
+    """Test double of the dev KBS's wall clock: the real time plus an offset tests move forward."""
 
     def __init__(self) -> None:
         self.offset = 0.0
@@ -38,6 +38,22 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
+
+
+class SteppedTime:
+    """Test double of the monotonic clock and ``sleep`` a client is given: sleeping advances the
+    clock, nothing waits; every sleep is recorded."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tests.kbs.support import (
     ADMIN_TOKEN,
     Handler,
     Reply,
+    SteppedTime,
     closed_port_url,
     make_pki,
     run_dev_kbs,
@@ -39,21 +40,6 @@ from tests.kbs.support import (
 FAST = RetryPolicy(
     max_attempts=4, initial_backoff_s=0.5, max_backoff_s=2.0, jitter=0.0, request_timeout_s=5.0
 )
-
-
-class SteppedTime:
-    """Injected monotonic clock + sleep: sleeping advances the clock, nothing waits."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import pytest
@@ -12,8 +11,8 @@ from attest.kbs.dev.policy import PolicyDenied, PolicyRule, ResourcePolicy
 from attest.kbs.teekey import TeeKeyPair
 from attest.kbs.token import SubmodClaims, TokenClaims
 from attest.kbs.wire import Attestation, CompositeEvidence, RuntimeData
+from tests.vector_files import vector
 
-VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "kbs"
 MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
 
 
@@ -87,7 +86,7 @@ def test_policy_json_round_trip_and_rego_is_refused() -> None:
 
 
 def test_trustee_snp_evidence_reaches_the_snp_verifier_and_fails_closed_on_binding(kbs_url: str) -> None:
-    evidence = json.loads((VECTORS / "evidence.json").read_bytes())
+    evidence = json.loads(vector("kbs", "evidence.json"))
     key = TeeKeyPair.generate("ec")
     with httpx.Client() as http:
         auth = http.post(

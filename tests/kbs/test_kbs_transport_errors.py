@@ -20,22 +20,15 @@ from foundation.errors import ConfigError, KeyBrokerUnreachable
 from foundation.secret import SecretBytes
 from runtime.settings import resolve
 from tests.kbs.conftest import MODEL_KEY
-from tests.kbs.support import ADMIN_TOKEN, Reply, closed_port_url, make_pki, run_dev_kbs, scripted_server
-
-
-class SteppedTime:
-    """Injected monotonic clock + sleep: sleeping advances the clock, nothing waits."""
-
-    def __init__(self) -> None:
-        self.now = 5000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from tests.kbs.support import (
+    ADMIN_TOKEN,
+    Reply,
+    SteppedTime,
+    closed_port_url,
+    make_pki,
+    run_dev_kbs,
+    scripted_server,
+)
 
 
 def _client(url: str, stepped: SteppedTime, **kwargs: Any) -> KbsClient:

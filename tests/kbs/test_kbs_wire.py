@@ -6,7 +6,6 @@ import base64
 import contextlib
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import rfc8785
@@ -30,8 +29,7 @@ from attest.kbs.wire import (
     parse_tee_pubkey,
 )
 from foundation.resource import ResourceUri
-
-VECTORS = Path(__file__).resolve().parent.parent / "vectors" / "kbs"
+from tests.vector_files import vector
 
 # trustee attestation-service/src/lib.rs tests (reference doc §1.5).
 JCS_VECTOR_INPUT = {"b": 1, "a": "test", "c": {"d": "e"}}
@@ -75,7 +73,7 @@ def test_unknown_jwk_members_are_dropped_as_serde_does() -> None:
 
 
 def test_trustee_evidence_posts_through_the_wire_models_unchanged() -> None:
-    raw = (VECTORS / "evidence.json").read_bytes()
+    raw = vector("kbs", "evidence.json")
     assert (
         hashlib.sha256(raw).hexdigest() == "3c7d1e6a3575beb6b7632e2a08123d45de9c9128a357a0bd3f97630ef4b1ac3d"
     )

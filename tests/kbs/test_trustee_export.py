@@ -50,9 +50,10 @@ from attest.verify.workload import (
 )
 from foundation.errors import MalformedEvidence
 from foundation.secret import SecretBytes
-from tests.attest.support import HOPPER_NONCE, NOW, vector, workload_pins
+from tests.attest.support import HOPPER_NONCE, NOW, workload_pins
 from tests.kbs.support import ADMIN_TOKEN
 from tests.kbs.trustee_support import allows, token, trustee_releases
+from tests.vector_files import vector
 
 PATH = "models/llama/key"
 MODEL = "sha256:" + "ab" * 32

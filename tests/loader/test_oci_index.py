@@ -28,7 +28,7 @@ from loader.oci.index import (
 from loader.oci.layers import LayerKeys, read_side_files
 from loader.oci.ocicrypt import LayerKey, private_key_from_pem
 from loader.oci.reference import ImageReference
-from loader.oci.stream import StreamedLayer
+from loader.oci.stream import STREAM_PIECE_BYTES, StreamedLayer
 from loader.oci.windows import OciTensorSource, image_sources
 from tests import oci_support as oci
 from tests.loader.conftest import as_bytes
@@ -57,6 +57,20 @@ def _copy(images: dict[str, tuple[Path, str]], name: str, tmp_path: Path) -> tup
     layout, digest = images[name]
     shutil.copytree(layout, tmp_path / name)
     return tmp_path / name, digest
+
+
+def _damaged(images: dict[str, tuple[Path, str]], tmp_path: Path, edit: str) -> tuple[LayoutStore, OciImage]:
+    """A copy of the EC image whose weight layer 3 fails its HMAC, its digest, or is truncated."""
+    layout, digest = _copy(images, "ec", tmp_path)
+    size = int(str(oci.layer(layout, digest, 3)["size"]))
+    if edit == "hmac":
+        digest = oci.flip_layer_byte(layout, digest, 3, offset=size - 40, redigest=True)
+    elif edit == "digest":
+        oci.flip_layer_byte(layout, digest, 3, offset=size - 40)
+    else:
+        oci.truncate_layer(layout, digest, 3, keep=size - 1000)
+    store = LayoutStore(layout)
+    return store, load_image(store, digest)
 
 
 def test_ctr_decryption_is_seekable() -> None:
@@ -145,16 +159,7 @@ def test_the_pass_refuses_a_bad_layer(
     images: dict[str, tuple[Path, str]], keys: dict[str, oci.Recipient], tmp_path: Path,
     edit: str, error: type[Exception], message: str,
 ) -> None:  # fmt: skip
-    layout, digest = _copy(images, "ec", tmp_path)
-    size = int(str(oci.layer(layout, digest, 3)["size"]))
-    if edit == "hmac":
-        digest = oci.flip_layer_byte(layout, digest, 3, offset=size - 40, redigest=True)
-    elif edit == "digest":
-        oci.flip_layer_byte(layout, digest, 3, offset=size - 40)
-    else:
-        oci.truncate_layer(layout, digest, 3, keep=size - 1000)
-    store = LayoutStore(layout)
-    image = load_image(store, digest)
+    store, image = _damaged(images, tmp_path, edit)
     with pytest.raises(error, match=message):
         _indexed(store, image, keys["ec"].private)
 
@@ -250,16 +255,7 @@ def test_a_streamed_layer_that_fails_a_check_raises_at_its_end(
     edit: str, error: type[Exception], message: str,
 ) -> None:  # fmt: skip
     """Written, then wiped: the engine raises from the iterator (the loader then zeroes every parameter)."""
-    layout, digest = _copy(images, "ec", tmp_path)
-    size = int(str(oci.layer(layout, digest, 3)["size"]))
-    if edit == "hmac":
-        digest = oci.flip_layer_byte(layout, digest, 3, offset=size - 40, redigest=True)
-    elif edit == "digest":
-        oci.flip_layer_byte(layout, digest, 3, offset=size - 40)
-    else:
-        oci.truncate_layer(layout, digest, 3, keep=size - 1000)
-    store = LayoutStore(layout)
-    image = load_image(store, digest)
+    store, image = _damaged(images, tmp_path, edit)
     copied = 0
     with (
         pytest.raises(error, match=message),
@@ -282,3 +278,31 @@ def test_a_streamed_tensor_copied_long_after_is_refused(
         _, first = held[0]
         with pytest.raises(ModelDecryptionError, match="failed authentication"):
             torch.empty(first.shape, dtype=first.dtype).copy_(first)
+
+
+def test_tensors_the_model_skips_are_dropped_without_stalling_the_stream(
+    images: dict[str, tuple[Path, str]], keys: dict[str, oci.Recipient], reference: dict[str, torch.Tensor]
+) -> None:
+    """A model that copies none of a file's tensors (as vLLM skips unused weights): the reader goes
+    on within its bound, hashing and recycling what nobody will decrypt, and the layer checks run."""
+    layout, digest = images["ec"]
+    store = LayoutStore(layout)
+    image = load_image(store, digest)
+    sources = _streamed(store, image, keys["ec"].private, budget_bytes=2 * STREAM_PIECE_BYTES)
+    with LazyCheckpoint(sources, threads=2) as lazy:
+        names = [name for name, _ in lazy.tensors()]
+    assert sorted(names) == sorted(reference)
+    assert all(s._pool.count <= s._pool.limit for s in sources)  # never grew past its bound
+
+
+def test_a_streamed_tensor_is_decrypted_once(
+    images: dict[str, tuple[Path, str]], keys: dict[str, oci.Recipient]
+) -> None:
+    layout, digest = images["ec"]
+    store = LayoutStore(layout)
+    image = load_image(store, digest)
+    with LazyCheckpoint(_streamed(store, image, keys["ec"].private), threads=1) as lazy:
+        _, tensor = next(iter(lazy.tensors()))
+        torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
+        with pytest.raises(ModelDecryptionError):
+            torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)

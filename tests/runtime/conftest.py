@@ -1,8 +1,10 @@
-"""Fixtures for the runtime tests: the demo model packed once, and vLLM's own parser."""
+"""Fixtures for the runtime tests: the demo model packed once, vLLM's own parser, and a private
+directory."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from foundation.secret import SecretBytes
 from loader.packer import pack_model
 from runtime.demo_model import build_demo_model
+from runtime.private import PrivateDirectory
 
 KEY = SecretBytes(bytes(range(32)))
 KEY_ID = "kbs:///enclave-serve/model-key/tiny"
@@ -29,3 +32,13 @@ def parser() -> argparse.ArgumentParser:
     from runtime.vllm_args import vllm_parser
 
     return vllm_parser()
+
+
+@pytest.fixture
+def private() -> Iterator[PrivateDirectory]:
+    """A private directory under /dev/shm (the pod-wide tmpfs, allowed as shared), removed after."""
+    directory = PrivateDirectory.create(Path("/dev/shm"), allow_insecure_shared=True)
+    try:
+        yield directory
+    finally:
+        directory.remove()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from runtime.private import PrivateDirectory
 
 ENV = {"PATH": "/usr/bin", "HOME": "/root", "LANG": "C.UTF-8", "VLLM_CPU_KVCACHE_SPACE": "1"}
 ARGS = ("--enforce-eager", "--max-model-len", "512", "--served-model-name", "tiny")
-
-
-@pytest.fixture
-def private() -> Iterator[PrivateDirectory]:
-    directory = PrivateDirectory.create(Path("/dev/shm"), allow_insecure_shared=True)
-    try:
-        yield directory
-    finally:
-        directory.remove()
 
 
 def run_config(model: Path, **kw: object) -> RunConfig:

@@ -12,7 +12,6 @@ import argparse
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ ENV = {"PATH": "/usr/bin", "HOME": "/root", "LANG": "C.UTF-8", "VLLM_CPU_KVCACHE
 def model(packed_demo: Path, tmp_path: Path) -> Path:
     """A private copy of the packed demo model, free to damage."""
     return Path(shutil.copytree(packed_demo, tmp_path / "encrypted"))
-
-
-@pytest.fixture
-def private() -> Iterator[PrivateDirectory]:
-    directory = PrivateDirectory.create(Path("/dev/shm"), allow_insecure_shared=True)
-    try:
-        yield directory
-    finally:
-        directory.remove()
 
 
 def shard_of(model: Path) -> tuple[str, int]:

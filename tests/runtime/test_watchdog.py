@@ -9,8 +9,10 @@ import logging
 import pytest
 from prometheus_client import CollectorRegistry
 
-from attest.tee.attester import DeviceGate
+from attest.tee.attester import DeviceAttester, DeviceGate
 from attest.tee.sample.attester import UnsafeSampleAttester, UnsafeSampleDeviceAttester
+from attest.tee.sample.evidence import SampleDeviceEvidence
+from attest.tee.select import gate_device
 from foundation.errors import AttestationError, VerificationError
 from foundation.logs import JsonFormatter, set_stage_provider
 from runtime.watchdog import Watchdog
@@ -18,18 +20,19 @@ from server.metrics import Metrics
 
 
 class FailingDeviceAttesterDouble(UnsafeSampleDeviceAttester):
-    """Test double: a device whose re-checks pass ``passes`` times, then find the GPU gone."""
+    """Test double: a device whose evidence (one per gate run) comes ``passes`` times, then finds
+    the GPU gone."""
 
     def __init__(self, passes: int) -> None:
         super().__init__(allow_insecure=True)
         self.passes = passes
         self.calls = 0
 
-    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
+    def collect(self, runtime_data: bytes) -> SampleDeviceEvidence:
         self.calls += 1
         if self.calls > self.passes:
             raise VerificationError("GPU 0 (GPU-test) is no longer in confidential-computing mode")
-        return super().recheck(expected_count=expected_count)
+        return super().collect(runtime_data)
 
 
 def watchdog(device: UnsafeSampleDeviceAttester, registry: CollectorRegistry, **kw: object) -> Watchdog:
@@ -128,37 +131,40 @@ def test_json_log_lines_carry_the_stage_and_no_traceback_text() -> None:
     assert body["exc_type"] == "ValueError" and "secret-looking" not in line
 
 
-class ChangingDeviceAttesterDouble(UnsafeSampleDeviceAttester):
-    """Test double: a genuine device whose identity facts change after boot (a swapped GPU)."""
+class ChangingGateDouble:
+    """Test double of the device gate: the real sample gate, reporting a GPU UUID that changes
+    after boot (a swapped GPU that still verifies)."""
 
     def __init__(self) -> None:
-        super().__init__(allow_insecure=True)
         self.uuid = "GPU-boot"
 
-    def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
-        gate = super().recheck(expected_count=expected_count)
+    def __call__(
+        self, device: DeviceAttester, *, expected_count: int | None = None, recheck: bool = False
+    ) -> DeviceGate:
+        gate = gate_device(device, expected_count=expected_count, recheck=recheck)
         return DeviceGate(tee=gate.tee, devices=1, steps=gate.steps, facts={"gpus": [{"uuid": self.uuid}]})
 
 
 def test_a_device_that_still_verifies_but_changed_since_boot_fails_the_round() -> None:
-    device = ChangingDeviceAttesterDouble()
-    boot = device.recheck()
-    dog = watchdog(device, CollectorRegistry(), baseline=[boot])
+    device = UnsafeSampleDeviceAttester(allow_insecure=True)
+    gate = ChangingGateDouble()
+    boot = gate(device)
+    dog = watchdog(device, CollectorRegistry(), baseline=[boot], gate=gate)
     dog.check()
-    device.uuid = "GPU-swapped"
+    gate.uuid = "GPU-swapped"
     with pytest.raises(AttestationError, match=r"changed since boot.*GPU-swapped"):
         dog.check()
 
 
 def test_a_stalled_round_counts_as_a_failure() -> None:
     class StallingDeviceAttesterDouble(UnsafeSampleDeviceAttester):
-        """Test double: a re-check that never returns in time."""
+        """Test double: a device whose evidence for a re-check never comes in time."""
 
-        def recheck(self, *, expected_count: int | None = None) -> DeviceGate:
+        def collect(self, runtime_data: bytes) -> SampleDeviceEvidence:
             import time
 
             time.sleep(0.5)
-            return super().recheck(expected_count=expected_count)
+            return super().collect(runtime_data)
 
     dog = watchdog(StallingDeviceAttesterDouble(allow_insecure=True), CollectorRegistry())
     dog.timeout_s = 0.05

@@ -30,7 +30,13 @@ from attest.tee.policyparts import (
 from attest.tee.result import VerificationResult
 from foundation.errors import PolicyViolation
 
-__all__ = ["SECTION", "GpuRules", "GpuSection"]
+__all__ = ["SAMPLE_DEVICE_VERSION", "SECTION", "GpuRules", "GpuSection"]
+
+#: The driver and VBIOS version a policy recorded from sample devices pins. Their evidence
+#: (Trustee's *sampledevice*: an SVN and the report data) claims neither; no real GPU reports this
+#: value, so such a policy is complete (``driver`` and ``vbios`` are required when ``count`` > 0)
+#: and refuses every real GPU. Sample devices themselves are never checked against these rules.
+SAMPLE_DEVICE_VERSION = "sample"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,19 +169,28 @@ class GpuSection:
         return out
 
     def record(self, results: Sequence[VerificationResult], notes: list[str]) -> GpuRules | None:
-        """Pin the GPUs' count, architectures, drivers and VBIOS versions (sample devices: count)."""
+        """Pin the GPUs' count, architectures, drivers and VBIOS versions, from their claims.
+
+        Sample devices claim no driver or VBIOS: they are pinned as :data:`SAMPLE_DEVICE_VERSION`,
+        which keeps the recorded policy valid (``driver`` and ``vbios`` are required when
+        ``count`` > 0) and refuses any real GPU.
+        """
         gpus = [g for d in results if isinstance(d.claims, NvidiaClaims) for g in d.claims.gpus]
         samples = [d for d in results if d.insecure]
-        if gpus:
-            return GpuRules(
-                count=len(gpus),
-                arch=tuple(sorted({g.arch.upper() for g in gpus})),
-                driver=tuple(sorted({g.driver_version or "" for g in gpus})),
-                vbios=tuple(sorted({(g.vbios_version or "").lower() for g in gpus})),
-            )
+        if not gpus and not samples:
+            return None
+        driver = {g.driver_version or "" for g in gpus}
+        vbios = {(g.vbios_version or "").lower() for g in gpus}
         if samples:
-            return GpuRules(count=len(samples))
-        return None
+            driver.add(SAMPLE_DEVICE_VERSION)
+            vbios.add(SAMPLE_DEVICE_VERSION)
+            notes.append("INSECURE: GPUs recorded from sample devices, whose evidence proves nothing")
+        return GpuRules(
+            count=len(gpus) + len(samples),  # what the check counts
+            arch=tuple(sorted({g.arch.upper() for g in gpus})) or None,
+            driver=tuple(sorted(driver)),
+            vbios=tuple(sorted(vbios)),
+        )
 
     def trustee(self, rules: object) -> TrusteeRules:
         """Return ``[gpu]`` as Rego conditions over Trustee's local NVIDIA verifier's claims."""

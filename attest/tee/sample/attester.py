@@ -6,7 +6,7 @@ import logging
 from typing import ClassVar
 
 from attest.evidence import TeeKind
-from attest.tee.attester import Attester, DeviceAttester, DeviceGate
+from attest.tee.attester import Attester, DeviceAttester
 from attest.tee.sample.evidence import SAMPLE_INIT_DATA_SIZE, SampleDeviceEvidence, SampleEvidence
 from foundation.errors import AttestationError
 
@@ -79,21 +79,6 @@ class UnsafeSampleDeviceAttester(DeviceAttester):
 
     def collect(self, runtime_data: bytes) -> SampleDeviceEvidence:
         return SampleDeviceEvidence(report_data=bytes(runtime_data))
-
-    def gate(self, *, expected_count: int | None = None) -> DeviceGate:
-        """Run the sample gate (:func:`attest.tee.sample.gate.gate`), attached or not.
-
-        Transitional: the watchdog and its tests call ``gate``/``recheck`` on sample devices they
-        build themselves; the gate is imported when called, through the one import edge the
-        "attesters import no verifier" contract names (until they call
-        :func:`attest.tee.select.gate_device`).
-
-        Raises:
-            VerificationError: the evidence does not verify, or ``expected_count`` is not 1.
-        """
-        from attest.tee.sample.gate import gate
-
-        return gate(self, expected_count=expected_count)
 
 
 def sample_init_data_register(attester: Attester, nonce: bytes) -> bytes:

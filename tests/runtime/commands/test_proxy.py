@@ -1,4 +1,4 @@
-"""``enclave-serve proxy`` and ``verify --replicas`` against real TLS replicas behind a balancer."""
+"""``enclave-serve proxy`` against real TLS replicas behind a balancer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -15,26 +14,10 @@ import uvicorn
 from attest.client import Verifier, proxy_app
 from attest.client.proxy import REPLICA_HEADER, VERIFIED_PATH
 from foundation.errors import ConfigError
-from runtime.cli import main
 from runtime.commands.proxy import parse_listen
-from tests.attest.replicas import MODEL, OTHER_CONFIG, POLICY, POLICY_TOML, ReplicaServer, RoundRobin
+from tests.attest.replicas import MODEL, POLICY, ReplicaServer, RoundRobin
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hello!"}]}
-
-
-@pytest.fixture
-def replicas() -> Iterator[tuple[ReplicaServer, ReplicaServer, ReplicaServer]]:
-    servers = (ReplicaServer("a"), ReplicaServer("b"), ReplicaServer("c", OTHER_CONFIG))
-    yield servers
-    for server in servers:
-        server.stop()
-
-
-@pytest.fixture
-def balancer(replicas: tuple[ReplicaServer, ...]) -> Iterator[RoundRobin]:
-    lb = RoundRobin(list(replicas))
-    yield lb
-    lb.close()
 
 
 class Proxy:
@@ -133,27 +116,3 @@ def test_other_listen_addresses_need_the_insecure_flag(listen: str) -> None:
 def test_malformed_listen_addresses_are_refused(listen: str) -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
         parse_listen(listen, allow_non_loopback=True)
-
-
-def test_verify_replicas_prints_one_line_per_replica_and_fails_on_a_refused_one(
-    replicas: tuple[ReplicaServer, ...],
-    balancer: RoundRobin,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    a, b, c = replicas
-    policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY_TOML)
-    args = ["verify", balancer.url, "--replicas", "6", "--policy", str(policy), "--allow-insecure-sample-tee"]
-    assert main(args) == 1
-    out = capsys.readouterr().out
-    lines = [line for line in out.splitlines() if not line.startswith(" ")]
-    assert lines[0].endswith("3 distinct in 6 connection(s)")
-    by_key = {line.split()[0]: line for line in lines[1:]}
-    assert set(by_key) == {a.tls.spki_sha256, b.tls.spki_sha256, c.tls.spki_sha256}
-    assert " verified " in by_key[a.tls.spki_sha256] and MODEL in by_key[a.tls.spki_sha256]
-    assert "NOT VERIFIED (policy:workload.config)" in by_key[c.tls.spki_sha256]
-    assert f"config sha256:{OTHER_CONFIG.sha256}" in by_key[c.tls.spki_sha256]
-    balancer.backends.remove(c)
-    assert main(args) == 0
-    assert "2 distinct in 6 connection(s)" in capsys.readouterr().out

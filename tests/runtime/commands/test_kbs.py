@@ -1,13 +1,11 @@
-"""``enclave-serve kbs-dev`` as a real process, ``enclave-serve kbs ...`` against it as processes."""
+"""``enclave-serve kbs ...`` as processes, against ``enclave-serve kbs-dev`` as a real process."""
 
 from __future__ import annotations
 
 import json
 import os
 import select
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,15 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.kbs.support import ADMIN_TOKEN
-
-
-def _cli() -> list[str]:
-    exe = shutil.which("enclave-serve", path=str(Path(sys.executable).parent))
-    return [exe] if exe else [sys.executable, "-m", "runtime.cli"]
-
-
-def _run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*_cli(), *args], capture_output=True, text=True, timeout=timeout, check=False)
+from tests.runtime.commands.support import enclave_serve, es
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +25,7 @@ def kbs_dev_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     preload.write_bytes(b"preloaded-key")
     proc = subprocess.Popen(
         [
-            *_cli(),
+            *enclave_serve(),
             "kbs-dev",
             "--host",
             "127.0.0.1",
@@ -81,7 +71,7 @@ def test_set_resource_then_fetch_with_the_sample_tee(kbs_dev_process: tuple[str,
     url, directory = kbs_dev_process
     key = os.urandom(32)
     (directory / "model.key").write_bytes(key)
-    uploaded = _run(
+    uploaded = es(
         "kbs",
         "set-resource",
         "--url",
@@ -95,7 +85,7 @@ def test_set_resource_then_fetch_with_the_sample_tee(kbs_dev_process: tuple[str,
     )
     assert uploaded.returncode == 0, uploaded.stderr
     out, receipt = directory / "fetched.key", directory / "receipt.json"
-    fetched = _run(
+    fetched = es(
         "kbs",
         "fetch",
         "kbs:///default/llama/key",
@@ -118,12 +108,3 @@ def test_set_resource_then_fetch_with_the_sample_tee(kbs_dev_process: tuple[str,
     assert document["source"] == "kbs" and document["insecure"] is True
     assert document["receipt"]["devices"] == ["sampledevice"]
     assert key.hex() not in fetched.stdout + fetched.stderr
-
-
-def test_kbs_dev_has_no_reference_values_flag(tmp_path: Path) -> None:
-    token = tmp_path / "admin-token"
-    token.write_bytes(ADMIN_TOKEN)
-    refused = _run(
-        "kbs-dev", "--admin-token-file", str(token), "--reference-values", str(tmp_path / "rv.json")
-    )
-    assert refused.returncode == 2 and "unrecognized arguments: --reference-values" in refused.stderr

@@ -1,17 +1,18 @@
-"""kbs-dev as a process: SIGTERM and SIGINT are a requested stop (exit 0, one line), not a death."""
+"""``enclave-serve kbs-dev`` as a process: its flags, and SIGTERM and SIGINT as a requested stop
+(exit 0, one line), not a death."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-ES = str(Path(sys.executable).parent / "enclave-serve")
+from tests.kbs.support import ADMIN_TOKEN
+from tests.runtime.commands.support import enclave_serve, es
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -20,7 +21,7 @@ def test_kbs_dev_exits_0_on_a_stop_signal(signum: signal.Signals, tmp_path: Path
     token.write_text("a-development-admin-token-of-some-length")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [ES, "kbs-dev", "--host", "127.0.0.1", "--port", "0", "--admin-token-file", str(token)],
+        [*enclave_serve(), "kbs-dev", "--host", "127.0.0.1", "--port", "0", "--admin-token-file", str(token)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
     )  # fmt: skip
     try:
@@ -39,3 +40,10 @@ def test_kbs_dev_exits_0_on_a_stop_signal(signum: signal.Signals, tmp_path: Path
     assert proc.returncode == 0, "".join(lines) + out
     assert f"kbs-dev stopped on {signum.name}" in out
     assert "Traceback" not in out
+
+
+def test_kbs_dev_has_no_reference_values_flag(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_bytes(ADMIN_TOKEN)
+    refused = es("kbs-dev", "--admin-token-file", str(token), "--reference-values", str(tmp_path / "rv.json"))
+    assert refused.returncode == 2 and "unrecognized arguments: --reference-values" in refused.stderr

@@ -1,70 +1,31 @@
-"""``enclave-serve evidence`` and ``enclave-serve inspect`` through the real CLI entry point."""
+"""``enclave-serve inspect`` through the real CLI entry point."""
 
 from __future__ import annotations
 
 import base64
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from attest.tee.tdx.quote import TdxEvidence
 from runtime.cli import main
-from tests.attest.support import HOPPER_NONCE, VECTORS, WINDOW_END, WINDOW_MID
-
-
-def _json(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) -> dict[str, Any]:
-    assert main(argv) == code
-    out: dict[str, Any] = json.loads(capsys.readouterr().out)
-    return out
-
-
-def test_evidence_status(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _json(capsys, ["evidence", "--json", "--gpus", "none"])
-    assert set(out["tees"]) == {"tdx", "snp", "sample"}
-    assert out["devices"] == []
-
-
-def test_evidence_sample_nonce(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = [
-        "evidence",
-        "--tee",
-        "sample",
-        "--allow-insecure-sample-tee",
-        "--gpus",
-        "sample",
-        "--nonce",
-        "0011",
-        "--json",
-    ]
-    out = _json(capsys, argv)
-    assert out["tee"] == "sample" and out["insecure"] is True
-    assert base64.b64decode(out["evidence"]["report_data"]) == b"\x00\x11"
-    assert out["additional_evidence"]["sampledevice"]["svn"] == "2"
-
-
-def test_evidence_sample_needs_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evidence", "--tee", "sample", "--nonce", "00"]) == 1
-    assert "--allow-insecure-sample-tee" in capsys.readouterr().err
-
-
-def test_evidence_bad_nonce(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evidence", "--tee", "sample", "--allow-insecure-sample-tee", "--nonce", "zz"]) == 1
-    assert main(["evidence", "--tee", "sample", "--allow-insecure-sample-tee", "--nonce", "00" * 65]) == 1
+from tests.attest.support import HOPPER_NONCE, WINDOW_END, WINDOW_MID
+from tests.runtime.commands.support import main_json
+from tests.vector_files import vector, vector_path
 
 
 def test_inspect_tdx_with_collateral(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "inspect",
-        str(VECTORS / "tdx/tdx_quote"),
+        str(vector_path("tdx/tdx_quote")),
         "--collateral",
-        str(VECTORS / "tdx/tdx_quote_collateral.json"),
+        str(vector_path("tdx/tdx_quote_collateral.json")),
         "--at",
         str(WINDOW_MID),
         "--json",
     ]
-    out = _json(capsys, argv)
+    out = main_json(capsys, argv)
     assert out["type"] == "tdx_quote" and out["encoding"] == "raw"
     assert out["mrtd"].startswith("91eb2b44d141d4ec")
     assert out["rtmr2"].startswith("d833feef")
@@ -75,17 +36,17 @@ def test_inspect_tdx_with_collateral(capsys: pytest.CaptureFixture[str]) -> None
 def test_inspect_tdx_expired_collateral(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "inspect",
-        str(VECTORS / "tdx/tdx_quote"),
+        str(vector_path("tdx/tdx_quote")),
         "--collateral",
-        str(VECTORS / "tdx/tdx_quote_collateral.json"),
+        str(vector_path("tdx/tdx_quote_collateral.json")),
     ]
-    out = _json(capsys, [*argv, "--at", str(WINDOW_END + 1), "--json"], code=1)
+    out = main_json(capsys, [*argv, "--at", str(WINDOW_END + 1), "--json"], code=1)
     assert "CrlExpired" in out["error"]
     assert out["signature_valid"] is True  # the signatures were fine; the collateral was not
 
 
 def test_inspect_tdx_offline_human_output(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["inspect", str(VECTORS / "tdx/tdx_quote_4.dat"), "--at", "2025-07-04T00:00:00Z"]) == 0
+    assert main(["inspect", str(vector_path("tdx/tdx_quote_4.dat")), "--at", "2025-07-04T00:00:00Z"]) == 0
     text = capsys.readouterr().out
     assert "705ee9381b8633a9" in text
     assert "[passed ] qe_report_signature" in text
@@ -96,7 +57,7 @@ def test_inspect_tdx_offline_human_output(capsys: pytest.CaptureFixture[str]) ->
 def test_inspect_recognises_encodings(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, encoding: str
 ) -> None:
-    raw = (VECTORS / "tdx/tdx_quote_4.dat").read_bytes()
+    raw = vector("tdx/tdx_quote_4.dat")
     path = tmp_path / "quote"
     if encoding == "hex":
         path.write_text(raw.hex())
@@ -104,26 +65,36 @@ def test_inspect_recognises_encodings(
         path.write_text(base64.b64encode(raw).decode())
     else:
         path.write_text(json.dumps(TdxEvidence(quote=raw).to_json()))
-    out = _json(capsys, ["inspect", str(path), "--json", "--at", str(WINDOW_MID)])
+    out = main_json(capsys, ["inspect", str(path), "--json", "--at", str(WINDOW_MID)])
     assert out["encoding"] == encoding
     assert out["report_data"].startswith("7c71fe2c")
 
 
 def test_inspect_snp_needs_a_chain_to_verify(capsys: pytest.CaptureFixture[str]) -> None:
-    report = str(VECTORS / "snp/test-report.bin")
-    out = _json(capsys, ["inspect", report, "--json"])
+    report = str(vector_path("snp/test-report.bin"))
+    out = main_json(capsys, ["inspect", report, "--json"])
     assert out["type"] == "snp_report" and out["verification"] is None and out["signature_valid"] is None
     assert out["measurement"].startswith("a1f3930413247bb3")
-    out = _json(
+    out = main_json(
         capsys,
-        ["inspect", report, "--chain", str(VECTORS / "snp/test-vcek.der"), "--json", "--at", str(WINDOW_MID)],
+        [
+            "inspect",
+            report,
+            "--chain",
+            str(vector_path("snp/test-vcek.der")),
+            "--json",
+            "--at",
+            str(WINDOW_MID),
+        ],
     )
     assert out["signature_valid"] is True
     assert out["chip_id"].startswith("c38427a30d4c7af9")
 
 
 def test_inspect_trustee_snp_json(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _json(capsys, ["inspect", str(VECTORS / "kbs/evidence.json"), "--json", "--at", str(WINDOW_MID)])
+    out = main_json(
+        capsys, ["inspect", str(vector_path("kbs/evidence.json")), "--json", "--at", str(WINDOW_MID)]
+    )
     assert out["encoding"] == "trustee-json" and out["product"] == "Genoa"
     assert out["signature_valid"] is True and out["verification"]["ok"] is True
 
@@ -131,12 +102,12 @@ def test_inspect_trustee_snp_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_inspect_nvidia_hex_with_chain(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "inspect",
-        str(VECTORS / "nvidia/hopperAttestationReport.txt"),
+        str(vector_path("nvidia/hopperAttestationReport.txt")),
         "--chain",
-        str(VECTORS / "nvidia/hopperCertChain.txt"),
+        str(vector_path("nvidia/hopperCertChain.txt")),
         "--json",
     ]
-    out = _json(capsys, argv)
+    out = main_json(capsys, argv)
     assert out["type"] == "nvidia_report" and out["encoding"] == "hex"
     assert out["nonce"] == HOPPER_NONCE.hex()
     assert out["driver_version"] == "550.90.07" and out["vbios_version"] == "96.00.9f.00.01"
@@ -147,9 +118,9 @@ def test_inspect_accepts_the_trailing_byte_and_says_so(capsys: pytest.CaptureFix
     """The CoCo Hopper report (driver 580) has one unsigned byte after the signature."""
     argv = [
         "inspect",
-        str(VECTORS / "nvidia/trustee_hopper_coco_report1.txt"),
+        str(vector_path("nvidia/trustee_hopper_coco_report1.txt")),
         "--chain",
-        str(VECTORS / "nvidia/trustee_hopper_coco_certs1.txt"),
+        str(vector_path("nvidia/trustee_hopper_coco_certs1.txt")),
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -160,21 +131,25 @@ def test_inspect_accepts_the_trailing_byte_and_says_so(capsys: pytest.CaptureFix
 def test_inspect_blackwell_names_the_architecture_from_the_chain(capsys: pytest.CaptureFixture[str]) -> None:
     argv = [
         "inspect",
-        str(VECTORS / "nvidia/trustee_pr1551_blackwell_report.txt"),
+        str(vector_path("nvidia/trustee_pr1551_blackwell_report.txt")),
         "--chain",
-        str(VECTORS / "nvidia/trustee_pr1551_blackwell_certs.txt"),
+        str(vector_path("nvidia/trustee_pr1551_blackwell_certs.txt")),
         "--json",
     ]
-    out = _json(capsys, argv)
+    out = main_json(capsys, argv)
     assert out["arch"] == "BLACKWELL" and out["driver_version"] == "595.58.03"
     assert out["signature_valid"] is True and out["verification"]["ok"] is True
 
 
 def test_inspect_nvat_json_and_versioned_opaque_data(capsys: pytest.CaptureFixture[str]) -> None:
-    out = _json(capsys, ["inspect", str(VECTORS / "nvidia/nvat_evidence_hopper_590_12.json"), "--json"])
+    out = main_json(
+        capsys, ["inspect", str(vector_path("nvidia/nvat_evidence_hopper_590_12.json")), "--json"]
+    )
     assert out["encoding"] == "nvat-json" and out["feature_flag"] == "PPCIE"
     assert out["verification"]["ok"] is True
-    out = _json(capsys, ["inspect", str(VECTORS / "nvidia/nvat_sample_nvdaod_transcript.txt"), "--json"])
+    out = main_json(
+        capsys, ["inspect", str(vector_path("nvidia/nvat_sample_nvdaod_transcript.txt")), "--json"]
+    )
     assert out["opaque_layout"] == "versioned" and out["opaque_header"] == "2.0.0"
     assert out["driver_version"] == "620.12" and out["verification"] is None  # no chain published
 
@@ -185,4 +160,4 @@ def test_inspect_rejects_unknown_files(capsys: pytest.CaptureFixture[str], tmp_p
     assert main(["inspect", str(path)]) == 1
     assert "MalformedEvidence" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "absent")]) == 1
-    assert main(["inspect", str(VECTORS / "tdx/tdx_quote"), "--at", "yesterday"]) == 1
+    assert main(["inspect", str(vector_path("tdx/tdx_quote")), "--at", "yesterday"]) == 1
