@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from foundation.errors import ConfigError, ModelFormatError
 from foundation.secret import SecretBytes
@@ -32,8 +32,10 @@ from loader.manifest import Manifest
 from loader.modelview import stage_model_view, write_view_file
 from loader.oci.blobs import BlobStore, open_store
 from loader.oci.image import OciImage, load_image
-from loader.oci.layers import LayerKeys
 from loader.oci.reference import ImageReference
+
+if TYPE_CHECKING:  # torch: imported only once the runtime has set up its private temporary directory
+    from loader.oci.layers import LayerKeys
 
 __all__ = [
     "MODEL_SOURCES",

@@ -42,3 +42,19 @@ def test_plain_http_is_refused_for_anything_but_a_registry(packed_demo: Path, tm
         prepare_model(str(packed_demo), tmp_path / "view", allow_http=True)
     with pytest.raises(ConfigError, match="docker:// references only"):
         prepare_model(f"oci:{tmp_path}@sha256:" + "a" * 64, tmp_path / "view2", allow_http=True)
+
+
+def test_the_boot_imports_no_torch_before_its_private_temporary_directory_exists() -> None:
+    """torch imports dill, which asks tempfile for a directory at import time: in a read-only
+    container that fails until the runtime has pointed tempfile at its private directory."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runtime.boot, runtime.commands.run, runtime.models; "
+        "print(sorted(m for m in ('torch', 'vllm', 'dill') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "[]"
