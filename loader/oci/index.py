@@ -48,7 +48,7 @@ from loader.oci.blobs import BlobStore
 from loader.oci.ctr import ctr_xor
 from loader.oci.image import OciImage, OciLayer
 from loader.oci.ocicrypt import LayerKey
-from loader.oci.tar import BLOCK, member_name, member_size, padded, parse_header, pax_records
+from loader.oci.tar import BLOCK, member_name, member_size, padded, parse_header, pax_records, read_exact
 
 __all__ = [
     "DEFAULT_UNIT_BYTES",
@@ -339,15 +339,6 @@ def walk_layer(
         files.append(IndexedFile(relative, tuple(tensors)))
 
 
-def _read_exact(blob: Any, view: memoryview, label: str) -> None:
-    got = 0
-    while got < len(view):
-        k = blob.readinto(view[got:])
-        if not k:
-            raise ModelFormatError(f"{label}: the tar stream is truncated")
-        got += k
-
-
 def index_layer(
     store: BlobStore,
     layer: OciLayer,
@@ -388,13 +379,13 @@ def index_layer(
             elif what == "skip":
                 while n > 0:
                     view = memoryview(buf)[: min(n, len(buf))]
-                    _read_exact(blob, view, layer.label)
+                    read_exact(blob, view, f"{layer.label}: the tar stream")
                     mac.update(view)
                     n -= len(view)
                     pos += len(view)
             else:
                 view = memoryview(buf)[:n] if n <= len(buf) else memoryview(bytearray(n))
-                _read_exact(blob, view, layer.label)
+                read_exact(blob, view, f"{layer.label}: the tar stream")
                 mac.update(view)
                 if what == "plain":
                     answer = ctr_decrypt_at(key, pos, view) or b""

@@ -39,7 +39,7 @@ from loader.format import MAX_SAFETENSORS_HEADER, parse_safetensors_header
 from loader.oci.blobs import BlobStore
 from loader.oci.image import OciImage, OciLayer
 from loader.oci.ocicrypt import DecryptingReader, LayerKey, unwrap_layer_key
-from loader.oci.tar import BLOCK, member_name, member_size, parse_header, pax_records
+from loader.oci.tar import BLOCK, member_name, member_size, parse_header, pax_records, read_exact
 from loader.source import TORCH_DTYPES
 from loader.stats import StatsRecorder
 
@@ -420,15 +420,6 @@ class _Aborted(Exception):
     pass
 
 
-def _read_exact(f: Any, view: memoryview, label: str) -> None:
-    got = 0
-    while got < len(view):
-        k = f.readinto(view[got:])
-        if not k:
-            raise ModelFormatError(f"{label} is truncated")
-        got += k
-
-
 def _layer_tensors(
     store: BlobStore,
     layer: OciLayer,
@@ -465,7 +456,7 @@ def _layer_tensors(
                 budget.take(entry.nbytes)
                 out = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
                 if entry.nbytes:
-                    _read_exact(f, memoryview(out.reshape(-1).view(torch.uint8).numpy()), label)  # type: ignore[arg-type]
+                    read_exact(f, memoryview(out.reshape(-1).view(torch.uint8).numpy()), label)  # type: ignore[arg-type]
                 position = entry.end
                 stats.add(label, plaintext=entry.nbytes, ciphertext=0, tensors=1)
                 emit(entry.name, out, entry.nbytes)

@@ -34,6 +34,7 @@ from loader.oci.blobs import BlobStore
 from loader.oci.image import OciLayer
 from loader.oci.index import IndexedFile, ctr_decrypt_at, walk_layer
 from loader.oci.ocicrypt import LayerKey
+from loader.oci.tar import read_exact
 from loader.shard import Piece
 
 __all__ = ["STREAM_PIECE_BYTES", "StreamedLayer"]
@@ -193,13 +194,13 @@ class StreamedLayer:
                     while n > 0:
                         k = min(n, len(skip))
                         chunk = bytearray(k)
-                        _read_exact(blob, memoryview(chunk), layer.label)
+                        read_exact(blob, memoryview(chunk), f"{layer.label}: the tar stream")
                         hashes.put((chunk, None))
                         n -= k
                         pos += k
                 elif what == "plain":
                     data = bytearray(n)
-                    _read_exact(blob, memoryview(data), layer.label)
+                    read_exact(blob, memoryview(data), f"{layer.label}: the tar stream")
                     hashes.put((data, None))
                     answer = ctr_decrypt_at(key, pos, data) or b""
                     pos += n
@@ -221,7 +222,7 @@ class StreamedLayer:
                         if block is None:
                             return  # closed
                         part = memoryview(block)[: min(_PIECE, n - at)]
-                        _read_exact(blob, part, layer.label)
+                        read_exact(blob, part, f"{layer.label}: the tar stream")
                         hashes.put((part, block))
                         with self._arrived:
                             self.bytes_read += len(part)
@@ -371,12 +372,3 @@ class _Hashes:
             q.put(None)
         for t in self._threads:
             t.join()
-
-
-def _read_exact(blob: Any, view: memoryview, label: str) -> None:
-    got = 0
-    while got < len(view):
-        k = blob.readinto(view[got:])
-        if not k:
-            raise ModelFormatError(f"{label}: the tar stream is truncated")
-        got += k

@@ -8,10 +8,20 @@ header's data. Neither reads anything else: callers decide what to read next.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from foundation.errors import ModelFormatError
 
-__all__ = ["BLOCK", "TarHeader", "member_name", "member_size", "padded", "parse_header", "pax_records"]
+__all__ = [
+    "BLOCK",
+    "TarHeader",
+    "member_name",
+    "member_size",
+    "padded",
+    "parse_header",
+    "pax_records",
+    "read_exact",
+]
 
 BLOCK = 512
 #: Member kinds that carry no data whatever their size field says (links, devices, dirs, fifos).
@@ -118,3 +128,13 @@ def pax_records(data: bytes, label: str) -> dict[str, str]:
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
     return records
+
+
+def read_exact(source: Any, view: memoryview, what: str) -> None:
+    """Fill ``view`` from ``source.readinto``; :class:`ModelFormatError` "``what`` is truncated"."""
+    got = 0
+    while got < len(view):
+        k = source.readinto(view[got:])
+        if not k:
+            raise ModelFormatError(f"{what} is truncated")
+        got += k
